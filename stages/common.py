@@ -1,0 +1,187 @@
+"""Small utilities every stage shares: paths, atomic writes, hashing, provenance, progress.
+
+Why here: each stage must (1) never leave a half-written output (write to a temp path, then
+rename), (2) record the hashes of what made its outputs, and (3) show progress on long work.
+Doing that once keeps the stages short and the guarantees uniform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path("work")  # relative to the repo root: the one ignored folder for build artefacts
+T = TypeVar("T")
+
+log = logging.getLogger("stages")
+
+
+def setup_logging(stage: str) -> logging.Logger:
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "INFO"),
+        format=f"%(asctime)s {stage} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    return logging.getLogger(f"stages.{stage}")
+
+
+def n_workers(requested: int = 0) -> int:
+    """0 means all cores this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------- hashing
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path | str) -> str:
+    """Hash of a file, or of a directory as the sorted (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(canonical_json(obj).encode())
+
+
+def code_hash(*modules: str) -> str:
+    """Hash of the source files of the given modules (e.g. 'stages.tokenize', 'stages.common')."""
+    h = hashlib.sha256()
+    for m in sorted(set(modules)):
+        p = ROOT / (m.replace(".", "/") + ".py")
+        if not p.exists():
+            p = ROOT / m.replace(".", "/") / "__init__.py"
+        h.update(m.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(dest: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside `dest`; on success rename it over `dest` (file or directory).
+
+    A crash (or kill -9) leaves only a `.tmp-*` sibling, never a half-written `dest`.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    target = tmp / dest.name
+    try:
+        yield target
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            dest.rename(old)
+            target.rename(dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(target, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(dest: Path | str, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(dest: Path | str, obj: Any) -> None:
+    write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (run the stage that makes it first)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt JSON ({err})") from None
+
+
+# ------------------------------------------------------------------------------------ provenance
+def provenance(stage: str, inputs: dict[str, str], params: Any, modules: Iterable[str] = ()) -> dict:
+    """What made an output: input hashes, the params it read and the code that ran.
+
+    `inputs` maps a name to an already-known hash (e.g. a manifest's own hash), so large inputs
+    are never re-hashed byte by byte downstream.
+    """
+    mods = [f"stages.{stage}", "stages.common", *modules]
+    return {
+        "stage": stage,
+        "inputs": dict(sorted(inputs.items())),
+        "params": params,
+        "params_sha256": sha256_json(params),
+        "code_sha256": code_hash(*mods),
+    }
+
+
+# -------------------------------------------------------------------------------------- progress
+def progress(it: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
+    """A tqdm bar on a terminal, periodic log lines with rate and ETA otherwise (DVC/Snakemake logs)."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return iter(
+        tqdm(
+            it,
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=True,
+            mininterval=0.5 if interactive else 10.0,
+            disable=os.environ.get("NO_PROGRESS") == "1",
+            file=sys.stderr,
+            dynamic_ncols=interactive,
+            ascii=not interactive,
+        )
+    )
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def fail(msg: str, code: int = 2) -> None:
+    """Exit with one clear line (used for bad inputs the user can fix)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,241 @@
+"""The stage registry: the only description of the DAG.
+
+`dvc.yaml` is generated from it (`python -m stages.registry --write`; a test fails when the
+committed file drifts), and the `Snakefile` reads it at parse time. Each stage names its inputs,
+outputs, the params.yaml sections it reads, its command and its resources, so a cluster profile
+(`snakemake --profile slurm`) needs nothing beyond what is here.
+
+Paths may hold `{run}` (per-run stages fan out over params.yaml `runs`: DVC `foreach`, Snakemake
+wildcards) and `{study}` (from params.yaml `study`). A dependency wrapped in `AllRuns` means
+"this path for every run": Snakemake expands it, DVC depends on its parent directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.common import ROOT
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: int = 1
+    mem_mb: int = 2000
+    gpus: int = 0
+    time_min: int = 30
+
+
+@dataclass(frozen=True)
+class AllRuns:
+    """A dependency on `pattern` (which contains `{run}`) for every run in params.yaml."""
+
+    pattern: str
+
+    @property
+    def parent(self) -> str:
+        head = self.pattern.split("{run}")[0]
+        return head.rstrip("/") if head.endswith("/") else str(Path(head).parent)
+
+
+Dep = str | AllRuns
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    doc: str
+    deps: tuple[Dep, ...]
+    outs: tuple[str, ...]  # a trailing "/" marks a directory output
+    params: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()  # source files beyond stages/<name>.py and stages/common.py
+    metrics: tuple[str, ...] = ()  # small JSON outputs, not cached by DVC, shown by `dvc metrics`
+    per_run: bool = False
+    uncached: bool = False  # outputs committed to git (results/), not stored in the DVC cache
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def module(self) -> str:
+        return f"stages.{self.name}"
+
+    @property
+    def command(self) -> str:
+        return f"python -m {self.module}" + (" --run {run}" if self.per_run else "")
+
+    @property
+    def code_files(self) -> tuple[str, ...]:
+        return (f"stages/{self.name}.py", "stages/common.py", "stages/schema.py", *self.code)
+
+    @property
+    def all_outs(self) -> tuple[str, ...]:
+        return self.outs + self.metrics
+
+
+CPU_ALL = 0  # resources.cpus 0 = "all the cores of the node" (tokenize, dedupe scale with cores)
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="corpus",
+        doc="Build the document table (id, source, text) from the sources in params.yaml.",
+        deps=(),
+        outs=("work/corpus/",),
+        params=("corpus",),
+        code=("data/recipes.py", "data/synthetic.py"),
+        metrics=("work/metrics/corpus.json",),
+        resources=Resources(cpus=1, mem_mb=4000, time_min=60),
+    ),
+    Stage(
+        name="tokenize",
+        doc="Train (or load) a byte-level BPE tokenizer and encode every document into token shards.",
+        deps=("work/corpus/",),
+        outs=("work/tokens/",),
+        params=("tokenizer",),
+        metrics=("work/metrics/tokenize.json",),
+        resources=Resources(cpus=CPU_ALL, mem_mb=8000, time_min=240),
+    ),
+    Stage(
+        name="dedupe",
+        doc="Exact and MinHash-LSH near-duplicate clusters over token n-grams; one survivor per cluster.",
+        deps=("work/tokens/",),
+        outs=("work/dedupe/",),
+        params=("dedupe",),
+        code=("stages/minhash.py",),
+        metrics=("work/metrics/dedupe.json",),
+        resources=Resources(cpus=CPU_ALL, mem_mb=8000, time_min=240),
+    ),
+    Stage(
+        name="split",
+        doc="Train / held-out split by duplicate cluster, so no near duplicate crosses it.",
+        deps=("work/tokens/", "work/dedupe/"),
+        outs=("work/split/",),
+        params=("split",),
+        metrics=("work/metrics/split.json",),
+        resources=Resources(cpus=1, mem_mb=4000, time_min=60),
+    ),
+    Stage(
+        name="plan",
+        doc="Equal-resource configuration of one run: architecture, N, N_active, tokens, steps, epochs.",
+        deps=("work/split/",),
+        outs=("work/runs/{run}/plan.json",),
+        params=("seed", "budget", "model", "train.batch_size", "runs.{run}"),
+        code=("stages/accounting.py",),
+        per_run=True,
+        resources=Resources(cpus=1, mem_mb=1000, time_min=5),
+    ),
+    Stage(
+        name="replay",
+        doc="Epoch-replay shards for one run: seeded per-epoch permutations, packed, shared by content.",
+        deps=("work/tokens/", "work/split/", "work/runs/{run}/plan.json"),
+        outs=("work/runs/{run}/replay.json",),
+        code=("stages/shards.py",),
+        per_run=True,
+        resources=Resources(cpus=1, mem_mb=4000, time_min=120),
+    ),
+    Stage(
+        name="train",
+        doc="Train one dense or MoE LM on its replayed token stream; save weights and the loss curve.",
+        deps=("work/runs/{run}/plan.json", "work/runs/{run}/replay.json", "kernels/"),
+        outs=("work/runs/{run}/model/",),
+        params=("train", "runs.{run}"),
+        code=("stages/model.py", "stages/shards.py"),
+        metrics=("work/runs/{run}/train.json",),
+        per_run=True,
+        resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440),
+    ),
+    Stage(
+        name="evaluate",
+        doc="Held-out loss and bits per byte of one trained run, with a bootstrap interval.",
+        deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/", "kernels/"),
+        outs=(),
+        params=("eval",),
+        code=("stages/model.py",),
+        metrics=("work/eval/{run}.json",),
+        per_run=True,
+        resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120),
+    ),
+    Stage(
+        name="aggregate",
+        doc="Collect every run's plan and evaluation into DuckDB; write the results table and plot.",
+        deps=(AllRuns("work/eval/{run}.json"),),
+        outs=(
+            "results/{study}/metrics.duckdb",
+            "results/{study}/results.md",
+            "results/{study}/results.csv",
+            "results/{study}/loss_vs_activation.png",
+        ),
+        params=("study", "runs"),
+        uncached=True,
+        resources=Resources(cpus=1, mem_mb=2000, time_min=10),
+    ),
+)
+
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    return BY_NAME[name]
+
+
+# -------------------------------------------------------------------------------- DVC rendering
+def _dvc_path(p: str) -> str:
+    return p.rstrip("/").replace("{run}", "${key}").replace("{study}", "${study}")
+
+
+def _dvc_params(params: tuple[str, ...]) -> list[str]:
+    return [p.replace("{run}", "${key}") for p in params]
+
+
+def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
+    out: dict[str, dict] = {}
+    for s in stages:
+        deps = [_dvc_path(d.parent if isinstance(d, AllRuns) else d) for d in s.deps]
+        body: dict = {"cmd": s.command.replace("{run}", "${key}"), "deps": list(s.code_files) + deps}
+        if s.params:
+            body["params"] = _dvc_params(s.params)
+        outs: list = [({_dvc_path(o): {"cache": False}} if s.uncached else _dvc_path(o)) for o in s.outs]
+        if outs:
+            body["outs"] = outs
+        if s.metrics:
+            body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in s.metrics]
+        body["desc"] = s.doc
+        out[s.name] = {"foreach": "${runs}", "do": body} if s.per_run else body
+    return {"stages": out}
+
+
+HEADER = (
+    "# GENERATED by `python -m stages.registry --write` from stages/registry.py: do not edit by hand.\n"
+    "# Per-run stages fan out over `runs` in params.yaml (foreach). See README.md.\n"
+)
+
+
+def dvc_yaml_text() -> str:
+    return HEADER + yaml.safe_dump(render_dvc(), sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="regenerate dvc.yaml")
+    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is stale")
+    a = ap.parse_args(argv)
+    target = ROOT / "dvc.yaml"
+    text = dvc_yaml_text()
+    if a.write:
+        target.write_text(text)
+        print(f"wrote {target}")
+    elif a.check:
+        if not target.exists() or target.read_text() != text:
+            print("dvc.yaml is stale: run `python -m stages.registry --write`", file=sys.stderr)
+            return 1
+        print("dvc.yaml is up to date")
+    else:
+        for s in STAGES:
+            print(f"{s.name:10s} {'per-run ' if s.per_run else ''}{s.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

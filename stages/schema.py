@@ -1,0 +1,264 @@
+"""The one schema of `params.yaml`.
+
+Every stage, the Snakefile, the DVC generator and the tests validate the same file through
+`load_params`, so a bad value fails before any compute, with one message naming the field.
+Unknown keys are errors everywhere (`extra="forbid"`): a typo must never silently fall back to a
+default.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- corpus
+class DebianSource(Strict):
+    """Public-domain text shipped as a Debian package (`apt-get download` + `dpkg -x`, no root)."""
+
+    kind: Literal["debian"]
+    package: str = Field(pattern=r"^[a-z0-9][a-z0-9.+-]+$")
+    max_docs: int | None = Field(default=None, gt=0)
+
+
+class FileSource(Strict):
+    """The user's own documents: Parquet or JSONL with a text column, or plain-text files."""
+
+    kind: Literal["parquet", "jsonl", "text"]
+    path: str = Field(min_length=1, description="file, directory or glob, relative to the repo root")
+    text_field: str = "text"
+    id_field: str | None = None
+    max_docs: int | None = Field(default=None, gt=0)
+    # plain text only: one document per file, or per blank-line separated paragraph
+    split: Literal["file", "paragraph"] = "file"
+
+
+class SyntheticSource(Strict):
+    """Deterministic English-like documents with planted exact and near duplicates (for tests)."""
+
+    kind: Literal["synthetic"]
+    docs: int = Field(default=2000, gt=0)
+    exact_dup_rate: float = Field(default=0.05, ge=0, lt=1)
+    near_dup_rate: float = Field(default=0.05, ge=0, lt=1)
+    seed: int = 0
+
+
+Source = Annotated[DebianSource | FileSource | SyntheticSource, Field(discriminator="kind")]
+
+
+class CorpusConfig(Strict):
+    sources: list[Source] = Field(min_length=1)
+    min_chars: int = Field(default=16, ge=1, description="documents shorter than this are counted and skipped")
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(default=4096, ge=260, le=1 << 20)
+    special_tokens: list[str] = Field(default=["<|endoftext|>"], min_length=1)
+    path: str | None = Field(default=None, description="use this tokenizer.json instead of training one")
+    train_max_bytes: int = Field(default=200_000_000, gt=0, description="BPE training sample size")
+    docs_per_shard: int = Field(default=50_000, gt=0)
+    batch_docs: int = Field(default=2_000, gt=0)
+    workers: int = Field(default=0, ge=0, description="0 = all cores")
+
+    @property
+    def eos(self) -> str:
+        return self.special_tokens[0]
+
+
+# ----------------------------------------------------------------------------------------- dedupe
+class DedupeConfig(Strict):
+    exact: bool = True
+    near: bool = True
+    ngram: int = Field(default=5, ge=1, le=32, description="token n-gram size of the shingles")
+    num_perm: int = Field(default=128, ge=8, le=1024)
+    bands: int = Field(default=16, ge=1)
+    rows: int = Field(default=8, ge=1)
+    threshold: float = Field(default=0.7, gt=0, le=1, description="estimated Jaccard to accept a candidate")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> DedupeConfig:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        return self
+
+
+class SplitConfig(Strict):
+    heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
+    seed: int = 7
+
+
+# ----------------------------------------------------------------------------------------- budget
+class BudgetConfig(Strict):
+    """The equal-resource contract of 2506.12119: every run gets the same three numbers."""
+
+    params: float = Field(gt=0, description="target total non-vocabulary parameters N")
+    compute: float = Field(gt=0, description="training FLOPs C = 6 * N_active * tokens")
+    unique_tokens: int = Field(gt=0, description="unique training tokens U shared by every run")
+
+
+# ------------------------------------------------------------------------------------------ model
+class ModelConfig(Strict):
+    """The architecture family shared by all runs; the planner derives FFN widths from the budget."""
+
+    d_model: int = Field(default=64, gt=0)
+    n_layers: int = Field(default=2, gt=0)
+    n_heads: int = Field(default=4, gt=0)
+    seq_len: int = Field(default=128, ge=8)
+    multiple_of: int = Field(default=8, ge=1, description="FFN widths are rounded to this multiple")
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- runs
+class RunConfig(Strict):
+    """One training run. Dense runs take the whole FFN budget; MoE runs hit an activation rate.
+
+    An MoE run gives `activation_rate` (and `top_k`, optionally `experts`), and the planner solves
+    the expert width so that total non-vocab params match the budget. Per-run `lr`/`seed` override
+    the `train` section so that seeds and learning-rate sweeps are just more runs.
+    """
+
+    kind: Literal["dense", "moe"]
+    activation_rate: float | None = Field(default=None, gt=0, le=1)
+    top_k: int = Field(default=2, ge=1)
+    experts: int | None = Field(default=None, ge=2)
+    lr: float | None = Field(default=None, gt=0)
+    seed: int | None = None
+    group: str | None = Field(default=None, description="runs of one group are seeds of one point")
+
+    @model_validator(mode="after")
+    def _moe_needs_rate(self) -> RunConfig:
+        if self.kind == "moe" and self.activation_rate is None and self.experts is None:
+            raise ValueError("an moe run needs activation_rate (or experts)")
+        if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None):
+            raise ValueError("a dense run has activation_rate 1 and no experts")
+        if self.experts is not None and self.top_k >= self.experts:
+            raise ValueError(f"top_k={self.top_k} must be below experts={self.experts}")
+        return self
+
+
+# ------------------------------------------------------------------------------------ train, eval
+class TrainConfig(Strict):
+    engine: Literal["torch", "deepspeed"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass"] = "auto"
+    batch_size: int = Field(default=16, gt=0, description="sequences per optimizer step")
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    aux_loss_coef: float = Field(default=0.01, ge=0, description="load-balancing loss weight (MoE)")
+    seed: int = 0
+    threads: int = Field(default=0, ge=0, description="torch CPU threads, 0 = all cores")
+    log_every: int = Field(default=25, gt=0)
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(default=16, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, description="cap on held-out tokens scored")
+    bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the interval")
+
+
+# ------------------------------------------------------------------------------------------ root
+class Params(Strict):
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="results go to results/<study>/")
+    seed: int = 0
+    corpus: CorpusConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    split: SplitConfig = SplitConfig()
+    budget: BudgetConfig
+    model: ModelConfig = ModelConfig()
+    runs: dict[str, RunConfig] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+        for name in runs:
+            if not RUN_NAME.match(name):
+                raise ValueError(f"run name {name!r} must match {RUN_NAME.pattern} (it becomes a path)")
+        return runs
+
+    def run(self, name: str) -> RunConfig:
+        if name not in self.runs:
+            raise KeyError(f"run {name!r} is not in params.yaml runs: {sorted(self.runs)}")
+        return self.runs[name]
+
+    def run_lr(self, name: str) -> float:
+        return self.run(name).lr or self.train.lr
+
+    def run_seed(self, name: str) -> int:
+        r = self.run(name)
+        return self.train.seed if r.seed is None else r.seed
+
+
+class ParamsError(ValueError):
+    """A params.yaml that fails validation; the message names the file, field and reason."""
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {err.error_count()} invalid field(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not in the schema; check for a typo)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: object, path: Path | str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format(err, Path(path))) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(data, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.schema [params.yaml]`: validate and exit non-zero with the reason."""
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
+    try:
+        p = load_params(path)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid (study {p.study!r}, {len(p.runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
