@@ -68,7 +68,7 @@ class Stage:
 
     @property
     def code_files(self) -> tuple[str, ...]:
-        return (f"stages/{self.name}.py", "stages/common.py", "stages/schema.py", *self.code)
+        return (f"stages/{self.name}.py", "stages/common.py", "stages/schema.py", "stages/artefacts.py", *self.code)
 
     @property
     def all_outs(self) -> tuple[str, ...]:
@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train",
         doc="Train one dense or MoE LM on its replayed token stream; save weights and the loss curve.",
-        deps=("work/runs/{run}/plan.json", "work/runs/{run}/replay.json", "kernels/"),
+        deps=("work/runs/{run}/plan.json", "work/runs/{run}/replay.json", "work/tokens/", "kernels/"),
         outs=("work/runs/{run}/model/",),
         params=("train", "runs.{run}"),
         code=("stages/model.py", "stages/shards.py"),

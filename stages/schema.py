@@ -237,6 +237,9 @@ def parse_params(data: object, path: Path | str = "params.yaml") -> Params:
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
+    """Validate the file: schema first, then that every run can be planned within the budget."""
+    from stages.accounting import PlanError, check_feasible  # accounting imports this module
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -244,7 +247,12 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(data, path)
+    params = parse_params(data, path)
+    try:
+        check_feasible(params)
+    except PlanError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:

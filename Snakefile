@@ -1,0 +1,81 @@
+# The DAG for Snakemake, read from the one stage registry (stages/registry.py) at parse time.
+# `snakemake -c2` runs the study in params.yaml; `snakemake --profile slurm` runs it on a cluster
+# with each stage's resources from the registry. dvc.yaml is generated from the same registry.
+import json
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from stages.registry import STAGES, AllRuns, Stage  # noqa: E402
+from stages.schema import ParamsError, load_params  # noqa: E402
+
+PARAMS_FILE = config.get("params", "params.yaml")
+try:
+    P = load_params(PARAMS_FILE)
+except ParamsError as err:
+    raise WorkflowError(f"invalid {PARAMS_FILE}\n{err}") from None
+RUNS = sorted(P.runs)
+RAW = P.model_dump(mode="json")
+
+wildcard_constraints:
+    run="|".join(RUNS),
+
+
+def _path(p: str) -> str:
+    p = p.rstrip("/").replace("{study}", P.study)
+    return p
+
+
+def _out(p: str):
+    return directory(_path(p)) if p.endswith("/") else _path(p)
+
+
+def _inputs(s: Stage) -> list:
+    deps = []
+    for d in s.deps:
+        if isinstance(d, AllRuns):
+            deps += expand(_path(d.pattern), run=RUNS)
+        else:
+            deps.append(_path(d))
+    return list(s.code_files) + deps
+
+
+def _param_slice(s: Stage, run: str | None) -> str:
+    """The params.yaml values a stage reads, so that changing them re-runs it (rerun-trigger 'params')."""
+    out = {}
+    for key in s.params:
+        key = key.replace("{run}", run) if run else key
+        node = RAW
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return json.dumps(out, sort_keys=True)
+
+
+def _cores(s: Stage) -> int:
+    return s.resources.cpus if s.resources.cpus > 0 else workflow.cores
+
+
+shell.executable("bash")
+
+for _s in STAGES:
+
+    rule:
+        name: _s.name
+        input: _inputs(_s)
+        output: [_out(o) for o in _s.all_outs]
+        params:
+            values=(lambda wc, s=_s: _param_slice(s, wc.get("run"))),
+        threads: _cores(_s)
+        resources:
+            mem_mb=_s.resources.mem_mb,
+            runtime=_s.resources.time_min,
+            gpu=_s.resources.gpus if P.train.device != "cpu" else 0,
+        log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
+        message: _s.doc
+        shell: _s.command.replace("{run}", "{wildcards.run}") + " 2> >(tee {log} >&2)"
+
+
+rule all:
+    default_target: True
+    input: [_out(o) for o in STAGES[-1].all_outs]

@@ -1,0 +1,65 @@
+"""plan@run: the equal-resource configuration of one run.
+
+Every run gets the same budget (non-vocab params N, compute C, unique tokens U); the planner
+(stages/accounting.py) solves the run's FFN widths to hit N (and its activation rate, for MoE)
+and gives it T = C / (6 N_active) training tokens, rounded down to whole optimizer steps. The plan
+is per run so that editing one run re-plans only that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages.accounting import PlanError, plan_run
+from stages.common import WORK, fail, provenance, read_json, setup_logging, sha256_file, write_json
+from stages.schema import Params, ParamsError, load_params
+
+SPLIT_MANIFEST = WORK / "split" / "manifest.json"
+
+
+def plan_path(run: str) -> Path:
+    return WORK / "runs" / run / "plan.json"
+
+
+def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dict:
+    plan = plan_run(p, run).to_dict()
+    split = read_json(split_manifest)
+    available = int(split["train_tokens"])
+    if p.budget.unique_tokens > available:
+        raise PlanError(
+            f"budget.unique_tokens={p.budget.unique_tokens} exceeds the {available} training tokens left "
+            f"after dedupe and split ({split_manifest}); lower it or add corpus sources"
+        )
+    plan["data_seed"] = p.seed
+    plan["train_tokens_available"] = available
+    section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
+               "train.batch_size": p.train.batch_size, f"runs.{run}": p.run(run).model_dump()}
+    plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section,
+                                    ["stages.accounting"])
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args(argv)
+    log = setup_logging("plan")
+    try:
+        p = load_params(a.params)
+        p.run(a.run)
+        plan = make_plan(p, a.run)
+    except (ParamsError, PlanError, KeyError, FileNotFoundError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    write_json(plan_path(a.run), plan)
+    log.info(
+        "%s: %s N=%d N_active=%d r_a=%.3f tokens=%d (%.2f epochs of U=%d) steps=%d",
+        a.run, plan["arch"]["kind"], plan["nonvocab_params"], plan["nonvocab_active"],
+        plan["activation_rate"], plan["tokens"], plan["epochs"], plan["unique_tokens"], plan["steps"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""params.yaml validation: one clear error naming the field, exit non-zero, nothing written."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, make_project, run
+
+from stages.schema import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_params_are_valid() -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert p.runs and p.budget.params > 0
+
+
+def bad(mutate) -> dict:
+    p = copy.deepcopy(TINY)
+    mutate(p)
+    return p
+
+
+CASES = {
+    "negative budget": (lambda p: p["budget"].__setitem__("compute", -1.0), "budget.compute",
+                        "greater than 0"),
+    "activation rate 1.5": (lambda p: p["runs"]["moe_r50"].__setitem__("activation_rate", 1.5),
+                            "runs.moe_r50.activation_rate", "less than or equal to 1"),
+    "unknown key": (lambda p: p["train"].__setitem__("learning_rate", 0.1), "train.learning_rate", "unknown key"),
+    "unknown top-level key": (lambda p: p.__setitem__("epochs", 3), "epochs", "unknown key"),
+    "bad run name": (lambda p: p["runs"].__setitem__("a/b", {"kind": "dense"}), "runs", "becomes a path"),
+    "moe without rate": (lambda p: p["runs"]["moe_r50"].pop("activation_rate"), "runs.moe_r50", "activation_rate"),
+    "bands exceed perms": (lambda p: p["dedupe"].__setitem__("bands", 64), "dedupe", "exceeds num_perm"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_value_names_the_field(case: str) -> None:
+    mutate, field, reason = CASES[case]
+    with pytest.raises(ParamsError) as err:
+        parse_params(bad(mutate))
+    msg = str(err.value)
+    assert f"  {field}:" in msg and reason in msg, msg
+
+
+def test_infeasible_activation_rate_is_caught_before_compute(tmp_path: Path) -> None:
+    # attention + norms of d=32, L=1 are ~4.2k of 30k params: a 10% rate cannot be met
+    p = bad(lambda p: p["runs"]["moe_r50"].__setitem__("activation_rate", 0.1))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ParamsError, match=r"runs\.moe_r50\.activation_rate=0\.1"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("case", ["negative budget", "activation rate 1.5", "unknown key"])
+@pytest.mark.parametrize("engine", ["python", "dvc", "snakemake"])
+def test_engines_refuse_bad_params_and_write_nothing(tmp_path: Path, case: str, engine: str) -> None:
+    mutate, field, _ = CASES[case]
+    d = make_project(tmp_path, bad(mutate))
+    cmd = {"python": ["python", "-m", "stages.corpus"], "dvc": ["dvc", "repro"], "snakemake": ["snakemake", "-c1"]}
+    r = run(cmd[engine], d, check=False)
+    assert r.returncode != 0
+    assert field in r.stdout + r.stderr
+    assert not (d / "work").exists() and not (d / "results").exists() and not (d / "dvc.lock").exists()

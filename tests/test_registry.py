@@ -1,0 +1,42 @@
+"""The stage registry is the one description of the DAG: dvc.yaml must be generated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from stages.registry import STAGES, dvc_yaml_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dvc_yaml_is_generated_from_the_registry() -> None:
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `python -m stages.registry --write`"
+
+
+def test_every_stage_is_a_module_with_a_main() -> None:
+    for s in STAGES:
+        src = ROOT / "stages" / f"{s.name}.py"
+        assert src.exists(), src
+        assert "def main(" in src.read_text(), src
+
+
+def test_per_run_stages_fan_out_over_runs() -> None:
+    doc = yaml.safe_load(dvc_yaml_text())["stages"]
+    for s in STAGES:
+        assert ("foreach" in doc[s.name]) == s.per_run
+        if s.per_run:
+            assert doc[s.name]["foreach"] == "${runs}"
+
+
+def test_every_dependency_is_produced_upstream_or_is_source() -> None:
+    produced: set[str] = set()
+    for s in STAGES:
+        for d in s.deps:
+            path = getattr(d, "pattern", d)
+            if path.startswith("work/"):
+                assert path in produced, f"{s.name} depends on {path} before any stage makes it"
+        for c in s.code_files:
+            assert (ROOT / c).exists() or c.startswith("kernels"), c
+        produced.update(s.all_outs)
