@@ -138,7 +138,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train",
         doc="Train one dense or MoE LM on its replayed token stream; save weights and the loss curve.",
-        deps=("work/runs/{run}/plan.json", "work/runs/{run}/replay.json", "work/tokens/", "kernels/"),
+        deps=(
+            "work/runs/{run}/plan.json",
+            "work/runs/{run}/replay.json",
+            "work/tokens/",
+            "work/split/",  # the loader rebuilds a missing replay epoch from tokens + split
+            "kernels/",
+        ),
         outs=("work/runs/{run}/model/",),
         params=("train", "runs.{run}"),
         code=("stages/model.py", "stages/shards.py"),
@@ -149,7 +155,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="evaluate",
         doc="Held-out loss and bits per byte of one trained run, with a bootstrap interval.",
-        deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/", "kernels/"),
+        deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/",
+              "kernels/"),
         outs=(),
         params=("eval",),
         code=("stages/model.py",),

@@ -168,6 +168,7 @@ class TrainConfig(Strict):
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     aux_loss_coef: float = Field(default=0.01, ge=0, description="load-balancing loss weight (MoE)")
+    z_loss_coef: float = Field(default=0.0, ge=0, description="router z-loss weight (MoE; 0 = off)")
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch CPU threads, 0 = all cores")
     log_every: int = Field(default=25, gt=0)
@@ -177,6 +178,7 @@ class EvalConfig(Strict):
     batch_size: int = Field(default=16, gt=0)
     max_tokens: int | None = Field(default=None, gt=0, description="cap on held-out tokens scored")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the interval")
+    seed: int = Field(default=0, description="seeds the bootstrap and the max_tokens document subset")
 
 
 # ------------------------------------------------------------------------------------------ root

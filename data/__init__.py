@@ -1,0 +1,1 @@
+"""Corpus sources: Debian-packaged texts (`data.recipes`) and synthetic documents (`data.synthetic`)."""

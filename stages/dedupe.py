@@ -1,0 +1,335 @@
+"""dedupe: exact and MinHash-LSH near-duplicate clusters, one survivor per cluster.
+
+Two entry points, one core (`stages/minhash.py`):
+
+- Pipeline stage, `python -m stages.dedupe [--params params.yaml]`: reads the token shards
+  (work/tokens) and writes work/dedupe/clusters.parquet (doc, id, cluster, keep, reason),
+  work/dedupe/manifest.json and work/metrics/dedupe.json. It dedupes on *token* n-grams: it runs
+  after tokenize, so the documents are already compact integer arrays (Arrow list offsets + values
+  go into numpy without a copy), integers vectorise well, and no second pass over the text is
+  needed. Exact duplicates here are documents with identical token sequences; copies that differ
+  only in whitespace or case tokenize differently and are caught as near duplicates instead.
+  Shards are streamed batch by batch; only the per-document signatures (4 * num_perm bytes) and
+  exact-hash table are held, never the tokens of the corpus.
+- Standalone, `python -m stages.dedupe --input DOCS.parquet --output OUT.parquet`: any Parquet
+  file with columns id and text -> one row per input document (id, cluster, keep). It dedupes on
+  normalised *words* (lowercase, whitespace-split, word 5-grams by default): there is no tokenizer
+  outside the pipeline, and word shingles are the usual near-duplicate definition for text.
+
+In both, the cluster id is the index of the lowest document in the cluster (the `doc` value in the
+pipeline, the row number standalone) and that document is the one kept. `reason` says why a
+row was dropped: `exact` (identical to an earlier document), `near` (estimated Jaccard >= threshold
+to a cluster member); survivors say `unique`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from stages.artefacts import ShardError, iter_shards, load_manifest
+from stages.common import (
+    WORK,
+    Timer,
+    atomic_path,
+    fail,
+    n_workers,
+    progress,
+    provenance,
+    setup_logging,
+    sha256_file,
+    write_json,
+)
+from stages.minhash import REASONS, DedupeIndex, DedupeResult, text_to_ints
+from stages.schema import DedupeConfig, Params, ParamsError, load_params
+
+TOKENS_DIR = WORK / "tokens"
+OUT_DIR = WORK / "dedupe"
+METRICS = WORK / "metrics" / "dedupe.json"
+TOKEN_COLUMNS = ["doc", "id", "source", "n_bytes", "tokens"]
+BATCH_ROWS = 4096
+MODULES = ["stages.minhash", "stages.artefacts", "stages.schema"]
+OPTION_FLAGS = ("ngram", "num_perm", "bands", "rows", "threshold", "seed")
+
+CLUSTER_SCHEMA = pa.schema(
+    [("doc", pa.int64()), ("id", pa.string()), ("cluster", pa.int64()), ("keep", pa.bool_()),
+     ("reason", pa.string())]
+)
+STANDALONE_SCHEMA = pa.schema([("id", pa.string()), ("cluster", pa.int64()), ("keep", pa.bool_())])
+
+
+class DedupeError(ValueError):
+    """Bad input to the dedupe stage; the message names the file or field."""
+
+
+def list_arrays(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets from 0) of an Arrow list column; a null list counts as empty."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pc.list_flatten(col).to_numpy()
+    return values, offsets
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="zstd", row_group_size=max(1, table.num_rows))
+
+
+# ------------------------------------------------------------------------------------- pipeline
+def check_token_shards(tokens_dir: Path) -> dict[str, Any]:
+    """The token manifest, after checking that shards exist and carry the columns dedupe reads."""
+    m = load_manifest(tokens_dir)
+    if not m["shards"]:
+        raise DedupeError(f"{tokens_dir / 'manifest.json'}: no token shards (empty corpus?)")
+    first = tokens_dir / m["shards"][0]["file"]
+    try:
+        names = pq.read_schema(first).names
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{first}: unreadable Parquet ({err})") from None
+    missing = [c for c in TOKEN_COLUMNS if c not in names]
+    if missing:
+        raise DedupeError(f"{first}: token shard lacks column(s) {missing} (has {names})")
+    return m
+
+
+def dedupe_token_shards(
+    tokens_dir: Path, cfg: DedupeConfig, threads: int
+) -> tuple[pa.Table, DedupeResult, dict[str, np.ndarray]]:
+    """Stream the token shards through the index; (clusters table, result, per-doc columns)."""
+    m = check_token_shards(tokens_dir)
+    total = sum(int(s["rows"]) for s in m["shards"])
+    idx = DedupeIndex(cfg, threads)
+    docs: list[np.ndarray] = []
+    ids: list[pa.Array] = []
+    sources: list[pa.Array] = []
+    n_bytes: list[np.ndarray] = []
+    last = -1
+    batches = iter_shards(tokens_dir, columns=TOKEN_COLUMNS, batch_rows=BATCH_ROWS)
+    for batch in progress(batches, total=-(-total // BATCH_ROWS), desc="dedupe", unit="batch"):
+        doc = batch.column("doc").to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(doc) and (doc[0] <= last or (np.diff(doc) <= 0).any()):
+            raise DedupeError(f"{tokens_dir}: column doc is not strictly increasing near doc {int(doc[0])}")
+        if len(doc):
+            last = int(doc[-1])
+        values, offsets = list_arrays(batch.column("tokens"))
+        idx.add(values, offsets)
+        docs.append(doc)
+        ids.append(batch.column("id").cast(pa.string()))
+        sources.append(batch.column("source").cast(pa.string()))
+        n_bytes.append(pc.fill_null(batch.column("n_bytes"), 0).to_numpy().astype(np.int64))
+    if idx.n == 0:
+        raise DedupeError(f"{tokens_dir}: the token shards hold no documents")
+    res = idx.finish()
+    doc_all = np.concatenate(docs)
+    cols = {
+        "doc": doc_all,
+        "tokens": np.concatenate(idx.lengths),
+        "n_bytes": np.concatenate(n_bytes),
+    }
+    table = pa.table(
+        {
+            "doc": pa.array(doc_all, pa.int64()),
+            "id": pa.concat_arrays(ids),
+            "cluster": pa.array(doc_all[res.cluster], pa.int64()),
+            "keep": pa.array(res.keep),
+            "reason": pa.array(np.array(REASONS, dtype=object)[res.reason].tolist(), pa.string()),
+        },
+        schema=CLUSTER_SCHEMA,
+    )
+    cols["source"] = pa.concat_arrays(sources)
+    return table, res, cols
+
+
+def removal_metrics(res: DedupeResult, cols: dict[str, Any]) -> dict[str, Any]:
+    """Docs/tokens/bytes removed, overall and per source, split into exact and near."""
+    tokens, nb = cols["tokens"], cols["n_bytes"]
+    enc = pc.dictionary_encode(cols["source"])
+    names = enc.dictionary.to_pylist()
+    src = enc.indices.to_numpy()
+    exact, near = res.reason == 1, res.reason == 2
+
+    def block(mask: np.ndarray) -> dict[str, Any]:
+        rem = mask & ~res.keep
+        out = {
+            "docs": int(mask.sum()),
+            "tokens": int(tokens[mask].sum()),
+            "bytes": int(nb[mask].sum()),
+            "removed_docs": int(rem.sum()),
+            "removed_tokens": int(tokens[rem].sum()),
+            "removed_bytes": int(nb[rem].sum()),
+            "removed_exact_docs": int((mask & exact).sum()),
+            "removed_exact_tokens": int(tokens[mask & exact].sum()),
+            "removed_near_docs": int((mask & near).sum()),
+            "removed_near_tokens": int(tokens[mask & near].sum()),
+            "empty_docs": int((mask & (tokens == 0)).sum()),
+        }
+        out["removed_fraction_docs"] = round(out["removed_docs"] / max(1, out["docs"]), 6)
+        out["removed_fraction_tokens"] = round(out["removed_tokens"] / max(1, out["tokens"]), 6)
+        return out
+
+    everything = block(np.ones(len(tokens), dtype=bool))
+    per_source = {names[k]: block(src == k) for k in sorted(range(len(names)), key=lambda k: names[k])}
+    return {**everything, "per_source": per_source}
+
+
+def run_pipeline(
+    p: Params,
+    tokens_dir: Path = TOKENS_DIR,
+    out_dir: Path = OUT_DIR,
+    metrics_path: Path = METRICS,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """The stage: clusters.parquet + manifest.json in out_dir (atomically), metrics JSON beside."""
+    log = setup_logging("dedupe")
+    cfg = p.dedupe
+    tokens_dir, out_dir, metrics_path = Path(tokens_dir), Path(out_dir), Path(metrics_path)
+    timer = Timer()
+    table, res, cols = dedupe_token_shards(tokens_dir, cfg, n_workers(threads))
+    m_tokens = load_manifest(tokens_dir)
+    prov = provenance(
+        "dedupe",
+        {"tokens": m_tokens["sha256"], "tokens_manifest": sha256_file(tokens_dir / "manifest.json")},
+        {"dedupe": cfg.model_dump()},
+        MODULES,
+    )
+    metrics = {**removal_metrics(res, cols), "lsh": {k: res.stats[k] for k in (
+        "clusters_with_duplicates", "largest_cluster", "lsh_candidate_pairs", "lsh_verified_pairs")}}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        _write_parquet(table, tmp / "clusters.parquet")
+        sha = sha256_file(tmp / "clusters.parquet")
+        manifest = {
+            "clusters": {"file": "clusters.parquet", "rows": table.num_rows, "sha256": sha},
+            "sha256": sha,
+            "docs": metrics["docs"],
+            "kept_docs": int(res.keep.sum()),
+            "kept_tokens": int(cols["tokens"][res.keep].sum()),
+            "removed_exact_docs": metrics["removed_exact_docs"],
+            "removed_near_docs": metrics["removed_near_docs"],
+            "stats": res.stats,
+            "provenance": prov,
+        }
+        write_json(tmp / "manifest.json", manifest)
+    write_json(metrics_path, {**metrics, "provenance": prov})
+    log.info(
+        "%d docs -> %d kept (%d exact, %d near removed; %.2f%% of tokens) in %.1fs (%.0f docs/s)",
+        metrics["docs"], manifest["kept_docs"], metrics["removed_exact_docs"], metrics["removed_near_docs"],
+        100 * metrics["removed_fraction_tokens"], timer.seconds, metrics["docs"] / max(timer.seconds, 1e-9),
+    )
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ standalone
+def read_docs_schema(path: Path) -> pq.ParquetFile:
+    if not path.exists():
+        raise DedupeError(f"{path}: file not found")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DedupeError(f"{path}: not a readable Parquet file ({err})") from None
+    names = pf.schema_arrow.names
+    missing = [c for c in ("id", "text") if c not in names]
+    if missing:
+        raise DedupeError(f"{path}: missing column(s) {missing} (has {names}); need id and text")
+    ttype = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(ttype) or pa.types.is_large_string(ttype)):
+        raise DedupeError(f"{path}: column text has type {ttype}, expected string")
+    if pf.metadata.num_rows == 0:
+        raise DedupeError(f"{path}: no documents (0 rows)")
+    return pf
+
+
+def dedupe_file(
+    input_path: Path, output_path: Path, cfg: DedupeConfig, threads: int = 0, batch_rows: int = BATCH_ROWS
+) -> dict[str, Any]:
+    """Standalone text dedupe of a Parquet file (id, text) -> output Parquet (id, cluster, keep)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    pf = read_docs_schema(input_path)
+    idx = DedupeIndex(cfg, n_workers(threads))
+    ids: list[pa.Array] = []
+    nulls = 0
+    try:
+        batches = pf.iter_batches(batch_size=batch_rows, columns=["id", "text"])
+        total = -(-pf.metadata.num_rows // batch_rows)
+        for batch in progress(batches, total=total, desc="dedupe", unit="batch"):
+            id_col = batch.column("id")
+            if id_col.null_count:
+                raise DedupeError(f"{input_path}: column id has {id_col.null_count} null value(s)")
+            text = batch.column("text")
+            nulls += text.null_count
+            idx.add(*text_to_ints(text.to_pylist()))
+            ids.append(id_col.cast(pa.string()))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DedupeError(f"{input_path}: unreadable Parquet ({err})") from None
+    res = idx.finish()
+    table = pa.table(
+        {"id": pa.concat_arrays(ids), "cluster": pa.array(res.cluster, pa.int64()),
+         "keep": pa.array(res.keep)},
+        schema=STANDALONE_SCHEMA,
+    )
+    with atomic_path(output_path) as tmp:
+        _write_parquet(table, tmp)
+    return {**res.stats, "null_texts": int(nulls)}
+
+
+# ------------------------------------------------------------------------------------------ main
+def _config_from_args(a: argparse.Namespace) -> DedupeConfig:
+    over = {k: getattr(a, k) for k in OPTION_FLAGS if getattr(a, k) is not None}
+    try:
+        return DedupeConfig(**over)
+    except ValidationError as err:
+        msgs = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise DedupeError(f"invalid dedupe options: {msgs}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="pipeline mode: the study's params.yaml")
+    ap.add_argument("--input", type=Path, help="standalone mode: Parquet file with columns id, text")
+    ap.add_argument("--output", type=Path, help="standalone mode: output Parquet (id, cluster, keep)")
+    ap.add_argument("--ngram", type=int)
+    ap.add_argument("--num-perm", dest="num_perm", type=int)
+    ap.add_argument("--bands", type=int)
+    ap.add_argument("--rows", type=int)
+    ap.add_argument("--threshold", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--threads", type=int, default=0, help="0 = all cores (results do not depend on it)")
+    a = ap.parse_args(argv)
+    standalone = a.input is not None or a.output is not None
+    try:
+        if standalone:
+            if a.input is None or a.output is None:
+                raise DedupeError("standalone mode needs both --input and --output")
+            log = setup_logging("dedupe")
+            timer = Timer()
+            stats = dedupe_file(a.input, a.output, _config_from_args(a), a.threads)
+            log.info(
+                "%s: %d docs -> %d kept (%d exact, %d near removed, %d empty) in %.1fs (%.0f docs/s) -> %s",
+                a.input, stats["docs"], stats["kept"], stats["removed_exact"], stats["removed_near"],
+                stats["empty_docs"], timer.seconds, stats["docs"] / max(timer.seconds, 1e-9), a.output,
+            )
+        else:
+            if any(getattr(a, k) is not None for k in OPTION_FLAGS):
+                raise DedupeError("pipeline mode reads dedupe options from params.yaml; "
+                                  "--ngram/--num-perm/... are for standalone mode (--input/--output)")
+            run_pipeline(load_params(a.params), threads=a.threads)
+    except (DedupeError, ParamsError, ShardError, FileNotFoundError) as err:
+        fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

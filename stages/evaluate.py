@@ -1,0 +1,284 @@
+"""evaluate@run: held-out loss and bits per byte of one trained run, with a bootstrap interval.
+
+Held-out documents are the rows of work/split/split.parquet with split == "heldout"; their tokens
+come from the token shards. Each document is scored on its own as `EOS d EOS`: the model predicts
+every token of d and the closing EOS (len(d) + 1 predictions) from the opening EOS on, so the
+loss includes knowing where the document ends, and no run can profit from context of another
+document. Documents longer than seq_len are cut into consecutive windows of seq_len predictions;
+a window starts with no context from the previous one (a slight pessimism on long documents, the
+same for every run).
+
+Metrics: mean loss per predicted token (nats), perplexity exp(loss), and bits per byte
+bpb = total nats / ln 2 / total UTF-8 bytes of the scored documents, which compares models
+whatever their tokenizer. The 95% intervals resample documents with replacement
+(`eval.bootstrap` times, seeded by `eval.seed`): documents, not tokens, are the independent units.
+With `eval.max_tokens`, a seeded random subset of whole documents is scored (the same subset for
+every run, since it depends only on the held-out set and the seed), stopping before the cap.
+
+The output work/eval/<run>.json repeats the plan's key figures (kind, N, N_active, r_a, tokens,
+epochs, compute), so the aggregate stage needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from stages.artefacts import iter_shards, load_manifest
+from stages.common import (
+    WORK,
+    fail,
+    n_workers,
+    progress,
+    provenance,
+    read_json,
+    setup_logging,
+    sha256_file,
+    sha256_tree,
+    write_json,
+)
+from stages.model import LM, load_model
+from stages.schema import EvalConfig, Params, ParamsError, load_params
+
+PLAN_KEYS = ("kind", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
+             "unique_tokens", "compute", "compute_used", "batch_size")
+CODE_MODULES = ["stages.model", "stages.artefacts", "kernels.grouped_gemm", "kernels"]
+
+log = logging.getLogger("stages.evaluate")
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated (the message names the file or field)."""
+
+
+@dataclass
+class HeldoutDoc:
+    doc: int
+    n_bytes: int
+    tokens: np.ndarray  # int64 token ids, without EOS
+
+
+# ------------------------------------------------------------------------------------------- data
+def heldout_ids(split_path: Path) -> np.ndarray:
+    if not split_path.exists():
+        raise EvalError(f"{split_path}: missing (run the split stage first)")
+    try:
+        t = pq.read_table(split_path, columns=["doc", "split"])
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise EvalError(f"{split_path}: unreadable or lacks columns doc/split ({err})") from None
+    mask = pc.equal(t.column("split"), "heldout").to_numpy(zero_copy_only=False)
+    ids = np.sort(t.column("doc").to_numpy().astype(np.int64)[mask])
+    if len(ids) == 0:
+        raise EvalError(f"{split_path}: no document has split == 'heldout'")
+    return ids
+
+
+def load_heldout(tokens_dir: Path, split_path: Path) -> list[HeldoutDoc]:
+    """Held-out docs with their tokens and byte counts, sorted by doc id (streamed shard by shard)."""
+    ids = heldout_ids(split_path)
+    wanted = set(ids.tolist())
+    docs: list[HeldoutDoc] = []
+    for b in iter_shards(tokens_dir, columns=["doc", "n_bytes", "tokens"]):
+        doc = b.column(0).to_numpy().astype(np.int64)
+        hit = np.flatnonzero(np.isin(doc, ids))
+        if len(hit) == 0:
+            continue
+        nb = b.column(1).to_numpy()
+        toks = b.column(2)
+        for i in hit.tolist():
+            d = int(doc[i])
+            wanted.discard(d)
+            docs.append(HeldoutDoc(d, int(nb[i]), np.asarray(toks[i].values.to_numpy(), dtype=np.int64)))
+    if wanted:
+        raise EvalError(f"{split_path}: {len(wanted)} held-out doc(s) are not in the token shards "
+                        f"{tokens_dir} (e.g. {sorted(wanted)[:5]}); split and tokens are out of date")
+    docs.sort(key=lambda d: d.doc)
+    return docs
+
+
+def select_docs(docs: list[HeldoutDoc], max_tokens: int | None, seed: int) -> tuple[list[HeldoutDoc], int]:
+    """Drop empty docs; under a cap, take whole docs of a seeded order until the next would exceed it.
+
+    Returns (docs to score, number of empty docs skipped). Each doc costs len(tokens) + 1 predictions.
+    """
+    nonempty = [d for d in docs if len(d.tokens) > 0]
+    skipped = len(docs) - len(nonempty)
+    if max_tokens is None:
+        return nonempty, skipped
+    order = np.random.default_rng(seed).permutation(len(nonempty))
+    chosen, total = [], 0
+    for i in order.tolist():
+        cost = len(nonempty[i].tokens) + 1
+        if total + cost > max_tokens:
+            break
+        chosen.append(nonempty[i])
+        total += cost
+    if not chosen:
+        raise EvalError(f"eval.max_tokens={max_tokens} is below the first held-out document's "
+                        f"{len(nonempty[order[0]].tokens) + 1} predictions")
+    chosen.sort(key=lambda d: d.doc)
+    return chosen, skipped
+
+
+def windows(tokens: np.ndarray, eos_id: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) windows of at most seq_len predictions covering EOS + tokens + EOS."""
+    seq = np.concatenate([[eos_id], tokens, [eos_id]]).astype(np.int64)
+    out = []
+    for start in range(0, len(seq) - 1, seq_len):
+        inp = seq[start:start + seq_len]
+        tgt = seq[start + 1:start + seq_len + 1]
+        out.append((inp[:len(tgt)], tgt))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def score_docs(model: LM, docs: list[HeldoutDoc], eos_id: int, batch_size: int,
+               device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document (summed nats, predicted tokens), float64/int64, in the order of `docs`."""
+    seq_len = model.arch.seq_len
+    items: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for i, d in enumerate(docs):
+        items.extend((i, inp, tgt) for inp, tgt in windows(d.tokens, eos_id, seq_len))
+    # longest first: batches of similar length waste little padding, and the order is fixed
+    items.sort(key=lambda it: (-len(it[2]), it[0]))
+    nats = np.zeros(len(docs), dtype=np.float64)
+    count = np.zeros(len(docs), dtype=np.int64)
+    model.eval()
+    batches = range(0, len(items), batch_size)
+    for b in progress(batches, total=len(batches), desc="evaluate", unit="batch"):
+        chunk = items[b:b + batch_size]
+        width = len(chunk[0][2])
+        x = torch.full((len(chunk), width), eos_id, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for r, (_, inp, tgt) in enumerate(chunk):
+            x[r, :len(inp)] = torch.from_numpy(inp)
+            y[r, :len(tgt)] = torch.from_numpy(tgt)
+        logits = model(x.to(device)).logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
+                              ignore_index=-100, reduction="none").view(len(chunk), width)
+        per_row = nll.double().sum(dim=1).cpu().numpy()
+        for r, (i, _, tgt) in enumerate(chunk):
+            nats[i] += per_row[r]
+            count[i] += len(tgt)
+    return nats, count
+
+
+def summary(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray) -> dict[str, float]:
+    total_nats, total_tokens, total_bytes = float(nats.sum()), int(count.sum()), int(n_bytes.sum())
+    loss = total_nats / total_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": total_nats / math.log(2) / total_bytes,
+            "tokens_scored": total_tokens, "bytes_scored": total_bytes, "nats": total_nats}
+
+
+def bootstrap(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray, resamples: int,
+              seed: int) -> dict[str, Any] | None:
+    """95% percentile intervals of loss and bpb, resampling documents with replacement."""
+    if resamples == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    n = len(nats)
+    loss = np.empty(resamples)
+    bpb = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        s = nats[idx].sum()
+        loss[r] = s / count[idx].sum()
+        bpb[r] = s / math.log(2) / n_bytes[idx].sum()
+    return {"resamples": resamples, "seed": seed, "level": 0.95,
+            "loss": [float(np.percentile(loss, 2.5)), float(np.percentile(loss, 97.5))],
+            "bpb": [float(np.percentile(bpb, 2.5)), float(np.percentile(bpb, 97.5))],
+            "loss_se": float(loss.std(ddof=1)) if resamples > 1 else None,
+            "bpb_se": float(bpb.std(ddof=1)) if resamples > 1 else None}
+
+
+def evaluate_model(model: LM, docs: list[HeldoutDoc], eos_id: int, cfg: EvalConfig,
+                   device: torch.device) -> dict[str, Any]:
+    """Score the selected docs and return the metrics (no files)."""
+    nats, count = score_docs(model, docs, eos_id, cfg.batch_size, device)
+    n_bytes = np.array([d.n_bytes for d in docs], dtype=np.int64)
+    if n_bytes.sum() <= 0:
+        raise EvalError("the scored held-out documents have 0 bytes in total (n_bytes column)")
+    out = summary(nats, count, n_bytes)
+    out["docs_scored"] = len(docs)
+    out["bootstrap"] = bootstrap(nats, count, n_bytes, cfg.bootstrap, cfg.seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- stage
+def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = None) -> dict[str, Any]:
+    """The stage: load model and held-out docs, score, write work/eval/<run>.json."""
+    p.run(run)
+    cfg = p.eval
+    rdir = work / "runs" / run
+    model_dir, plan_path = rdir / "model", rdir / "plan.json"
+    tokens_dir, split_path = work / "tokens", work / "split" / "split.parquet"
+    plan = read_json(plan_path)
+    manifest = load_manifest(tokens_dir)
+    torch.set_num_threads(n_workers())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(model_dir, device=device)
+    if config["arch"] != plan.get("arch"):
+        raise EvalError(f"{model_dir}/config.json arch differs from {plan_path} (re-run train)")
+    eos_id = int(config.get("eos_id", manifest.get("eos_id", -1)))
+    if "eos_id" in manifest and int(manifest["eos_id"]) != eos_id:
+        raise EvalError(f"{model_dir}: trained with eos_id {eos_id}, {tokens_dir}/manifest.json says "
+                        f"{manifest['eos_id']} (re-run train)")
+    if "vocab_size" in manifest and int(manifest["vocab_size"]) != model.vocab_size:
+        raise EvalError(f"{model_dir}: vocab {model.vocab_size}, tokens manifest says "
+                        f"{manifest['vocab_size']} (re-run train)")
+    all_docs = load_heldout(tokens_dir, split_path)
+    docs, empty = select_docs(all_docs, cfg.max_tokens, cfg.seed)
+    log.info("%s: scoring %d of %d held-out docs (%d empty skipped) on %s", run, len(docs), len(all_docs),
+             empty, device)
+    metrics = evaluate_model(model, docs, eos_id, cfg, device)
+    inputs = {"model": sha256_tree(model_dir), "plan": sha256_file(plan_path), "tokens": manifest["sha256"],
+              "split": sha256_file(split_path)}
+    result = {
+        "run": run,
+        "group": p.run(run).group,
+        "arch": plan["arch"],
+        **{k: plan.get(k, plan["arch"].get(k)) for k in PLAN_KEYS},
+        **metrics,
+        "heldout_docs": len(all_docs),
+        "heldout_docs_empty_skipped": empty,
+        "max_tokens": cfg.max_tokens,
+        "scoring": "each doc alone as EOS+doc+EOS, windows of seq_len without cross-window context",
+        "device": str(device),
+        "provenance": provenance("evaluate", inputs, {"eval": cfg.model_dump(), "run": run}, CODE_MODULES),
+    }
+    write_json((out_dir or work / "eval") / f"{run}.json", result)
+    ci = metrics["bootstrap"]
+    log.info("%s: loss %.4f nats/token, bpb %.4f%s over %d tokens / %d bytes", run, metrics["loss"],
+             metrics["bpb"], f" [{ci['bpb'][0]:.4f}, {ci['bpb'][1]:.4f}]" if ci else "",
+             metrics["tokens_scored"], metrics["bytes_scored"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args(argv)
+    setup_logging("evaluate")
+    try:
+        p = load_params(a.params)
+        p.run(a.run)
+        run_evaluate(p, a.run)
+    except (ParamsError, EvalError, KeyError, FileNotFoundError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

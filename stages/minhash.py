@@ -1,0 +1,405 @@
+"""The one dedupe core: exact hashing, MinHash signatures, LSH banding and clustering, in numpy.
+
+Both the pipeline stage (token ids) and the standalone text mode feed this module the same thing:
+documents as integer sequences, given as one flat array of values plus doc offsets (the layout of
+an Arrow list column, so token shards arrive here without a copy).
+
+- Text mode maps each document to a sequence of *word hashes*: lowercase, split on whitespace,
+  each word -> uint64 by a polynomial hash over its UTF-8 bytes, computed for a whole batch at once
+  with prefix sums (`text_to_ints`). Why words and why hashed: word n-grams are the usual MinHash
+  shingles for near-duplicate text (robust to re-wrapping, fast, what datasketch users do);
+  hashing makes them fixed-width integers so that the rest of the code is the token code, and
+  the prefix-sum hash needs no Python loop per word (a 64-bit word-hash collision between two of
+  a million distinct words has probability ~1e-8).
+- Shingles: each n-gram window is folded into one uint64 (multiply-add + splitmix64 finaliser
+  per position, over the whole batch: a loop over the n positions, never over shingles). A
+  document shorter than `ngram` is *one* shingle of all its values, so short documents still
+  get a signature and two identical short documents still match; an empty document has no
+  shingles and never enters LSH (exact hashing groups empty documents together).
+- MinHash: for permutation k, h_k(s) = a_k * s + b_k mod 2^64 with a_k odd (a bijection of the
+  already well-mixed shingle hash), minimum per document with `np.minimum.reduceat`, top 32 bits
+  kept (uint32 signatures: half the memory, 2^-32 per-slot collision). Shingles are processed in
+  chunks of at most `CHUNK_SHINGLES` values, and the permutations are split over threads (numpy
+  releases the GIL), each thread owning whole signature columns, so results do not depend on the
+  thread count.
+- LSH: `bands` x `rows` slots -> one uint64 key per band; documents with equal keys in a band
+  are candidates. Grouping is by sort; inside a bucket each document is paired with the next
+  `MAX_BUCKET_PAIRS` bucket members (all pairs for buckets up to that size), bounding the work on
+  degenerate buckets. Candidates are verified by the estimated Jaccard over *all* num_perm slots
+  (>= threshold), then clustered by connected components (vectorised union-find with pointer
+  jumping).
+- Exact: a 128-bit BLAKE2b of each document's value sequence; later copies join the first one.
+- Survivor: the lowest document index in each cluster; the cluster id is that index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+
+from stages.schema import DedupeConfig
+
+U64 = np.uint64
+MASK64 = (1 << 64) - 1
+CHUNK_SHINGLES = 1 << 19  # shingles per MinHash chunk: 4 MiB of uint64 per thread buffer
+MAX_BUCKET_PAIRS = 32  # partners per document inside one LSH bucket
+REASONS = ("unique", "exact", "near")  # reason codes 0, 1, 2
+EMPTY_SIG = np.uint32(0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------- mixing
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (a bijection with full avalanche); returns a new array."""
+    z = np.asarray(x, dtype=U64).copy()
+    z ^= z >> U64(30)
+    z *= U64(0xBF58476D1CE4E5B9)
+    z ^= z >> U64(27)
+    z *= U64(0x94D049BB133111EB)
+    z ^= z >> U64(31)
+    return z
+
+
+def _seed_stream(seed: int, tag: int, n: int) -> np.ndarray:
+    """n deterministic uint64 constants for (seed, purpose tag)."""
+    rng = np.random.Generator(np.random.PCG64([seed & MASK64, tag]))
+    return rng.integers(0, 1 << 64, size=n, dtype=U64, endpoint=False)
+
+
+# ------------------------------------------------------------------------------------- text -> ints
+_P = 0x100000001B3  # FNV prime: odd, so invertible mod 2^64
+_P_INV = pow(_P, -1, 1 << 64)
+
+
+class _Powers:
+    """P^i and P^-i mod 2^64 for i < n, grown on demand (prefix products, wrap-around = mod 2^64)."""
+
+    def __init__(self) -> None:
+        self.pow = np.ones(1, dtype=U64)
+        self.inv = np.ones(1, dtype=U64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.pow) < n:
+            m = max(n, 2 * len(self.pow))
+            p = np.full(m, _P, dtype=U64)
+            p[0] = 1
+            q = np.full(m, _P_INV, dtype=U64)
+            q[0] = 1
+            self.pow, self.inv = np.cumprod(p, dtype=U64), np.cumprod(q, dtype=U64)
+        return self.pow[:n], self.inv[:n]
+
+
+_POWERS = _Powers()
+
+
+def normalise_text(text: str) -> str:
+    """Lowercase and collapse every run of whitespace to one space (what 'exact' ignores in text mode)."""
+    return " ".join(text.lower().split())
+
+
+def text_to_ints(texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised words of each text as uint64 word hashes: (values, offsets[len(texts)+1]).
+
+    hash(word) = mix64(sum_i byte_i * P^i mod 2^64), obtained for every word of the batch from
+    one prefix sum C: sum over [s, e] = (C[e] - C[s-1]) * P^-s. None counts as an empty text.
+    """
+    norm = [normalise_text(t) if t else "" for t in texts]
+    buf = np.frombuffer("\n".join(norm).encode("utf-8"), dtype=np.uint8)
+    d = len(norm)
+    if len(buf) == 0:
+        return np.zeros(0, dtype=U64), np.zeros(d + 1, dtype=np.int64)
+    sep = (buf == 32) | (buf == 10)
+    word = ~sep
+    start = word.copy()
+    start[1:] &= sep[:-1]
+    end = word.copy()
+    end[:-1] &= sep[1:]
+    starts, ends = np.flatnonzero(start), np.flatnonzero(end)
+    doc_of_word = np.cumsum(buf == 10)[starts]
+    pw, inv = _POWERS.get(len(buf))
+    c = np.cumsum(buf.astype(U64) * pw, dtype=U64)
+    before = np.zeros(len(starts), dtype=U64)
+    nz = starts > 0
+    before[nz] = c[starts[nz] - 1]
+    h = (c[ends] - before) * inv[starts]
+    values = mix64(h ^ (ends - starts + 1).astype(U64))
+    offsets = np.zeros(d + 1, dtype=np.int64)
+    np.cumsum(np.bincount(doc_of_word, minlength=d), out=offsets[1:])
+    return values, offsets
+
+
+# ----------------------------------------------------------------------------------------- shingles
+def shingle_hashes(
+    values: np.ndarray, offsets: np.ndarray, ngram: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 hash of every n-gram window of every document: (hashes, shingle offsets).
+
+    A document with 0 < len < ngram gives one shingle (all its values); an empty one gives none.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    nsh = np.where(lengths == 0, 0, np.maximum(lengths - ngram + 1, 1))
+    sh_off = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(nsh, out=sh_off[1:])
+    total = int(sh_off[-1])
+    if total == 0:
+        return np.zeros(0, dtype=U64), sh_off
+    k = _seed_stream(seed, 1, ngram + 1)
+    x = mix64(np.asarray(values).astype(U64, copy=False) + k[0])
+    starts = np.repeat(offsets[:-1] - sh_off[:-1], nsh) + np.arange(total, dtype=np.int64)
+    h = x[starts]
+    short = bool((lengths[lengths > 0] < ngram).any())
+    if short:
+        ends = np.repeat(offsets[1:], nsh)
+    last = len(x) - 1
+    for j in range(1, ngram):
+        pos = starts + j
+        if short:
+            valid = pos < ends
+            np.minimum(pos, last, out=pos)
+        step = mix64(h * (k[j] | U64(1)) + x[pos])
+        h = np.where(valid, step, h) if short else step
+    return h, sh_off
+
+
+# ------------------------------------------------------------------------------------------ MinHash
+class MinHasher:
+    """num_perm seeded affine hashes of shingle hashes; signatures for a batch of documents."""
+
+    def __init__(self, cfg: DedupeConfig, threads: int = 1) -> None:
+        self.cfg = cfg
+        self.a = _seed_stream(cfg.seed, 2, cfg.num_perm) | U64(1)
+        self.b = _seed_stream(cfg.seed, 3, cfg.num_perm)
+        self.threads = max(1, min(threads, cfg.num_perm))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _columns(self, sh: np.ndarray, starts: np.ndarray, out: np.ndarray, perms: range) -> None:
+        tmp = np.empty_like(sh)
+        for p in perms:
+            np.multiply(sh, self.a[p], out=tmp)
+            np.add(tmp, self.b[p], out=tmp)
+            out[:, p] = (np.minimum.reduceat(tmp, starts) >> U64(32)).astype(np.uint32)
+
+    def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """uint32 [docs, num_perm]; an empty document's row is all 0xFFFFFFFF."""
+        sh, sh_off = shingle_hashes(values, offsets, self.cfg.ngram, self.cfg.seed)
+        d = len(sh_off) - 1
+        sig = np.full((d, self.cfg.num_perm), EMPTY_SIG, dtype=np.uint32)
+        nonempty = np.flatnonzero(np.diff(sh_off) > 0)
+        doc_ends = sh_off[nonempty + 1]
+        i = 0
+        while i < len(nonempty):
+            # a chunk of whole documents with at most CHUNK_SHINGLES shingles (at least one doc)
+            base = sh_off[nonempty[i]]
+            j = int(np.searchsorted(doc_ends, base + CHUNK_SHINGLES, side="right"))
+            j = max(j, i + 1)
+            docs = nonempty[i:j]
+            lo, hi = int(sh_off[docs[0]]), int(sh_off[docs[-1] + 1])
+            part = sh[lo:hi]
+            starts = sh_off[docs] - lo  # docs are consecutive-nonempty: reduceat segments match
+            block = np.empty((len(docs), self.cfg.num_perm), dtype=np.uint32)
+            if self._pool is None:
+                self._columns(part, starts, block, range(self.cfg.num_perm))
+            else:
+                n, t = self.cfg.num_perm, self.threads
+                parts = [range(k * n // t, (k + 1) * n // t) for k in range(t)]
+                list(self._pool.map(partial(self._columns, part, starts, block), parts))
+            sig[docs] = block
+            i = j
+        return sig
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
+    """uint64 [docs, bands]: each band's `rows` signature slots folded into one key."""
+    k = _seed_stream(seed, 4, bands * rows + bands)
+    keys = np.empty((sig.shape[0], bands), dtype=U64)
+    for b in range(bands):
+        h = np.full(sig.shape[0], k[bands * rows + b], dtype=U64)
+        for r in range(rows):
+            h = mix64(h * (k[b * rows + r] | U64(1)) + sig[:, b * rows + r].astype(U64))
+        keys[:, b] = h
+    return keys
+
+
+def candidate_pairs(keys: np.ndarray, max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
+    """Unique (i, j), i < j, row indices sharing a band key; int64 [pairs, 2], sorted."""
+    n = keys.shape[0]
+    found: list[np.ndarray] = []
+    for b in range(keys.shape[1]):
+        order = np.argsort(keys[:, b], kind="stable")
+        sk = keys[order, b]
+        for off in range(1, min(max_pairs, n - 1) + 1):
+            same = np.flatnonzero(sk[:-off] == sk[off:])
+            if len(same) == 0:
+                break
+            i, j = order[same], order[same + off]
+            found.append(np.minimum(i, j) * n + np.maximum(i, j))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    packed = np.unique(np.concatenate(found))
+    return np.stack([packed // n, packed % n], axis=1)
+
+
+def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    out = np.empty(len(pairs), dtype=np.float64)
+    for s in range(0, len(pairs), chunk):
+        p = pairs[s : s + chunk]
+        out[s : s + chunk] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
+    return out
+
+
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected components as the lowest index in each: labels[int64 n].
+
+    Vectorised union-find: hook the larger root under the smaller, then pointer-jump to full
+    compression; repeat until every edge joins equal roots. parent[x] <= x holds throughout, so
+    the root of a component is its minimum.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    if len(edges) == 0:
+        return parent
+    i, j = edges[:, 0], edges[:, 1]
+    while True:
+        pi, pj = parent[i], parent[j]
+        diff = pi != pj
+        if not diff.any():
+            return parent
+        pi, pj = pi[diff], pj[diff]
+        lo = np.minimum(pi, pj)
+        np.minimum.at(parent, pi, lo)
+        np.minimum.at(parent, pj, lo)
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+
+
+# ----------------------------------------------------------------------------------- streaming index
+@dataclass
+class DedupeResult:
+    cluster: np.ndarray  # int64: lowest document index of the cluster
+    keep: np.ndarray  # bool: this document is its cluster's survivor
+    reason: np.ndarray  # uint8 index into REASONS
+    stats: dict = field(default_factory=dict)
+
+    def reasons(self) -> list[str]:
+        return [REASONS[r] for r in self.reason]
+
+
+def exact_digest(values: np.ndarray) -> bytes:
+    """128-bit digest of a document's values as uint64 (so it does not depend on the token dtype)."""
+    v = np.ascontiguousarray(values, dtype=U64)
+    return hashlib.blake2b(v.tobytes(), digest_size=16).digest()
+
+
+class DedupeIndex:
+    """Accumulates documents batch by batch; `finish()` clusters them.
+
+    Per document it keeps the exact-duplicate representative (int64) and, for documents that
+    are not exact copies of an earlier one, a uint32 signature row (4 * num_perm bytes). Values
+    and shingles are dropped after each batch, so memory is bounded by the signatures.
+    """
+
+    def __init__(self, cfg: DedupeConfig, threads: int = 1) -> None:
+        self.cfg = cfg
+        self.hasher = MinHasher(cfg, threads) if cfg.near else None
+        self.n = 0
+        self.rep: list[np.ndarray] = []  # exact representative of each doc (itself if first)
+        self.lengths: list[np.ndarray] = []
+        self.sig_rows: list[np.ndarray] = []  # doc indices that got a signature
+        self.sigs: list[np.ndarray] = []
+        self._first: dict[bytes, int] = {}
+
+    def add(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        """One batch: values (any integer dtype; widened to uint64) and doc offsets[docs+1]."""
+        values = np.asarray(values).astype(U64, copy=False)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        d = len(offsets) - 1
+        base = self.n
+        lengths = np.diff(offsets)
+        rep = np.arange(base, base + d, dtype=np.int64)
+        if self.cfg.exact:
+            for k in range(d):
+                rep[k] = self._first.setdefault(exact_digest(values[offsets[k] : offsets[k + 1]]), base + k)
+        if self.hasher is not None:
+            new = np.flatnonzero((rep == np.arange(base, base + d)) & (lengths > 0))
+            if len(new):
+                if len(new) < d:
+                    starts, ends = offsets[new], offsets[new + 1]
+                    lens = ends - starts
+                    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+                    idx += np.arange(int(lens.sum()), dtype=np.int64)
+                    sub_vals = values[idx]
+                    sub_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+                else:
+                    sub_vals, sub_off = values, offsets
+                self.sigs.append(self.hasher.signatures(sub_vals, sub_off))
+                self.sig_rows.append(new + base)
+        self.rep.append(rep)
+        self.lengths.append(lengths)
+        self.n += d
+
+    def finish(self) -> DedupeResult:
+        if self.hasher is not None:
+            self.hasher.close()
+        n = self.n
+        rep = np.concatenate(self.rep) if self.rep else np.zeros(0, dtype=np.int64)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        edges = [np.stack([rep, np.arange(n, dtype=np.int64)], axis=1)[rep != np.arange(n)]]
+        n_candidates = n_verified = 0
+        if self.sigs:
+            sig = np.concatenate(self.sigs)
+            rows = np.concatenate(self.sig_rows)
+            keys = band_keys(sig, self.cfg.bands, self.cfg.rows, self.cfg.seed)
+            pairs = candidate_pairs(keys)
+            est = estimated_jaccard(sig, pairs)
+            ok = pairs[est >= self.cfg.threshold]
+            n_candidates, n_verified = len(pairs), len(ok)
+            edges.append(rows[ok])
+        labels = components(n, np.concatenate(edges))
+        keep = labels == np.arange(n)
+        reason = np.zeros(n, dtype=np.uint8)
+        reason[~keep] = 2
+        reason[~keep & (rep != np.arange(n))] = 1
+        sizes = np.bincount(labels, minlength=n) if n else np.zeros(0, dtype=np.int64)
+        stats = {
+            "docs": int(n),
+            "kept": int(keep.sum()),
+            "removed_exact": int((reason == 1).sum()),
+            "removed_near": int((reason == 2).sum()),
+            "empty_docs": int((lengths == 0).sum()),
+            "clusters_with_duplicates": int((sizes > 1).sum()),
+            "largest_cluster": int(sizes.max()) if n else 0,
+            "lsh_candidate_pairs": int(n_candidates),
+            "lsh_verified_pairs": int(n_verified),
+        }
+        return DedupeResult(cluster=labels, keep=keep, reason=reason, stats=stats)
+
+
+def dedupe_sequences(
+    batches: Sequence[tuple[np.ndarray, np.ndarray]], cfg: DedupeConfig, threads: int = 1
+) -> DedupeResult:
+    """Convenience: run the index over (values, offsets) batches."""
+    idx = DedupeIndex(cfg, threads)
+    for values, offsets in batches:
+        idx.add(values, offsets)
+    return idx.finish()
+
+
+def dedupe_texts(texts: Sequence[str | None], cfg: DedupeConfig, threads: int = 1,
+                 batch_docs: int = 4096) -> DedupeResult:
+    """Text mode in memory: normalised word n-grams (see `text_to_ints`)."""
+    idx = DedupeIndex(cfg, threads)
+    for s in range(0, len(texts), batch_docs):
+        idx.add(*text_to_ints(texts[s : s + batch_docs]))
+    return idx.finish()

@@ -1,0 +1,386 @@
+"""The decoder LM of the study: dense SwiGLU or top-k routed MoE, in one readable file.
+
+The architecture is fixed by stages/accounting.py (whose formulas the planner uses to equalise
+non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), bias-free
+causal attention (q, k, v, o) with rotary positions (no parameters), and a SwiGLU FFN, or an MoE
+layer of E SwiGLU experts behind a bias-free linear router. `count_nonvocab_params` counts the
+real module so a test can prove it equals `Architecture.nonvocab_total / nonvocab_active`.
+
+MoE layout (torchtitan style, kept as three parts so each can be tested alone):
+- `Router`: softmax over E logits, top-k, renormalised top-k weights, Switch/GShard
+  load-balancing loss E * sum_i f_i P_i, optional router z-loss mean(logsumexp(logits)^2).
+- `dispatch` / `combine`: sort the (token, slot) pairs by expert so each expert's rows are
+  contiguous (per-expert counts and int32 cumulative offsets), and the inverse permutation with
+  the weighted sum over the k slots. Dropless: no capacity factor, no token is ever dropped.
+- `GroupedExperts`: the E experts as stacked (E, d, f) / (E, f, d) weights computed by
+  `kernels.grouped_mm` (reference loop on CPU, one grouped kernel on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import grouped_mm, resolve_backend
+from stages.accounting import Architecture
+
+INIT_STD = 0.02
+
+
+class ModelConfigError(ValueError):
+    """An arch dict the model cannot be built from (the message names the key)."""
+
+
+# --------------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (seq_len, head_dim) for the rotate-half form of RoPE."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, S, Dh); rotates pairs (i, i + Dh/2) by position-dependent angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d // n_heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        cos, sin = rotary_tables(seq_len, self.head_dim)
+        # buffers, not parameters (RoPE has none), and not saved: they are a function of the arch
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        if self.cos.shape[0] < S:
+            raise ValueError(f"sequence of {S} tokens exceeds the model's seq_len {self.cos.shape[0]}")
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+
+        cos, sin = self.cos[:S], self.sin[:S]
+        q = apply_rotary(heads(self.q(x)), cos, sin)
+        k = apply_rotary(heads(self.k(x)), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# -------------------------------------------------------------------------------------------- MoE
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # (T, k) renormalised top-k probabilities
+    indices: torch.Tensor  # (T, k) expert ids
+    aux_loss: torch.Tensor  # scalar, E * sum_i f_i P_i (1.0 when perfectly balanced)
+    z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2
+    load: torch.Tensor  # (E,) fraction of the T*k routed slots that went to each expert
+
+
+class Router(nn.Module):
+    """Bias-free linear gate, softmax top-k with renormalised weights, and the balancing losses."""
+
+    def __init__(self, d: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k < experts:
+            raise ModelConfigError(f"top_k={top_k} must be in [1, experts={experts})")
+        self.experts = experts
+        self.top_k = top_k
+        self.gate = nn.Linear(d, experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = self.gate(x).float()  # (T, E); router maths in fp32 even under autocast
+        probs = logits.softmax(dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.experts).to(probs.dtype)
+        load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
+        importance = probs.mean(dim=0)  # P_i: carries the gradient
+        aux = self.experts * (load * importance).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return RouterOutput(top_w, top_i, aux, z, load.detach())
+
+
+@dataclass
+class Dispatch:
+    order: torch.Tensor  # (T*k,) flat (token, slot) index of each permuted row
+    counts: torch.Tensor  # (E,) rows per expert
+    offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
+
+
+def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, Dispatch]:
+    """Rows of x repeated once per routed slot and sorted by expert (stable, so deterministic).
+
+    x: (T, d), indices: (T, k). Returns (x_perm (T*k, d), Dispatch).
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    x_perm = x.index_select(0, order // k)
+    counts = torch.bincount(flat, minlength=experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    return x_perm, Dispatch(order, counts, offs)
+
+
+def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of dispatch: un-permute the expert outputs and sum the k slots with their weights."""
+    T, k = weights.shape
+    inverse = torch.empty_like(d.order)
+    inverse[d.order] = torch.arange(d.order.numel(), device=d.order.device)
+    y = y_perm.index_select(0, inverse).view(T, k, -1)
+    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights; one grouped GEMM per projection for all experts."""
+
+    def __init__(self, d: int, f: int, experts: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.experts = experts
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(experts, d, f))
+        self.w3 = nn.Parameter(torch.empty(experts, d, f))
+        self.w2 = nn.Parameter(torch.empty(experts, f, d))
+        self.last_backend: str | None = None  # what actually ran (after any fallback)
+        self.last_fallback: str | None = None
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        probe = x.new_empty(0, x.shape[1], dtype=dtype)  # backends are chosen by device, dtype, shape
+        # w1 (d, f) and w2 (f, d) have the same dims, so one check covers all three products
+        self.last_backend, self.last_fallback = resolve_backend(self.backend, probe, self.w1)
+        b = self.last_backend
+        h = F.silu(grouped_mm(x, self.w1, offs, b)) * grouped_mm(x, self.w3, offs, b)
+        return grouped_mm(h, self.w2, offs, b)
+
+
+@dataclass
+class MoEOutput:
+    y: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    load: torch.Tensor
+
+
+class MoE(nn.Module):
+    def __init__(self, d: int, f: int, experts: int, top_k: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.experts_n = experts
+        self.top_k = top_k
+        self.router = Router(d, experts, top_k)
+        self.experts = GroupedExperts(d, f, experts, backend)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        r = self.router(flat)
+        x_perm, disp = dispatch(flat, r.indices, self.experts_n)
+        y = combine(self.experts(x_perm, disp.offs), disp, r.weights)
+        return MoEOutput(y.view(shape), r.aux_loss, r.z_loss, r.load)
+
+
+# ------------------------------------------------------------------------------------------ model
+class Block(nn.Module):
+    def __init__(self, a: Architecture, backend: str) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(a.d_model)
+        self.attn = Attention(a.d_model, a.n_heads, a.seq_len)
+        self.norm2 = RMSNorm(a.d_model)
+        self.ffn: nn.Module = (
+            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend) if a.kind == "moe"
+            else SwiGLU(a.d_model, a.ffn_hidden)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
+        x = x + self.attn(self.norm1(x))
+        out = self.ffn(self.norm2(x))
+        if isinstance(out, MoEOutput):
+            return x + out.y, out
+        return x + out, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V), float32
+    aux_loss: torch.Tensor  # mean over MoE layers (0 for dense)
+    z_loss: torch.Tensor  # mean over MoE layers (0 for dense)
+    load: torch.Tensor | None  # (layers, E) fraction of routed slots per expert, MoE only
+
+
+class LM(nn.Module):
+    def __init__(self, arch: Architecture, vocab_size: int, expert_backend: str = "auto") -> None:
+        super().__init__()
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, arch.d_model)
+        self.blocks = nn.ModuleList(Block(arch, expert_backend) for _ in range(arch.n_layers))
+        self.norm = RMSNorm(arch.d_model)
+        # Tied: the LM head is the embedding matrix (no extra module, so no shared-tensor aliasing)
+        self.lm_head = None if arch.tie_embeddings else nn.Linear(arch.d_model, vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); output projections of residual branches scaled by 1/sqrt(2L)."""
+        resid = INIT_STD / math.sqrt(2 * self.arch.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm weights
+            elif name.endswith(("attn.o.weight", "ffn.w2.weight", "experts.w2")):
+                p.normal_(0.0, resid)
+            else:
+                p.normal_(0.0, INIT_STD)
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        x = self.tok_emb(idx)
+        moe: list[MoEOutput] = []
+        for block in self.blocks:
+            x, m = block(x)
+            if m is not None:
+                moe.append(m)
+        x = self.norm(x)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, w).float()
+        zero = logits.new_zeros(())
+        if not moe:
+            return ModelOutput(logits, zero, zero, None)
+        aux = torch.stack([m.aux_loss for m in moe]).mean()
+        z = torch.stack([m.z_loss for m in moe]).mean()
+        return ModelOutput(logits, aux, z, torch.stack([m.load for m in moe]))
+
+    def expert_backends(self) -> dict[str, str | None]:
+        """Backend that ran in the last forward of each MoE layer, and the fallback reason if any."""
+        out: dict[str, str | None] = {}
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.ffn, MoE):
+                out[f"layer{i}"] = block.ffn.experts.last_backend
+                out[f"layer{i}.fallback"] = block.ffn.experts.last_fallback
+        return out
+
+
+# ------------------------------------------------------------------------------- build, count, load
+ARCH_KEYS = tuple(f.name for f in fields(Architecture))
+
+
+def architecture(arch: dict[str, Any]) -> Architecture:
+    """Validate a plan's "arch" dict into an Architecture (unknown or missing keys are errors)."""
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise ModelConfigError(f"arch has unknown key(s) {unknown}; expected {list(ARCH_KEYS)}")
+    try:
+        a = Architecture(**arch)
+    except TypeError as err:
+        raise ModelConfigError(f"arch is incomplete: {err}") from None
+    if a.kind not in ("dense", "moe"):
+        raise ModelConfigError(f"arch.kind={a.kind!r} must be 'dense' or 'moe'")
+    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k"):
+        if int(getattr(a, key)) < 1:
+            raise ModelConfigError(f"arch.{key}={getattr(a, key)} must be positive")
+    if a.d_model % a.n_heads or (a.d_model // a.n_heads) % 2:
+        raise ModelConfigError(
+            f"arch.d_model={a.d_model} / n_heads={a.n_heads} must give an even head size (rotary pairs)")
+    if a.kind == "moe" and not 1 <= a.top_k < a.experts:
+        raise ModelConfigError(f"arch.top_k={a.top_k} must be in [1, experts={a.experts})")
+    return a
+
+
+def build_model(arch: dict[str, Any] | Architecture, vocab_size: int, expert_backend: str = "auto") -> LM:
+    """The LM of a plan's "arch" dict (keys of accounting.Architecture) and the tokenizer's vocab."""
+    a = arch if isinstance(arch, Architecture) else architecture(arch)
+    if vocab_size < 2:
+        raise ModelConfigError(f"vocab_size={vocab_size} must be at least 2")
+    return LM(a, int(vocab_size), expert_backend)
+
+
+def count_nonvocab_params(model: LM) -> tuple[int, int]:
+    """(total, active) non-vocabulary parameters of the real module.
+
+    Total: every parameter except the token embedding and an untied LM head. Active: the same,
+    but each MoE layer's experts count k/E of their parameters (a token uses k of E experts).
+    """
+    vocab = {id(model.tok_emb.weight)} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
+    total = sum(p.numel() for p in model.parameters() if id(p) not in vocab)
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            expert_params = sum(p.numel() for p in m.experts.parameters())
+            inactive += expert_params * (m.experts_n - m.top_k) // m.experts_n
+    return total, total - inactive
+
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def state_dict_for_save(model: LM) -> dict[str, torch.Tensor]:
+    """Contiguous CPU float tensors in a fixed key order (so identical weights give identical bytes)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in sorted(model.state_dict().items())}
+
+
+def save_model(model: LM, directory: Path, config: dict[str, Any]) -> None:
+    """Write model.safetensors and config.json into `directory` (the caller makes it atomic)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_for_save(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_model(directory: Path | str, expert_backend: str = "auto",
+               device: str | torch.device = "cpu") -> tuple[LM, dict[str, Any]]:
+    """Rebuild the model from config.json and load its weights (strict: every key must match)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights = directory / CONFIG_FILE, directory / MODEL_FILE
+    if not cfg_path.exists() or not weights.exists():
+        raise FileNotFoundError(f"{directory}: needs {CONFIG_FILE} and {MODEL_FILE} (run the train stage)")
+    config = json.loads(cfg_path.read_text())
+    for key in ("arch", "vocab_size"):
+        if key not in config:
+            raise ModelConfigError(f"{cfg_path}: missing key {key!r}")
+    model = build_model(config["arch"], config["vocab_size"], expert_backend)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelConfigError(f"{weights}: weights do not match config.json (missing {missing}, "
+                               f"unexpected {unexpected})")
+    return model.to(device), config
