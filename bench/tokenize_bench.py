@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,18 +60,40 @@ def load_texts(corpus: Path) -> list[str]:
     return [t for rb in iter_shards(corpus, columns=["text"]) for t in rb.column(0).to_pylist() if t]
 
 
-def raw_encode(tok_path: Path, texts: list[str], batch: int, method: str) -> tuple[float, int]:
-    """Seconds and tokens of the bare encoder over in-memory texts (fresh tokenizer: cold cache)."""
+def busy_ticks() -> int:
+    """Machine-wide non-idle CPU ticks (/proc/stat), to see how much other processes ran meanwhile."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0
+    return sum(f) - f[3] - f[4]  # minus idle and iowait
+
+
+class Measure:
+    """Wall seconds, this process's CPU seconds (all threads) and other processes' CPU seconds."""
+
+    def __enter__(self) -> Measure:
+        self.t, self.c, self.b = time.perf_counter(), time.process_time(), busy_ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t
+        self.cpu = time.process_time() - self.c
+        self.others = max(0.0, (busy_ticks() - self.b) / os.sysconf("SC_CLK_TCK") - self.cpu)
+
+
+def raw_encode(tok_path: Path, texts: list[str], batch: int, method: str) -> tuple[Measure, int]:
+    """The bare encoder over in-memory texts (fresh tokenizer: cold cache), and its token count."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tok_path))
     tok.encode_special_tokens = True
     fn = getattr(tok, method)
-    t0 = time.perf_counter()
     n = 0
-    for i in range(0, len(texts), batch):
-        n += sum(len(e) for e in fn(texts[i : i + batch]))
-    return time.perf_counter() - t0, n
+    with Measure() as m:
+        for i in range(0, len(texts), batch):
+            n += sum(len(e) for e in fn(texts[i : i + batch]))
+    return m, n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params.tokenizer
     workers = set_workers(cfg.workers)  # before the first parallel encode: same pool for both sides
     corpus = Path(a.corpus)
-    cm = load_manifest(corpus)
+    corpus_name = str(corpus)
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
 
     with tempfile.TemporaryDirectory(prefix="tokbench-") as tmp:
         tmp = Path(tmp)
+        shutil.copytree(corpus, tmp / "corpus")  # a private copy: the corpus may be rebuilt meanwhile
+        corpus = tmp / "corpus"
+        cm = load_manifest(corpus)
         t0 = time.perf_counter()
         tok = train_tokenizer(corpus, cfg)
         train_s = time.perf_counter() - t0
@@ -99,69 +126,93 @@ def main(argv: list[str] | None = None) -> int:
         texts = load_texts(corpus)
         n_bytes = sum(len(t.encode()) for t in texts)
         stage_params = params.model_copy(update={"tokenizer": cfg.model_copy(update={"path": str(tok_path)})})
-        print(f"corpus {corpus}: {len(texts)} docs, {n_bytes / 1e6:.1f} MB; trained in {train_s:.1f}s; "
+        print(f"corpus {corpus_name}: {len(texts)} docs, {n_bytes / 1e6:.1f} MB; trained in {train_s:.1f}s; "
               f"{workers} workers", flush=True)
 
-        rows: dict[str, list[float]] = {"raw_encode_batch": [], "raw_encode_batch_fast": [], "stage": []}
+        runs: dict[str, list[Measure]] = {"raw_encode_batch": [], "raw_encode_batch_fast": [], "stage": []}
         tokens = {}
         for r in range(a.repeats):
             for method in ("encode_batch", "encode_batch_fast"):
-                s, n = raw_encode(tok_path, texts, cfg.batch_docs, method)
-                rows[f"raw_{method}"].append(s)
+                m, n = raw_encode(tok_path, texts, cfg.batch_docs, method)
+                runs[f"raw_{method}"].append(m)
                 tokens[f"raw_{method}"] = n
-            t0 = time.perf_counter()
-            m = tokenize(stage_params, corpus, tmp / "tokens", metrics_path=None)
-            rows["stage"].append(time.perf_counter() - t0)
-            tokens["stage"] = m["tokens"]
-            print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in rows.items()), flush=True)
+            with Measure() as m:
+                man = tokenize(stage_params, corpus, tmp / "tokens", metrics_path=None)
+            runs["stage"].append(m)
+            tokens["stage"] = man["tokens"]
+            print(f"repeat {r}: " + ", ".join(
+                f"{k} {v[-1].wall:.2f}s (cpu {v[-1].cpu:.2f}s, others {v[-1].others:.2f}s)" for k, v in runs.items()
+            ), flush=True)
     if len(set(tokens.values())) != 1:
         raise SystemExit(f"token counts differ between raw and stage: {tokens}")
     n_tok = tokens["stage"]
 
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    def summary(ms: list[Measure]) -> dict:
+        wall = statistics.median(x.wall for x in ms)
+        best = min(x.wall for x in ms)
+        return {"median_s": wall, "min_s": best, "cpu_s": statistics.median(x.cpu for x in ms),
+                "others_cpu_s": statistics.median(x.others for x in ms),
+                "tokens_per_s": n_tok / wall, "mb_per_s": n_bytes / wall / 1e6,
+                "best_tokens_per_s": n_tok / best, "best_mb_per_s": n_bytes / best / 1e6}
+
+    summ = {k: summary(v) for k, v in runs.items()}
+    st = summ["stage"]
+    ratios = {
+        f"stage_vs_{k}": {"median": v["median_s"] / st["median_s"], "best": v["min_s"] / st["min_s"],
+                          "cpu": v["cpu_s"] / st["cpu_s"]}
+        for k, v in summ.items() if k != "stage"
+    }
     result = {
         "command": "python bench/tokenize_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": a.note,
         "machine": machine(),
-        "corpus": {"dir": str(corpus), "sha256": cm["sha256"], "docs": len(texts), "bytes": n_bytes,
+        "loadavg_at_start": load0,
+        "corpus": {"dir": corpus_name, "sha256": cm["sha256"], "docs": len(texts), "bytes": n_bytes,
                    "tokens": n_tok},
         "tokenizer": {"vocab_size": cfg.vocab_size, "train_seconds": train_s,
                       "train_mb_per_s": n_bytes / train_s / 1e6},
         "workers": workers,
         "batch_docs": cfg.batch_docs,
         "repeats": a.repeats,
-        "seconds": rows,
-        "median": {k: {"seconds": s, "tokens_per_s": n_tok / s, "mb_per_s": n_bytes / s / 1e6}
-                   for k, s in med.items()},
-        "ratio_stage_vs_raw_encode_batch": med["raw_encode_batch"] / med["stage"],
-        "ratio_stage_vs_raw_encode_batch_fast": med["raw_encode_batch_fast"] / med["stage"],
+        "runs": {k: [{"wall_s": x.wall, "cpu_s": x.cpu, "others_cpu_s": x.others} for x in v]
+                 for k, v in runs.items()},
+        "summary": summ,
+        "ratios": ratios,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    mach = result["machine"]
     lines = [
         "# tokenize stage throughput",
         "",
         f"`{result['command']}`",
         "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; Python "
-        f"{result['machine']['python']}, tokenizers {result['machine']['tokenizers']}, "
-        f"pyarrow {result['machine']['pyarrow']}.",
-        f"Corpus: `{corpus}` ({len(texts)} docs, {n_bytes / 1e6:.1f} MB, {n_tok} tokens, "
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (load average at start {load0}); Python "
+        f"{mach['python']}, tokenizers {mach['tokenizers']}, pyarrow {mach['pyarrow']}.",
+        f"Corpus: `{corpus_name}` ({len(texts)} docs, {n_bytes / 1e6:.1f} MB, {n_tok:,} tokens, "
         f"{n_bytes / n_tok:.2f} bytes/token){'; ' + a.note if a.note else ''}.",
-        f"Vocab {cfg.vocab_size}, batch_docs {cfg.batch_docs}, {workers} rayon workers, "
-        f"median of {a.repeats} alternating repeats (fresh tokenizer each, cold BPE cache).",
+        f"Vocab {cfg.vocab_size}, batch_docs {cfg.batch_docs}, {workers} rayon workers; {a.repeats} repeats "
+        "alternating raw and stage, each with a fresh tokenizer (cold BPE cache).",
         "",
-        "| what | seconds | tokens/s | MB/s | stage speed / this |",
-        "|---|---:|---:|---:|---:|",
+        "| what | median s | best s | tokens/s (median) | MB/s (median) | MB/s (best) | CPU s | others' CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for k, s in med.items():
-        rel = s / med["stage"]
-        lines.append(f"| {k} | {s:.2f} | {n_tok / s:,.0f} | {n_bytes / s / 1e6:.2f} | {rel:.2f}x |")
+    for k, v in summ.items():
+        lines.append(
+            f"| {k} | {v['median_s']:.2f} | {v['min_s']:.2f} | {v['tokens_per_s']:,.0f} | {v['mb_per_s']:.2f} "
+            f"| {v['best_mb_per_s']:.2f} | {v['cpu_s']:.2f} | {v['others_cpu_s']:.2f} |"
+        )
+    lines += ["", "| stage speed relative to | median wall | best wall | CPU time |", "|---|---:|---:|---:|"]
+    for k, v in ratios.items():
+        lines.append(f"| {k.removeprefix('stage_vs_')} | {v['median']:.2f}x | {v['best']:.2f}x | {v['cpu']:.2f}x |")
     lines += [
         "",
-        "`stage` = the whole `stages.tokenize.tokenize()` call in load mode: read corpus shards "
-        "(sha256-checked), encode, convert ids, write zstd token shards, hash, manifest.",
+        "`stage` = the whole `stages.tokenize.tokenize()` call in load mode (tokenizer.path = the trained "
+        "file): read corpus shards (sha256-checked), encode (`encode_batch_fast`), convert ids, write zstd "
+        "token shards, hash, manifest. Ratios > 1 mean the stage is faster. \"others' CPU\" is the CPU "
+        "time other processes used on the machine meanwhile (contention makes wall times noisy; the CPU "
+        "ratio is the contention-free efficiency of the stage).",
         f"BPE training (not in the rows above): {train_s:.1f}s for {n_bytes / 1e6:.1f} MB "
         f"({n_bytes / train_s / 1e6:.1f} MB/s).",
         "",

@@ -95,9 +95,10 @@ _GCIDE_PRON_BACKSLASH = re.compile(r"[ \t]?\\[^\\]{1,100}\\")  # may wrap onto t
 _PAREN = re.compile(r"[ \t]?\(([^()]{1,100})\)")
 _PRON_CHARS = re.compile(r"[-A-Za-z0-9 \t\n*\"'`\[\]=~.^,;/?]+")  # '?': a glyph lost upstream
 _PRON_MARK = re.compile(  # stress/syllable marks inside a word, or a pronunciation-only entity
-    r"[A-Za-z\]?][*\"`]|[*\"`][A-Za-z\[?]|\[(?:[=~.^-][a-z]{1,2}|[a-z]{1,2}\^|imac|aum|asl|add|udd)\]"
+    r"[A-Za-z\]?][*\"`]|[*\"`][A-Za-z\[?]|[a-z]\?[a-z]"
+    r"|\[(?:[=~.^-][a-z]{1,2}|[a-z]{1,2}\^|imac|aum|asl|add|udd)\]"
 )
-_NOT_PRON = re.compile(r"[A-Z][a-z]|\b[A-Z]{1,3}\.|[a-z]{4,}\s+[a-z]{4,}|(?:^|\s)\"")  # name, AS., prose, quote
+_NOT_PRON = re.compile(r"[A-Z][a-z]|\b[A-Z]{1,3}\.|[a-z]{4,}\s+[a-z]{4,}|(?:^|\s)\"")  # name, AS., prose, "
 
 
 def _drop_pronunciation(m: re.Match) -> str:
@@ -109,17 +110,17 @@ def _drop_pronunciation(m: re.Match) -> str:
 
 
 _GCIDE_SRC = (
-    r"(?:1913 Webster|Webster 1913 Suppl\.|WordNet(?: \d\.\d| sense \d+)?|PJC\.?|AS|RDH|RP|GG|JC|MW"
-    r"|Century Dict\.,? 1906|RHUD)"
+    r"(?:1913 Webster|Webster 1913 Suppl\.|WordNet(?:\s+\d\.\d|\s+sense\s+\d+(?:\s*[+&,]\s*\d+)*)?"
+    r"|PJC\.?|AS|RDH|RP|GG|JC|MW|Century Dict\.,? 1906|RHUD)"
 )
 _GCIDE_TAG = rf"\[\s*{_GCIDE_SRC}(?:\s*\+?\s*{_GCIDE_SRC})*\s*\]"
 _GCIDE_ATTRIBUTION_LINE = re.compile(rf"^[ \t]*{_GCIDE_TAG}[ \t]*(?:\n|$)", re.M)
 _GCIDE_ATTRIBUTION_END = re.compile(rf"[ \t]*{_GCIDE_TAG}[ \t]*$", re.M)
 # upstream conversion glitch: the next entry's headword glued after the last tag ("[1913 Webster] Abime")
-_GCIDE_STRAY_HEADWORD = re.compile(rf"[ \t]*{_GCIDE_TAG}[ \t]+[^\n.]{{1,60}}\s*\Z")
+_GCIDE_STRAY_HEADWORD = re.compile(rf"[ \t]*{_GCIDE_TAG}[ \t]+[^\n.]{{1,60}}")  # on the last line
 _GCIDE_TAG_BEFORE_TEXT = re.compile(rf"^([ \t]*){_GCIDE_TAG}[ \t]+", re.M)
 # run-in derived forms keep their syllable and stress marks: A`ble-bod"ied*ness -> Able-bodiedness
-_SYLLABIFIED = re.compile(r"\S*[^\W\d_]\*[^\W\d_]\S*")
+_SYLLABIFIED = re.compile(r"(?<!\S)(?=\S*[^\W\d_][*\"`][^\W\d_])\S+")
 _MARK_BEFORE = {
     "=": "\u0304", "-": "\u0304", "~": "\u0303", ".": "\u0323", "'": "\u0301", "`": "\u0300",
     '"': "\u0308", "^": "\u0302", ",": "\u0327", "*": "\u030a",
@@ -158,13 +159,14 @@ _SYLLABLE_MARKS = str.maketrans("", "", "*\"`")
 def clean_gcide(text: str) -> str:
     text = _GCIDE_PRON_BACKSLASH.sub("", text)
     text = _PAREN.sub(_drop_pronunciation, text)
-    text = _GCIDE_STRAY_HEADWORD.sub("", text.rstrip())
+    head, nl, last = text.rstrip().rpartition("\n")
+    text = head + nl + _GCIDE_STRAY_HEADWORD.sub("", last)
     text = _GCIDE_ATTRIBUTION_LINE.sub("", text)
     text = _GCIDE_ATTRIBUTION_END.sub("", text)
     text = _GCIDE_TAG_BEFORE_TEXT.sub(r"\1", text)
-    text = _ENTITY_TOKEN.sub(_entity, text)
+    text = unicodedata.normalize("NFC", _ENTITY_TOKEN.sub(_entity, text))
     text = _SYLLABIFIED.sub(lambda m: m[0].translate(_SYLLABLE_MARKS), text)
-    return unicodedata.normalize("NFC", strip_braces(text))
+    return strip_braces(text)
 
 
 # --------------------------------------------------------------------------------------- recipes
@@ -368,9 +370,13 @@ def apt_lists_present() -> bool:
 NEED_UPDATE = "run `apt-get update` (as root) first, so that apt knows the Debian packages"
 
 
+def apt_usable() -> bool:
+    return shutil.which("apt-cache") is not None and apt_lists_present()
+
+
 def apt_candidate(package: str) -> AptCandidate | None:
     """The version apt would download and its sha256, or None when apt has no package lists."""
-    if shutil.which("apt-cache") is None or not apt_lists_present():
+    if not apt_usable():
         return None
     r = _run(["apt-cache", "show", "--no-all-versions", package])
     fields: dict[str, str] = {}
@@ -431,6 +437,13 @@ def unpack(deb: Path, digest: str, dest: Path) -> Path:
             raise RecipeError(f"dpkg -x {deb} failed: {r.stderr.strip()[:400]}; delete it and rerun")
         (tmp / ".deb-sha256").write_text(digest + "\n")
     return dest
+
+
+def check_fetchable(package: str, cache: Path = CACHE, field: str = "corpus.sources[].package") -> None:
+    """Cheap pre-flight check (no download): a recipe exists, and apt or the cache can provide it."""
+    recipe_for(package, field)
+    if not apt_usable() and len(_cached_debs(cache / "debs" / package)) != 1:
+        raise RecipeError(f"{field}: apt has no package lists and {package!r} is not cached; {NEED_UPDATE}")
 
 
 def prepare_package(package: str, cache: Path = CACHE) -> DebianPackage:

@@ -257,3 +257,26 @@ def generate(
     jac = [items_j[i] for i in order]
     ids = [f"synthetic-{seed}-{p:07d}" for p in range(docs)]
     return SyntheticCorpus(ids=ids, texts=texts, dup_of=dup_of, kind=kinds, jaccard=jac)
+
+
+def score_dedupe(dup_of: list[int], kind: list[str], keep: np.ndarray, cluster: np.ndarray) -> dict:
+    """Quality of a dedupe result on the planted duplicates.
+
+    recall: planted copies that are removed *and* clustered with their original. precision:
+    removals that are such copies. false_removal: originals that were removed (each original is
+    distinct, so removing one loses data).
+    """
+    dup = np.asarray(dup_of)
+    keep, cluster = np.asarray(keep, dtype=bool), np.asarray(cluster)
+    planted = np.flatnonzero(dup >= 0)
+    found = ~keep[planted] & (cluster[planted] == cluster[dup[planted]])
+    removed = np.flatnonzero(~keep)
+    correct = (dup[removed] >= 0) & (cluster[removed] == cluster[np.maximum(dup[removed], 0)])
+    originals = np.asarray(kind) == "original"
+    return {
+        "planted": len(planted),
+        "removed": len(removed),
+        "recall": float(found.mean()) if len(planted) else 1.0,
+        "precision": float(correct.mean()) if len(removed) else 1.0,
+        "false_removal": float((~keep[originals]).mean()) if originals.any() else 0.0,
+    }

@@ -36,6 +36,7 @@ log = logging.getLogger("kernels.grouped_gemm")
 
 BACKENDS = ("reference", "torch_grouped", "cutlass")
 CHOICES = ("auto", *BACKENDS)
+ALIGN = 8  # elements of 16 bits: the 16-byte operand alignment of the CUTLASS kernels used here
 
 
 class GroupedGemmError(ValueError):
@@ -176,6 +177,20 @@ def _cutlass_plan(dtype: torch.dtype, cc: int) -> Any:
                              cc=cc)
 
 
+@functools.cache
+def _cutlass_operation(dtype: torch.dtype, cc: int) -> tuple[Any, Any]:
+    """(compiled grouped-GEMM operation, its epilogue arguments), built once per dtype.
+
+    `GroupedGemm.plan.run` re-constructs and re-looks-up the kernel on every call (milliseconds of
+    Python); every operand here is 16-byte aligned (see ALIGN), so one compiled kernel serves all
+    calls and we launch it directly.
+    """
+    plan = _cutlass_plan(dtype, cc)
+    plan.run_setup()
+    op = plan.compile(plan.tile_description, alignment_A=ALIGN, alignment_B=ALIGN, alignment_C=ALIGN)
+    return op, op.epilogue_type(plan.alpha, plan.beta)
+
+
 def _cc() -> int:
     major, minor = torch.cuda.get_device_capability()
     return 10 * major + minor
@@ -196,6 +211,9 @@ def cutlass_problem(x: torch.Tensor, w: torch.Tensor) -> str | None:
         return f"cutlass runs on CUDA tensors only, got {x.device}"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"cutlass grouped GEMM is wired for bfloat16/float16, not {x.dtype}"
+    k, n = w.shape[1], w.shape[2]
+    if k % ALIGN or n % ALIGN:
+        return f"cutlass grouped GEMM here needs k and n divisible by {ALIGN}: k={k}, n={n}"
     return _cutlass_import_problem()
 
 
@@ -205,13 +223,19 @@ def _cutlass_groups(a_list: list[torch.Tensor], b_list: list[torch.Tensor],
     keep = [i for i, a in enumerate(a_list) if a.shape[0] > 0 and a.shape[1] > 0 and b_list[i].shape[1] > 0]
     if not keep:
         return
-    cg_cuda = sys.modules["cuda.bindings.driver"]
-    stream = cg_cuda.CUstream(torch.cuda.current_stream().cuda_stream)
-    plan = _cutlass_plan(a_list[keep[0]].dtype, _cc())
+    from cutlass_cppgen.backend.gemm_operation import GemmGroupedArguments
+    from cutlass_cppgen.shape import GemmCoord
+
+    stream = sys.modules["cuda.bindings.driver"].CUstream(torch.cuda.current_stream().cuda_stream)
+    op, epilogue = _cutlass_operation(a_list[keep[0]].dtype, _cc())
     As = [a_list[i] for i in keep]
     Bs = [b_list[i] for i in keep]
     Ds = [d_list[i] for i in keep]
-    plan.run(As, Bs, Ds, Ds, stream=stream)
+    sizes = [GemmCoord(a.shape[0], b.shape[1], a.shape[1]) for a, b in zip(As, Bs, strict=True)]
+    args = GemmGroupedArguments(operation=op, problem_sizes=sizes, A=As, B=Bs, C=Ds, D=Ds, output_op=epilogue,
+                                stream=stream)
+    op.run(args)
+    args.sync()  # waits, then frees the per-call pointer arrays the kernel reads
 
 
 class _CutlassGroupedMM(torch.autograd.Function):
@@ -238,8 +262,18 @@ class _CutlassGroupedMM(torch.autograd.Function):
             _cutlass_groups(dys, list(wt.unbind(0)), list(dx.split(sizes)))
         if ctx.needs_input_grad[1]:
             dw = torch.zeros_like(w)  # experts with no rows get a zero gradient
-            xts = [xe.t().contiguous() for xe in x.split(sizes)]  # dw_e = x_e^T @ dy_e
-            _cutlass_groups(xts, dys, list(dw.unbind(0)))
+            xts, dys_padded = [], []
+            for xe, dye in zip(x.split(sizes), dys, strict=True):
+                # dw_e = x_e^T @ dy_e reduces over the expert's m_e rows, which are the leading
+                # dimension of x_e^T: zero-pad m_e to a multiple of 8 so the operand keeps
+                # CUTLASS's 16-byte alignment (an odd m_e has no kernel); zeros add nothing.
+                m = xe.shape[0]
+                pad = -m % ALIGN
+                xt = xe.new_zeros(xe.shape[1], m + pad)
+                xt[:, :m] = xe.t()
+                xts.append(xt)
+                dys_padded.append(torch.cat([dye, dye.new_zeros(pad, dye.shape[1])]) if pad else dye)
+            _cutlass_groups(xts, dys_padded, list(dw.unbind(0)))
         return dx, dw, None
 
 

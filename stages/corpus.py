@@ -63,7 +63,8 @@ OUT = WORK / "corpus"
 METRICS = WORK / "metrics" / "corpus.json"
 DOCS_PER_SHARD = 50_000
 GLOB_CHARS = set("*?[")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
 
 Source = DebianSource | FileSource | SyntheticSource
@@ -290,14 +291,14 @@ def iter_raw(
 
 
 # ------------------------------------------------------------------------------------ validation
-def validate_sources(cfg: CorpusConfig, root: Path) -> None:
+def validate_sources(cfg: CorpusConfig, root: Path, cache: Path) -> None:
     """Everything that can be checked without reading documents, so bad config fails first."""
     from data import recipes
 
     for i, src in enumerate(cfg.sources):
         if isinstance(src, DebianSource):
             try:
-                recipes.recipe_for(src.package, f"corpus.sources[{i}].package")
+                recipes.check_fetchable(src.package, cache, f"corpus.sources[{i}].package")
             except RecipeError as err:
                 raise CorpusError(str(err)) from None
         elif isinstance(src, FileSource):
@@ -323,8 +324,8 @@ def _utf8(text: str, notes: Counter) -> tuple[str, bytes]:
         return text, text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, e.g. from JSON "\ud800" escapes
         notes["replaced_invalid_utf8"] += 1
-        data = text.encode("utf-8", errors="replace")
-        return data.decode("utf-8"), data
+        text = _SURROGATE.sub("\ufffd", text)
+        return text, text.encode("utf-8")
 
 
 class _Shards:
@@ -359,6 +360,7 @@ def add_source(
     stats = SourceStats(label=label, kind=src.kind)
     check_ids = isinstance(src, SyntheticSource) or (isinstance(src, FileSource) and src.id_field is not None)
     seen: set[str] = set()
+    max_docs = getattr(src, "max_docs", None)  # synthetic sources size themselves with `docs`
     raw = iter_raw(src, index, root, cache, stats)
     try:
         for local_id, text in progress(raw, desc=label, unit="doc"):
@@ -384,7 +386,7 @@ def add_source(
             stats.docs += 1
             stats.bytes += len(data)
             stats.chars += len(text)
-            if src.max_docs is not None and stats.docs >= src.max_docs:
+            if max_docs is not None and stats.docs >= max_docs:
                 stats.truncated = True
                 break
     except RecipeError as err:
@@ -417,7 +419,7 @@ def build_corpus(
     """Write the document shards + manifest (atomically) and the metrics; return the manifest."""
     root = Path.cwd() if root is None else Path(root)
     cache = (root / CACHE) if cache is None else Path(cache)
-    validate_sources(cfg, root)
+    validate_sources(cfg, root, cache)
     labels = source_labels(list(cfg.sources))
     with atomic_path(out_dir) as tmp:
         writer = ShardWriter(tmp, "docs", DOC_SCHEMA)

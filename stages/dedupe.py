@@ -7,8 +7,10 @@ Two entry points, one core (`stages/minhash.py`):
   work/dedupe/manifest.json and work/metrics/dedupe.json. It dedupes on *token* n-grams: it runs
   after tokenize, so the documents are already compact integer arrays (Arrow list offsets + values
   go into numpy without a copy), integers vectorise well, and no second pass over the text is
-  needed. Exact duplicates here are documents with identical token sequences; copies that differ
-  only in whitespace or case tokenize differently and are caught as near duplicates instead.
+  needed. Whitespace-only tokens (line breaks, indentation) are dropped before hashing
+  (`dedupe.ignore_whitespace_tokens`, read from the shards' tokenizer.json), so a re-wrapped copy
+  still matches; exact duplicates are then identical token sequences up to those tokens. Copies
+  that differ in case tokenize differently and are caught as near duplicates instead.
   Shards are streamed batch by batch; only the per-document signatures (4 * num_perm bytes) and
   exact-hash table are held, never the tokens of the corpus.
 - Standalone, `python -m stages.dedupe --input DOCS.parquet --output OUT.parquet`: any Parquet
@@ -102,40 +104,82 @@ def check_token_shards(tokens_dir: Path) -> dict[str, Any]:
     return m
 
 
+def whitespace_tokens(tokens_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """bool[vocab]: token ids that decode to whitespace only (from the tokenizer.json of the shards).
+
+    Byte-level BPE makes a line break plus indentation its own token(s), so the same text wrapped
+    differently shares few token n-grams; dropping these ids before hashing restores the match
+    (the token counterpart of the whitespace collapsing of text mode).
+    """
+    path = tokens_dir / str(manifest.get("tokenizer_file", "tokenizer.json"))
+    if not path.exists():
+        raise DedupeError(f"{path}: missing; dedupe.ignore_whitespace_tokens needs the tokenizer of the "
+                          "token shards (or set it to false)")
+    want = manifest.get("tokenizer_sha256")
+    if want and sha256_file(path) != want:
+        raise DedupeError(f"{path}: sha256 differs from {tokens_dir / 'manifest.json'} (stale or corrupt)")
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on bad files
+        raise DedupeError(f"{path}: not a valid tokenizer.json ({err})") from None
+    size = max(int(manifest.get("vocab_size", 0)), tok.get_vocab_size(with_added_tokens=True))
+    table = np.zeros(size, dtype=bool)
+    for i in range(size):
+        text = tok.decode([i], skip_special_tokens=True)
+        table[i] = bool(text) and text.isspace()
+    return table
+
+
+def _drop_ids(values: np.ndarray, offsets: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove the values whose id is marked in `drop`, keeping document boundaries."""
+    if len(values) and int(values.max()) >= len(drop):
+        raise DedupeError(f"token id {int(values.max())} is outside the tokenizer's vocabulary ({len(drop)})")
+    kept = ~drop[values]
+    before = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(kept, out=before[1:])
+    return values[kept], before[offsets]
+
+
 def dedupe_token_shards(
     tokens_dir: Path, cfg: DedupeConfig, threads: int
-) -> tuple[pa.Table, DedupeResult, dict[str, np.ndarray]]:
+) -> tuple[pa.Table, DedupeResult, dict[str, Any]]:
     """Stream the token shards through the index; (clusters table, result, per-doc columns)."""
     m = check_token_shards(tokens_dir)
-    total = sum(int(s["rows"]) for s in m["shards"])
+    drop = whitespace_tokens(tokens_dir, m) if cfg.ignore_whitespace_tokens else None
+    n_batches = sum(-(-int(s["rows"]) // BATCH_ROWS) for s in m["shards"])
     idx = DedupeIndex(cfg, threads)
     docs: list[np.ndarray] = []
     ids: list[pa.Array] = []
     sources: list[pa.Array] = []
     n_bytes: list[np.ndarray] = []
+    n_tokens: list[np.ndarray] = []
     last = -1
-    batches = iter_shards(tokens_dir, columns=TOKEN_COLUMNS, batch_rows=BATCH_ROWS)
-    for batch in progress(batches, total=-(-total // BATCH_ROWS), desc="dedupe", unit="batch"):
+
+    def collect(batch: pa.RecordBatch) -> None:  # calling thread, in order
+        nonlocal last
         doc = batch.column("doc").to_numpy(zero_copy_only=False).astype(np.int64)
         if len(doc) and (doc[0] <= last or (np.diff(doc) <= 0).any()):
             raise DedupeError(f"{tokens_dir}: column doc is not strictly increasing near doc {int(doc[0])}")
         if len(doc):
             last = int(doc[-1])
-        values, offsets = list_arrays(batch.column("tokens"))
-        idx.add(values, offsets)
         docs.append(doc)
         ids.append(batch.column("id").cast(pa.string()))
         sources.append(batch.column("source").cast(pa.string()))
         n_bytes.append(pc.fill_null(batch.column("n_bytes"), 0).to_numpy().astype(np.int64))
+        n_tokens.append(pc.fill_null(pc.list_value_length(batch.column("tokens")), 0).to_numpy().astype(np.int64))
+
+    def prepare(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:  # worker thread
+        values, offsets = list_arrays(batch.column("tokens"))
+        return (values, offsets) if drop is None else _drop_ids(values, offsets, drop)
+
+    batches = iter_shards(tokens_dir, columns=TOKEN_COLUMNS, batch_rows=BATCH_ROWS)
+    idx.add_all(progress(batches, total=n_batches, desc="dedupe", unit="batch"), prepare, collect)
     if idx.n == 0:
         raise DedupeError(f"{tokens_dir}: the token shards hold no documents")
     res = idx.finish()
     doc_all = np.concatenate(docs)
-    cols = {
-        "doc": doc_all,
-        "tokens": np.concatenate(idx.lengths),
-        "n_bytes": np.concatenate(n_bytes),
-    }
     table = pa.table(
         {
             "doc": pa.array(doc_all, pa.int64()),
@@ -146,7 +190,8 @@ def dedupe_token_shards(
         },
         schema=CLUSTER_SCHEMA,
     )
-    cols["source"] = pa.concat_arrays(sources)
+    cols = {"doc": doc_all, "tokens": np.concatenate(n_tokens), "n_bytes": np.concatenate(n_bytes),
+            "source": pa.concat_arrays(sources)}
     return table, res, cols
 
 
@@ -258,17 +303,20 @@ def dedupe_file(
     idx = DedupeIndex(cfg, n_workers(threads))
     ids: list[pa.Array] = []
     nulls = 0
+
+    def collect(batch: pa.RecordBatch) -> None:  # calling thread, in order
+        nonlocal nulls
+        id_col = batch.column("id")
+        if id_col.null_count:
+            raise DedupeError(f"{input_path}: column id has {id_col.null_count} null value(s)")
+        nulls += batch.column("text").null_count
+        ids.append(id_col.cast(pa.string()))
+
     try:
         batches = pf.iter_batches(batch_size=batch_rows, columns=["id", "text"])
         total = -(-pf.metadata.num_rows // batch_rows)
-        for batch in progress(batches, total=total, desc="dedupe", unit="batch"):
-            id_col = batch.column("id")
-            if id_col.null_count:
-                raise DedupeError(f"{input_path}: column id has {id_col.null_count} null value(s)")
-            text = batch.column("text")
-            nulls += text.null_count
-            idx.add(*text_to_ints(text.to_pylist()))
-            ids.append(id_col.cast(pa.string()))
+        idx.add_all(progress(batches, total=total, desc="dedupe", unit="batch"),
+                    lambda b: text_to_ints(b.column("text").to_pylist()), collect)
     except (pa.ArrowInvalid, OSError) as err:
         raise DedupeError(f"{input_path}: unreadable Parquet ({err})") from None
     res = idx.finish()

@@ -15,8 +15,13 @@ whatever their tokenizer. The 95% intervals resample documents with replacement
 With `eval.max_tokens`, a seeded random subset of whole documents is scored (the same subset for
 every run, since it depends only on the held-out set and the seed), stopping before the cap.
 
-The output work/eval/<run>.json repeats the plan's key figures (kind, N, N_active, r_a, tokens,
-epochs, compute), so the aggregate stage needs nothing else.
+The output work/eval/<run>.json holds `loss`, `bpb`, `perplexity`, their 95% intervals `loss_ci`
+and `bpb_ci` (null when eval.bootstrap is 0), the scored `tokens`/`bytes`/`docs`, and under `plan`
+the run's key figures (arch, N, N_active, r_a, training tokens, epochs, compute), so the aggregate
+stage needs nothing else.
+
+Device: CUDA when visible, else CPU; always float32 (scoring is cheap next to training, and
+float32 keeps the figures comparable across machines).
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ from stages.common import (
 from stages.model import LM, load_model
 from stages.schema import EvalConfig, Params, ParamsError, load_params
 
-PLAN_KEYS = ("kind", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
-             "unique_tokens", "compute", "compute_used", "batch_size")
+PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
+             "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
 CODE_MODULES = ["stages.model", "stages.artefacts", "kernels.grouped_gemm", "kernels"]
 
 log = logging.getLogger("stages.evaluate")
@@ -175,10 +180,11 @@ def score_docs(model: LM, docs: list[HeldoutDoc], eos_id: int, batch_size: int,
 
 
 def summary(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray) -> dict[str, float]:
+    """`tokens`/`bytes` are the scored held-out predictions and UTF-8 bytes (not training tokens)."""
     total_nats, total_tokens, total_bytes = float(nats.sum()), int(count.sum()), int(n_bytes.sum())
     loss = total_nats / total_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bpb": total_nats / math.log(2) / total_bytes,
-            "tokens_scored": total_tokens, "bytes_scored": total_bytes, "nats": total_nats}
+            "tokens": total_tokens, "bytes": total_bytes, "nats": total_nats}
 
 
 def bootstrap(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray, resamples: int,
@@ -210,8 +216,11 @@ def evaluate_model(model: LM, docs: list[HeldoutDoc], eos_id: int, cfg: EvalConf
     if n_bytes.sum() <= 0:
         raise EvalError("the scored held-out documents have 0 bytes in total (n_bytes column)")
     out = summary(nats, count, n_bytes)
-    out["docs_scored"] = len(docs)
-    out["bootstrap"] = bootstrap(nats, count, n_bytes, cfg.bootstrap, cfg.seed)
+    out["docs"] = len(docs)
+    ci = bootstrap(nats, count, n_bytes, cfg.bootstrap, cfg.seed)
+    out["bootstrap"] = ci
+    out["loss_ci"] = ci["loss"] if ci else None  # null when eval.bootstrap = 0
+    out["bpb_ci"] = ci["bpb"] if ci else None
     return out
 
 
@@ -224,6 +233,9 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
     model_dir, plan_path = rdir / "model", rdir / "plan.json"
     tokens_dir, split_path = work / "tokens", work / "split" / "split.parquet"
     plan = read_json(plan_path)
+    missing = [k for k in PLAN_KEYS if k not in plan]
+    if missing:
+        raise EvalError(f"{plan_path}: missing key(s) {missing} (re-run the plan stage)")
     manifest = load_manifest(tokens_dir)
     torch.set_num_threads(n_workers())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,9 +258,8 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
               "split": sha256_file(split_path)}
     result = {
         "run": run,
-        "group": p.run(run).group,
-        "arch": plan["arch"],
-        **{k: plan.get(k, plan["arch"].get(k)) for k in PLAN_KEYS},
+        "kind": plan["arch"]["kind"],
+        "plan": {k: plan[k] for k in PLAN_KEYS},
         **metrics,
         "heldout_docs": len(all_docs),
         "heldout_docs_empty_skipped": empty,
@@ -261,7 +272,7 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
     ci = metrics["bootstrap"]
     log.info("%s: loss %.4f nats/token, bpb %.4f%s over %d tokens / %d bytes", run, metrics["loss"],
              metrics["bpb"], f" [{ci['bpb'][0]:.4f}, {ci['bpb'][1]:.4f}]" if ci else "",
-             metrics["tokens_scored"], metrics["bytes_scored"])
+             metrics["tokens"], metrics["bytes"])
     return result
 
 

@@ -6,10 +6,10 @@ an Arrow list column, so token shards arrive here without a copy).
 
 - Text mode maps each document to a sequence of *word hashes*: lowercase, split on whitespace,
   each word -> uint64 by a polynomial hash over its UTF-8 bytes, computed for a whole batch at once
-  with prefix sums (`text_to_ints`). Why words and why hashed: word n-grams are the usual MinHash
+  with one segmented sum (`text_to_ints`). Why words and why hashed: word n-grams are the usual MinHash
   shingles for near-duplicate text (robust to re-wrapping, fast, what datasketch users do);
   hashing makes them fixed-width integers so that the rest of the code is the token code, and
-  the prefix-sum hash needs no Python loop per word (a 64-bit word-hash collision between two of
+  the segmented-sum hash needs no Python loop per word (a 64-bit word-hash collision between two of
   a million distinct words has probability ~1e-8).
 - Shingles: each n-gram window is folded into one uint64 (multiply-add + splitmix64 finaliser
   per position, over the whole batch: a loop over the n positions, never over shingles). A
@@ -19,9 +19,8 @@ an Arrow list column, so token shards arrive here without a copy).
 - MinHash: for permutation k, h_k(s) = a_k * s + b_k mod 2^64 with a_k odd (a bijection of the
   already well-mixed shingle hash), minimum per document with `np.minimum.reduceat`, top 32 bits
   kept (uint32 signatures: half the memory, 2^-32 per-slot collision). Shingles are processed in
-  chunks of at most `CHUNK_SHINGLES` values, and the permutations are split over threads (numpy
-  releases the GIL), each thread owning whole signature columns, so results do not depend on the
-  thread count.
+  chunks of at most `CHUNK_SHINGLES` values. Batches are sketched in worker threads (numpy
+  releases the GIL) and committed in document order, so results do not depend on the thread count.
 - LSH: `bands` x `rows` slots -> one uint64 key per band; documents with equal keys in a band
   are candidates. Grouping is by sort; inside a bucket each document is paired with the next
   `MAX_BUCKET_PAIRS` bucket members (all pairs for buckets up to that size), bounding the work on
@@ -35,10 +34,11 @@ an Arrow list column, so token shards arrive here without a copy).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -48,6 +48,7 @@ U64 = np.uint64
 MASK64 = (1 << 64) - 1
 CHUNK_SHINGLES = 1 << 19  # shingles per MinHash chunk: 4 MiB of uint64 per thread buffer
 MAX_BUCKET_PAIRS = 32  # partners per document inside one LSH bucket
+T = TypeVar("T")
 REASONS = ("unique", "exact", "near")  # reason codes 0, 1, 2
 EMPTY_SIG = np.uint32(0xFFFFFFFF)
 
@@ -71,29 +72,9 @@ def _seed_stream(seed: int, tag: int, n: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- text -> ints
-_P = 0x100000001B3  # FNV prime: odd, so invertible mod 2^64
-_P_INV = pow(_P, -1, 1 << 64)
-
-
-class _Powers:
-    """P^i and P^-i mod 2^64 for i < n, grown on demand (prefix products, wrap-around = mod 2^64)."""
-
-    def __init__(self) -> None:
-        self.pow = np.ones(1, dtype=U64)
-        self.inv = np.ones(1, dtype=U64)
-
-    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.pow) < n:
-            m = max(n, 2 * len(self.pow))
-            p = np.full(m, _P, dtype=U64)
-            p[0] = 1
-            q = np.full(m, _P_INV, dtype=U64)
-            q[0] = 1
-            self.pow, self.inv = np.cumprod(p, dtype=U64), np.cumprod(q, dtype=U64)
-        return self.pow[:n], self.inv[:n]
-
-
-_POWERS = _Powers()
+_P = 0x100000001B3  # FNV prime (odd)
+_WRAP = 1 << 12  # byte positions inside a word are taken mod this: a fixed 32 KiB power table
+_PW = np.cumprod(np.concatenate([[1], np.full(_WRAP - 1, _P)]).astype(U64), dtype=U64)
 
 
 def normalise_text(text: str) -> str:
@@ -104,30 +85,26 @@ def normalise_text(text: str) -> str:
 def text_to_ints(texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """Normalised words of each text as uint64 word hashes: (values, offsets[len(texts)+1]).
 
-    hash(word) = mix64(sum_i byte_i * P^i mod 2^64), obtained for every word of the batch from
-    one prefix sum C: sum over [s, e] = (C[e] - C[s-1]) * P^-s. None counts as an empty text.
+    hash(word) = mix64(len ^ sum_i byte_i * P^(i mod 4096) mod 2^64), for every word of the batch
+    at once: one gather, one multiply and one `np.add.reduceat` over the bytes inside words.
+    Memory is linear in the batch's bytes whatever the word or document lengths. None counts as
+    an empty text.
     """
     norm = [normalise_text(t) if t else "" for t in texts]
-    buf = np.frombuffer("\n".join(norm).encode("utf-8"), dtype=np.uint8)
     d = len(norm)
-    if len(buf) == 0:
-        return np.zeros(0, dtype=U64), np.zeros(d + 1, dtype=np.int64)
-    sep = (buf == 32) | (buf == 10)
-    word = ~sep
-    start = word.copy()
-    start[1:] &= sep[:-1]
-    end = word.copy()
-    end[:-1] &= sep[1:]
-    starts, ends = np.flatnonzero(start), np.flatnonzero(end)
-    doc_of_word = np.cumsum(buf == 10)[starts]
-    pw, inv = _POWERS.get(len(buf))
-    c = np.cumsum(buf.astype(U64) * pw, dtype=U64)
-    before = np.zeros(len(starts), dtype=U64)
-    nz = starts > 0
-    before[nz] = c[starts[nz] - 1]
-    h = (c[ends] - before) * inv[starts]
-    values = mix64(h ^ (ends - starts + 1).astype(U64))
     offsets = np.zeros(d + 1, dtype=np.int64)
+    buf = np.frombuffer("\n".join(norm).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    inside = np.flatnonzero((buf != 32) & (buf != 10))  # byte positions inside words
+    if len(inside) == 0:
+        return np.zeros(0, dtype=U64), offsets
+    first = np.ones(len(inside), dtype=bool)
+    first[1:] = inside[1:] != inside[:-1] + 1
+    seg = np.flatnonzero(first)  # where each word starts in `inside`
+    wlen = np.diff(np.append(seg, len(inside)))
+    pos = np.arange(len(inside), dtype=np.int64) - np.repeat(seg, wlen)
+    h = np.add.reduceat(buf[inside].astype(U64) * _PW[pos & (_WRAP - 1)], seg)
+    values = mix64(h ^ wlen.astype(U64))
+    doc_of_word = np.cumsum(buf == 10)[inside[seg]]
     np.cumsum(np.bincount(doc_of_word, minlength=d), out=offsets[1:])
     return values, offsets
 
@@ -168,26 +145,24 @@ def shingle_hashes(
 
 # ------------------------------------------------------------------------------------------ MinHash
 class MinHasher:
-    """num_perm seeded affine hashes of shingle hashes; signatures for a batch of documents."""
+    """num_perm seeded affine hashes of shingle hashes; signatures for a batch of documents.
 
-    def __init__(self, cfg: DedupeConfig, threads: int = 1) -> None:
+    Stateless after construction, so worker threads share one instance.
+    """
+
+    def __init__(self, cfg: DedupeConfig) -> None:
         self.cfg = cfg
         self.a = _seed_stream(cfg.seed, 2, cfg.num_perm) | U64(1)
         self.b = _seed_stream(cfg.seed, 3, cfg.num_perm)
-        self.threads = max(1, min(threads, cfg.num_perm))
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def _columns(self, sh: np.ndarray, starts: np.ndarray, out: np.ndarray, perms: range) -> None:
+    def _block(self, sh: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        out = np.empty((len(starts), self.cfg.num_perm), dtype=np.uint32)
         tmp = np.empty_like(sh)
-        for p in perms:
+        for p in range(self.cfg.num_perm):
             np.multiply(sh, self.a[p], out=tmp)
             np.add(tmp, self.b[p], out=tmp)
             out[:, p] = (np.minimum.reduceat(tmp, starts) >> U64(32)).astype(np.uint32)
+        return out
 
     def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """uint32 [docs, num_perm]; an empty document's row is all 0xFFFFFFFF."""
@@ -198,22 +173,13 @@ class MinHasher:
         doc_ends = sh_off[nonempty + 1]
         i = 0
         while i < len(nonempty):
-            # a chunk of whole documents with at most CHUNK_SHINGLES shingles (at least one doc)
+            # a chunk of whole documents with at most CHUNK_SHINGLES shingles (at least one doc);
+            # consecutive non-empty docs, so the reduceat segments are exactly their shingles
             base = sh_off[nonempty[i]]
-            j = int(np.searchsorted(doc_ends, base + CHUNK_SHINGLES, side="right"))
-            j = max(j, i + 1)
+            j = max(int(np.searchsorted(doc_ends, base + CHUNK_SHINGLES, side="right")), i + 1)
             docs = nonempty[i:j]
             lo, hi = int(sh_off[docs[0]]), int(sh_off[docs[-1] + 1])
-            part = sh[lo:hi]
-            starts = sh_off[docs] - lo  # docs are consecutive-nonempty: reduceat segments match
-            block = np.empty((len(docs), self.cfg.num_perm), dtype=np.uint32)
-            if self._pool is None:
-                self._columns(part, starts, block, range(self.cfg.num_perm))
-            else:
-                n, t = self.cfg.num_perm, self.threads
-                parts = [range(k * n // t, (k + 1) * n // t) for k in range(t)]
-                list(self._pool.map(partial(self._columns, part, starts, block), parts))
-            sig[docs] = block
+            sig[docs] = self._block(sh[lo:hi], sh_off[docs] - lo)
             i = j
         return sig
 
@@ -302,17 +268,41 @@ def exact_digest(values: np.ndarray) -> bytes:
     return hashlib.blake2b(v.tobytes(), digest_size=16).digest()
 
 
+@dataclass
+class BatchSketch:
+    """What one batch contributes: lengths, exact digests, signatures of its non-empty docs."""
+
+    lengths: np.ndarray
+    digests: list[bytes] | None
+    sig: np.ndarray | None  # rows = the batch's docs with lengths > 0, in order
+
+
+def _select(values: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values and offsets of a subset of the documents of a batch."""
+    starts, lens = offsets[docs], offsets[docs + 1] - offsets[docs]
+    new_off = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_off[1:])
+    idx = np.repeat(starts - new_off[:-1], lens) + np.arange(int(new_off[-1]), dtype=np.int64)
+    return values[idx], new_off
+
+
 class DedupeIndex:
     """Accumulates documents batch by batch; `finish()` clusters them.
 
-    Per document it keeps the exact-duplicate representative (int64) and, for documents that
-    are not exact copies of an earlier one, a uint32 signature row (4 * num_perm bytes). Values
-    and shingles are dropped after each batch, so memory is bounded by the signatures.
+    Per document it keeps the exact-duplicate representative (int64), and for documents that are
+    not exact copies of an earlier one a uint32 signature row (4 * num_perm bytes). Values and
+    shingles are dropped after each batch, so memory is bounded by the signatures (plus the
+    exact-digest table, ~100 B per distinct document).
+
+    Parallelism is across batches (`add_all`): `sketch` (shingles, MinHash, digests) is pure and
+    runs in worker threads (numpy releases the GIL); `commit` runs in document order on the
+    calling thread, so results do not depend on the number of threads.
     """
 
     def __init__(self, cfg: DedupeConfig, threads: int = 1) -> None:
         self.cfg = cfg
-        self.hasher = MinHasher(cfg, threads) if cfg.near else None
+        self.threads = max(1, threads)
+        self.hasher = MinHasher(cfg) if cfg.near else None
         self.n = 0
         self.rep: list[np.ndarray] = []  # exact representative of each doc (itself if first)
         self.lengths: list[np.ndarray] = []
@@ -320,38 +310,71 @@ class DedupeIndex:
         self.sigs: list[np.ndarray] = []
         self._first: dict[bytes, int] = {}
 
-    def add(self, values: np.ndarray, offsets: np.ndarray) -> None:
+    def sketch(self, values: np.ndarray, offsets: np.ndarray) -> BatchSketch:
         """One batch: values (any integer dtype; widened to uint64) and doc offsets[docs+1]."""
         values = np.asarray(values).astype(U64, copy=False)
         offsets = np.asarray(offsets, dtype=np.int64)
-        d = len(offsets) - 1
-        base = self.n
         lengths = np.diff(offsets)
-        rep = np.arange(base, base + d, dtype=np.int64)
+        digests = None
         if self.cfg.exact:
-            for k in range(d):
-                rep[k] = self._first.setdefault(exact_digest(values[offsets[k] : offsets[k + 1]]), base + k)
+            digests = [exact_digest(values[offsets[k] : offsets[k + 1]]) for k in range(len(lengths))]
+        sig = None
         if self.hasher is not None:
-            new = np.flatnonzero((rep == np.arange(base, base + d)) & (lengths > 0))
-            if len(new):
-                if len(new) < d:
-                    starts, ends = offsets[new], offsets[new + 1]
-                    lens = ends - starts
-                    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-                    idx += np.arange(int(lens.sum()), dtype=np.int64)
-                    sub_vals = values[idx]
-                    sub_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-                else:
-                    sub_vals, sub_off = values, offsets
-                self.sigs.append(self.hasher.signatures(sub_vals, sub_off))
-                self.sig_rows.append(new + base)
+            nonempty = np.flatnonzero(lengths > 0)
+            if len(nonempty) < len(lengths):
+                values, offsets = _select(values, offsets, nonempty)
+            sig = self.hasher.signatures(values, offsets)
+        return BatchSketch(lengths, digests, sig)
+
+    def commit(self, sk: BatchSketch) -> None:
+        """Add a sketched batch as the next documents (call in document order)."""
+        d, base = len(sk.lengths), self.n
+        rep = np.arange(base, base + d, dtype=np.int64)
+        if sk.digests is not None:
+            for k, h in enumerate(sk.digests):
+                rep[k] = self._first.setdefault(h, base + k)
+        if sk.sig is not None:
+            nonempty = np.flatnonzero(sk.lengths > 0)
+            new = rep[nonempty] == base + nonempty  # exact copies of earlier docs need no LSH
+            if new.any():
+                self.sigs.append(sk.sig[new])
+                self.sig_rows.append(base + nonempty[new])
         self.rep.append(rep)
-        self.lengths.append(lengths)
+        self.lengths.append(sk.lengths)
         self.n += d
 
+    def add(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.commit(self.sketch(values, offsets))
+
+    def add_all(
+        self,
+        batches: Iterable[T],
+        prepare: Callable[[T], tuple[np.ndarray, np.ndarray]],
+        on_batch: Callable[[T], None] | None = None,
+    ) -> None:
+        """Sketch up to 2 * threads batches at once, commit them in order.
+
+        `prepare` turns a batch into (values, offsets) in the worker; `on_batch` runs on the
+        calling thread, in order, before the batch is submitted (collect ids, validate).
+        """
+        if self.threads == 1:
+            for b in batches:
+                if on_batch is not None:
+                    on_batch(b)
+                self.add(*prepare(b))
+            return
+        window: deque[Future[BatchSketch]] = deque()
+        with ThreadPoolExecutor(self.threads) as pool:
+            for b in batches:
+                if on_batch is not None:
+                    on_batch(b)
+                window.append(pool.submit(lambda b=b: self.sketch(*prepare(b))))
+                if len(window) >= 2 * self.threads:
+                    self.commit(window.popleft().result())
+            while window:
+                self.commit(window.popleft().result())
+
     def finish(self) -> DedupeResult:
-        if self.hasher is not None:
-            self.hasher.close()
         n = self.n
         rep = np.concatenate(self.rep) if self.rep else np.zeros(0, dtype=np.int64)
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
@@ -387,19 +410,19 @@ class DedupeIndex:
 
 
 def dedupe_sequences(
-    batches: Sequence[tuple[np.ndarray, np.ndarray]], cfg: DedupeConfig, threads: int = 1
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], cfg: DedupeConfig, threads: int = 1
 ) -> DedupeResult:
-    """Convenience: run the index over (values, offsets) batches."""
+    """Run the index over (values, offsets) batches."""
     idx = DedupeIndex(cfg, threads)
-    for values, offsets in batches:
-        idx.add(values, offsets)
+    idx.add_all(batches, lambda b: b)
     return idx.finish()
 
 
-def dedupe_texts(texts: Sequence[str | None], cfg: DedupeConfig, threads: int = 1,
-                 batch_docs: int = 4096) -> DedupeResult:
+def dedupe_texts(
+    texts: Sequence[str | None], cfg: DedupeConfig, threads: int = 1, batch_docs: int = 2048
+) -> DedupeResult:
     """Text mode in memory: normalised word n-grams (see `text_to_ints`)."""
     idx = DedupeIndex(cfg, threads)
-    for s in range(0, len(texts), batch_docs):
-        idx.add(*text_to_ints(texts[s : s + batch_docs]))
+    slices = (texts[s : s + batch_docs] for s in range(0, len(texts), batch_docs))
+    idx.add_all(slices, text_to_ints)
     return idx.finish()

@@ -126,7 +126,9 @@ class Router(nn.Module):
         self.gate = nn.Linear(d, experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = self.gate(x).float()  # (T, E); router maths in fp32 even under autocast
+        logits = self.gate(x)  # (T, E); router maths in (at least) fp32, also under autocast
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         probs = logits.softmax(dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)

@@ -87,6 +87,11 @@ class DedupeConfig(Strict):
     rows: int = Field(default=8, ge=1)
     threshold: float = Field(default=0.7, gt=0, le=1, description="estimated Jaccard to accept a candidate")
     seed: int = 42
+    ignore_whitespace_tokens: bool = Field(
+        default=True,
+        description="pipeline: drop whitespace-only tokens before hashing, so re-wrapped or re-indented "
+        "copies still match (needs the tokenizer.json beside the token shards)",
+    )
 
     @model_validator(mode="after")
     def _bands_fit(self) -> DedupeConfig:

@@ -275,8 +275,8 @@ class Trainer:
             load = out.load.detach().double().cpu()
             self.load_sum = load if self.load_sum is None else self.load_sum + load
         self.step += 1
-        return StepStats(self.step, float(ce), lr, self.step * self.batch_size * self.seq_len,
-                         float(out.aux_loss), float(out.z_loss), norm)
+        return StepStats(self.step, float(ce.detach()), lr, self.step * self.batch_size * self.seq_len,
+                         float(out.aux_loss.detach()), float(out.z_loss.detach()), norm)
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)

@@ -8,21 +8,33 @@ so these tests do not wait on the tokenize stage; the shard format is the real o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from stages.artefacts import ShardWriter, token_schema
+from stages.common import sha256_file
 
 
 def write_token_shards(
     directory: Path, texts: list[str], ids: list[str] | None = None, sources: list[str] | None = None,
-    docs_per_shard: int = 400, dtype: str = "uint32",
+    docs_per_shard: int = 400, dtype: str = "uint32", tokenizer: Any = None,
 ) -> dict:
+    """Token shards + manifest + tokenizer.json. Default tokenizer: word level (whitespace split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     ids = ids or [f"d{i:06d}" for i in range(len(texts))]
     sources = sources or ["synthetic"] * len(texts)
-    vocab: dict[str, int] = {"<|endoftext|>": 0}
-    toks = [np.array([vocab.setdefault(w, len(vocab)) for w in t.split()], dtype=np.int64) for t in texts]
+    if tokenizer is None:
+        vocab: dict[str, int] = {"<|endoftext|>": 0}
+        for t in texts:
+            for w in t.split():
+                vocab.setdefault(w, len(vocab))
+        tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    toks = [e.ids for e in tokenizer.encode_batch(texts)] if texts else []
+    directory = Path(directory)
     writer = ShardWriter(directory, "tokens", token_schema(dtype))
     for s in range(0, len(texts), docs_per_shard):
         e = min(s + docs_per_shard, len(texts))
@@ -31,24 +43,22 @@ def write_token_shards(
             "id": ids[s:e],
             "source": sources[s:e],
             "n_bytes": [len(t.encode()) for t in texts[s:e]],
-            "tokens": [t.tolist() for t in toks[s:e]],
+            "tokens": toks[s:e],
         }))
-    return writer.finish(dtype=dtype, vocab_size=len(vocab), eos_id=0, eos_appended=False,
-                         tokens=int(sum(len(t) for t in toks)), docs=len(texts), tokenizer_sha256="0" * 64)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return writer.finish(dtype=dtype, vocab_size=tokenizer.get_vocab_size(), eos_id=0, eos_appended=False,
+                         tokens=int(sum(len(t) for t in toks)), docs=len(texts), tokenizer_file="tokenizer.json",
+                         tokenizer_sha256=sha256_file(directory / "tokenizer.json"))
 
 
-def planted_metrics(dup_of: list[int], kind: list[str], keep: np.ndarray, cluster: np.ndarray) -> dict:
-    """Recall of planted copies (removed and clustered with their original), false removals."""
-    dup_of_a = np.asarray(dup_of)
-    planted = np.flatnonzero(dup_of_a >= 0)
-    found = ~keep[planted] & (cluster[planted] == cluster[dup_of_a[planted]])
-    removed = np.flatnonzero(~keep)
-    correct = (dup_of_a[removed] >= 0) & (cluster[removed] == cluster[np.maximum(dup_of_a[removed], 0)])
-    originals = np.asarray(kind) == "original"
-    return {
-        "recall": float(found.mean()) if len(planted) else 1.0,
-        "precision": float(correct.mean()) if len(removed) else 1.0,
-        "false_removal": float((~keep[originals]).mean()),
-        "planted": len(planted),
-        "removed": len(removed),
-    }
+def byte_level_bpe(texts: list[str], vocab_size: int = 1000) -> Any:
+    """A byte-level BPE like the tokenize stage's (GPT-2 style pre-tokenizer, no prefix space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dedupe_helpers import planted_metrics, write_token_shards
+from dedupe_helpers import byte_level_bpe, write_token_shards
 
 from data.synthetic import generate
+from data.synthetic import score_dedupe as planted_metrics
 from stages import dedupe as D
 from stages import minhash as M
 from stages.schema import DedupeConfig, parse_params
-from tests.conftest import TINY
 
 CFG = DedupeConfig()  # ngram 5, 128 perms, 16 x 8 bands, threshold 0.7
 
@@ -26,9 +26,13 @@ def planted():
 
 
 def params(**dedupe) -> object:
-    raw = json.loads(json.dumps(TINY))
-    raw["dedupe"] = {"ngram": 5, "num_perm": 128, "bands": 16, "rows": 8, "threshold": 0.7, **dedupe}
-    return parse_params(raw)
+    return parse_params({
+        "study": "t",
+        "corpus": {"sources": [{"kind": "synthetic"}]},
+        "dedupe": {"ngram": 5, "num_perm": 128, "bands": 16, "rows": 8, "threshold": 0.7, **dedupe},
+        "budget": {"params": 30000, "compute": 1e10, "unique_tokens": 5000},
+        "runs": {"dense": {"kind": "dense"}},
+    })
 
 
 def write_docs(path, ids, texts) -> None:
@@ -50,13 +54,17 @@ def test_text_mode_finds_planted_duplicates(planted):
     assert res2.stats["removed_exact"] == 0 and res2.stats["removed_near"] >= 285
 
 
-def test_thread_count_does_not_change_signatures(planted):
-    v, o = M.text_to_ints(planted.texts[:500])
-    s1 = M.MinHasher(CFG, threads=1).signatures(v, o)
-    h3 = M.MinHasher(CFG, threads=3)
-    s3 = h3.signatures(v, o)
-    h3.close()
-    np.testing.assert_array_equal(s1, s3)
+def test_thread_count_does_not_change_results(planted):
+    one = M.dedupe_texts(planted.texts, CFG, threads=1, batch_docs=256)
+    three = M.dedupe_texts(planted.texts, CFG, threads=3, batch_docs=256)
+    np.testing.assert_array_equal(one.cluster, three.cluster)
+    np.testing.assert_array_equal(one.reason, three.reason)
+    assert one.stats == three.stats
+    # a document's signature does not depend on the batch it is in
+    v, o = M.text_to_ints(planted.texts[:300])
+    whole = M.MinHasher(CFG).signatures(v, o)
+    v2, o2 = M.text_to_ints(planted.texts[100:300])
+    np.testing.assert_array_equal(whole[100:], M.MinHasher(CFG).signatures(v2, o2))
 
 
 def test_signatures_estimate_jaccard(planted):
@@ -81,7 +89,7 @@ def test_exact_duplicates_and_survivor_rule():
     assert res.stats["empty_docs"] == 1
     # reversed order: the survivor is again the lowest index of each cluster
     rev = M.dedupe_texts(texts[::-1], CFG)
-    assert rev.cluster.tolist() == [0, 1, 2, 1, 2, 1]
+    assert rev.cluster.tolist() == [0, 1, 2, 1, 1, 2]
 
 
 def test_short_and_empty_documents():
@@ -100,6 +108,12 @@ def test_text_to_ints_words():
     assert o.tolist() == [0, 3, 3, 5, 7]
     assert v[0] == v[2] == v[4] and v[1] == v[3] and v[0] != v[1]
     assert v[5] == v[6] and v[5] not in (v[0], v[1])
+    # a word's hash depends on its bytes only, not on where it sits in the batch
+    assert M.text_to_ints(["foo"])[0][0] == M.text_to_ints(["x y", "zz foo"])[0][3]
+    # very long words (beyond the 4096-byte power table) and long documents are fine
+    long_a, long_b = "ab" * 6000, "ab" * 5999 + "ba"
+    lv, lo = M.text_to_ints([f"{long_a} {long_b} {long_a}", "w " * 50_000])
+    assert lo.tolist() == [0, 3, 50_003] and lv[0] == lv[2] != lv[1]
 
 
 def test_components_match_reference_union_find():
@@ -253,3 +267,35 @@ def test_pipeline_errors(tmp_path, monkeypatch, capsys):
     # pipeline mode rejects standalone flags
     monkeypatch.chdir(tmp_path)
     assert "standalone" in _error(capsys, ["--ngram", "3"])
+
+
+def test_pipeline_ignores_whitespace_tokens(tmp_path):
+    """Re-wrapped, re-indented copies (the same entry in two dictionaries) match once whitespace
+    tokens are dropped; on raw byte-level BPE tokens they mostly do not."""
+    orig = generate(300, 0.0, 0.0, seed=9).texts
+    rewrapped = []
+    for t in orig:
+        words = t.split()
+        rewrapped.append("".join(w + ("\n    " if k % 9 == 8 else " ") for k, w in enumerate(words)).strip())
+    texts = orig + rewrapped
+    write_token_shards(tmp_path / "tokens", texts, tokenizer=byte_level_bpe(texts), dtype="uint16")
+    found = {}
+    for ignore in (True, False):
+        out = tmp_path / f"o{ignore}"
+        D.run_pipeline(params(ignore_whitespace_tokens=ignore), tmp_path / "tokens", out, tmp_path / "m.json")
+        t = pq.read_table(out / "clusters.parquet")
+        cluster = t.column("cluster").to_numpy()
+        found[ignore] = float((cluster[300:] == np.arange(300)).mean())
+    assert found[True] >= 0.95 and found[False] < 0.5, found
+
+
+def test_pipeline_tokenizer_checks(tmp_path):
+    write_token_shards(tmp_path / "tokens", ["a b c d e f", "g h i j k l"])
+    (tmp_path / "tokens" / "tokenizer.json").write_text("{}")
+    with pytest.raises(D.DedupeError, match="tokenizer.json: sha256 differs"):
+        D.run_pipeline(params(), tmp_path / "tokens", tmp_path / "o", tmp_path / "m.json")
+    (tmp_path / "tokens" / "tokenizer.json").unlink()
+    with pytest.raises(D.DedupeError, match="tokenizer.json: missing"):
+        D.run_pipeline(params(), tmp_path / "tokens", tmp_path / "o", tmp_path / "m.json")
+    D.run_pipeline(params(ignore_whitespace_tokens=False), tmp_path / "tokens", tmp_path / "o", tmp_path / "m.json")
+    assert (tmp_path / "o" / "clusters.parquet").exists()

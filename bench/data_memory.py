@@ -1,0 +1,235 @@
+"""Peak memory of each data stage (corpus, tokenize, dedupe, split) at 1x and 4x the default corpus.
+
+Why: the data stages must stream (shard by shard, batch by batch), so their memory should stay
+flat as the corpus grows; a stage that quietly loads everything would pass every test on the tiny
+corpus and then fail on a real one. This runs each stage as `python -m stages.<name>` in its own
+subprocess, in a throw-away project directory (its own `work/`), and records
+
+- `maxrss_mb`: the child's peak resident set size from `os.wait4` (kernel `ru_maxrss`, exact), and
+- `tree_peak_mb`: the peak of the summed RSS of the child and its descendants, sampled with psutil
+  every 20 ms (catches helper processes such as dpkg in the corpus stage).
+
+4x corpus: params.yaml's own sources plus three Parquet sources, each a copy of the 1x corpus with
+changed ids (`copyK:<id>`). Every stage then reads 4x the documents and bytes. The copies are exact
+duplicates by text, so dedupe removes them (it still hashes, shingles and indexes 4x documents) and
+split sees the 1x survivors plus 4x-sized token shards and dedupe tables; tokenize trains on 4x the
+bytes (under the default 200 MB `train_max_bytes`) with the same word distribution. The import-only
+floor of each stage's module is measured too, so the data-dependent part is visible.
+
+    python bench/data_memory.py                       # default params.yaml, writes results/bench/data_memory.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stages.artefacts import iter_shards, load_manifest  # noqa: E402
+
+STAGES = ("corpus", "tokenize", "dedupe", "split")
+COPIES = 3
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
+            total += p.memory_info().rss
+    return total
+
+
+def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    """Run `cmd`; return exit code, wall seconds, ru_maxrss and the sampled process-tree peak (MB)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            try:
+                proc = psutil.Process(p.pid)
+                while not done.is_set():
+                    peak[0] = max(peak[0], _tree_rss(proc))
+                    time.sleep(0.02)
+            except psutil.Error:
+                pass
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        th.join()
+    return {
+        "rc": p.returncode,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "maxrss_mb": round(ru.ru_maxrss / 1024, 1),  # Linux: KiB
+        "tree_peak_mb": round(peak[0] / 2**20, 1),
+    }
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["NO_PROGRESS"] = "1"
+    return env
+
+
+def stage_cmd(stage: str) -> list[str]:
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml"]
+    if stage == "corpus":
+        cmd += ["--cache", str(ROOT / "data" / "cache")]  # the .debs already downloaded for the repo
+    return cmd
+
+
+def write_copies(corpus: Path, dest: Path) -> list[dict]:
+    """COPIES Parquet files (id, text) of the corpus with ids `copyK:<id>`; their sources entries."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for k in range(1, COPIES + 1):
+        path = dest / f"copy{k}.parquet"
+        writer = None
+        for rb in iter_shards(corpus, columns=["id", "text"]):
+            ids = pa.array([f"copy{k}:{i}" for i in rb.column(0).to_pylist()])
+            t = pa.table({"id": ids, "text": rb.column(1)})
+            writer = writer or pq.ParquetWriter(path, t.schema)
+            writer.write_table(t)
+        writer.close()
+        sources.append({"kind": "parquet", "path": str(path), "id_field": "id", "text_field": "text"})
+    return sources
+
+
+def project(dest: Path, params: dict) -> Path:
+    dest.mkdir(parents=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def sizes(work: Path) -> dict:
+    """What each stage produced: docs / bytes / tokens from the manifests."""
+    out = {}
+    for name in STAGES:
+        m = work / "metrics" / f"{name}.json"
+        if m.exists():
+            d = json.loads(m.read_text())
+            out[name] = {k: d[k] for k in ("docs", "bytes", "tokens") if k in d and isinstance(d[k], int)}
+    with contextlib.suppress(Exception):  # informational only
+        out["corpus_shards"] = len(load_manifest(work / "corpus")["shards"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="results/bench/data_memory", help="writes OUT.md and OUT.json")
+    ap.add_argument("--keep", action="store_true", help="keep the temp projects (path printed)")
+    a = ap.parse_args(argv)
+    base = yaml.safe_load((ROOT / a.params).read_text())
+    env = child_env()
+    tmp = Path(tempfile.mkdtemp(prefix="datamem-"))
+    results: dict[str, dict] = {}
+    try:
+        floor = {}
+        for s in STAGES:
+            floor[s] = measure([sys.executable, "-c", f"import stages.{s}"], tmp, env, tmp / f"import-{s}.log")
+        scales = {}
+        x1 = project(tmp / "x1", base)
+        scales["1x"] = x1
+        for s in STAGES:
+            r = measure(stage_cmd(s), x1, env, tmp / f"1x-{s}.log")
+            results.setdefault(s, {})["1x"] = r
+            print(f"1x {s}: {r}", flush=True)
+            if r["rc"]:
+                raise SystemExit(f"1x {s} failed:\n{(tmp / f'1x-{s}.log').read_text()[-3000:]}")
+        p4 = json.loads(json.dumps(base))
+        p4["corpus"]["sources"] = list(base["corpus"]["sources"]) + write_copies(x1 / "work" / "corpus", tmp / "copies")
+        x4 = project(tmp / "x4", p4)
+        scales["4x"] = x4
+        for s in STAGES:
+            r = measure(stage_cmd(s), x4, env, tmp / f"4x-{s}.log")
+            results[s]["4x"] = r
+            print(f"4x {s}: {r}", flush=True)
+            if r["rc"]:
+                raise SystemExit(f"4x {s} failed:\n{(tmp / f'4x-{s}.log').read_text()[-3000:]}")
+        data = {k: sizes(v / "work") for k, v in scales.items()}
+    finally:
+        if a.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    for s in STAGES:
+        r = results[s]
+        r["growth_maxrss"] = round(r["4x"]["maxrss_mb"] / r["1x"]["maxrss_mb"], 3)
+        r["growth_tree_peak"] = round(r["4x"]["tree_peak_mb"] / max(r["1x"]["tree_peak_mb"], 1e-9), 3)
+        r["import_floor_mb"] = floor[s]["maxrss_mb"]
+    flat = all(results[s]["growth_maxrss"] < 1.5 for s in STAGES)
+    result = {
+        "command": "python bench/data_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu_cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "scale_4x": f"params sources + {COPIES} Parquet copies of the 1x corpus with ids copyK:<id>",
+        "data": data,
+        "stages": results,
+        "flat": flat,
+        "criterion": "peak RSS at 4x < 1.5x peak RSS at 1x, every stage",
+    }
+    out = ROOT / a.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    c1, c4 = data["1x"].get("corpus", {}), data["4x"].get("corpus", {})
+    t1, t4 = data["1x"].get("tokenize", {}), data["4x"].get("tokenize", {})
+    lines = [
+        "# Peak memory of the data stages at 1x and 4x data",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Machine: {result['machine']['cpu_cores']} cores, {result['machine']['memory_gb']} GB, "
+        f"Python {result['machine']['python']}.",
+        f"1x = params.yaml's corpus: {c1.get('docs', '?')} docs, {c1.get('bytes', 0) / 1e6:.1f} MB, "
+        f"{t1.get('tokens', '?')} tokens. 4x = the same sources plus {COPIES} Parquet copies of the 1x "
+        f"corpus with new ids: {c4.get('docs', '?')} docs, {c4.get('bytes', 0) / 1e6:.1f} MB, "
+        f"{t4.get('tokens', '?')} tokens (the copies are exact duplicates, so dedupe removes them and "
+        "split's survivors are ~1x; dedupe and split still read 4x-sized inputs).",
+        "Each stage is `python -m stages.<name>` in its own subprocess in a temp project; peak RSS is the "
+        "kernel's ru_maxrss of that process (os.wait4); tree peak samples the RSS of the process and its "
+        "children with psutil every 20 ms. Import floor = peak RSS of `python -c 'import stages.<name>'`.",
+        "",
+        "| stage | import floor MB | 1x peak MB | 4x peak MB | growth | 1x tree peak MB | 4x tree peak MB "
+        "| 1x wall s | 4x wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in STAGES:
+        r = results[s]
+        lines.append(
+            f"| {s} | {r['import_floor_mb']:.0f} | {r['1x']['maxrss_mb']:.0f} | {r['4x']['maxrss_mb']:.0f} "
+            f"| {r['growth_maxrss']:.2f}x | {r['1x']['tree_peak_mb']:.0f} | {r['4x']['tree_peak_mb']:.0f} "
+            f"| {r['1x']['wall_s']:.1f} | {r['4x']['wall_s']:.1f} |"
+        )
+    lines += ["", f"Flat (every stage < 1.5x at 4x data): **{'yes' if flat else 'no'}**.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The model: parameter counts equal the accounting formulas, causality, MoE routing maths, I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.accounting import Architecture, plan_run
+from stages.model import (
+    LM,
+    ModelConfigError,
+    MoE,
+    Router,
+    build_model,
+    combine,
+    count_nonvocab_params,
+    dispatch,
+    load_model,
+    save_model,
+)
+from stages.schema import load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+V = 97
+
+ARCHS = {
+    "dense": Architecture(kind="dense", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=88),
+    "dense_untied": Architecture(kind="dense", d_model=24, n_layers=3, n_heads=2, seq_len=8, ffn_hidden=40,
+                                 tie_embeddings=False),
+    "moe_e4k1": Architecture(kind="moe", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=24,
+                             experts=4, top_k=1),
+    "moe_e8k2": Architecture(kind="moe", d_model=16, n_layers=3, n_heads=2, seq_len=16, ffn_hidden=8,
+                             experts=8, top_k=2),
+    "moe_e18k2_untied": Architecture(kind="moe", d_model=32, n_layers=1, n_heads=2, seq_len=16, ffn_hidden=16,
+                                     experts=18, top_k=2, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_param_counts_equal_accounting(name: str) -> None:
+    a = ARCHS[name]
+    model = build_model(a.to_dict(), V)
+    assert count_nonvocab_params(model) == (a.nonvocab_total, a.nonvocab_active)
+    vocab = V * a.d_model * (1 if a.tie_embeddings else 2)
+    assert sum(p.numel() for p in model.parameters()) == a.nonvocab_total + vocab
+
+
+def test_param_counts_of_the_default_study() -> None:
+    p = load_params(ROOT / "params.yaml")
+    for run in p.runs:
+        a = plan_run(p, run).arch
+        assert count_nonvocab_params(build_model(a.to_dict(), 2048)) == (a.nonvocab_total, a.nonvocab_active)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e8k2"])
+def test_causal(name: str) -> None:
+    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
+    torch.manual_seed(0)
+    model = build_model(ARCHS[name].to_dict(), V).eval()
+    idx = torch.randint(0, V, (2, 16))
+    t = 9
+    other = idx.clone()
+    other[:, t + 1:] = torch.randint(0, V, (2, 16 - t - 1))
+    with torch.no_grad():
+        a, b = model(idx).logits, model(other).logits
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # and the future does change
+
+
+def test_rotary_attention_depends_on_relative_position() -> None:
+    """A sequence shifted right by padding gives the same outputs at the shifted positions when
+    attention is restricted to the same tokens (RoPE: scores depend on offsets only)."""
+    from stages.model import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(12, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        return (apply_rotary(q, cos[i:i + 1], sin[i:i + 1]) * apply_rotary(k, cos[j:j + 1], sin[j:j + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(9, 6))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax, top-k, renormalise, run each chosen expert as a plain SwiGLU."""
+    out = torch.zeros_like(x)
+    e = moe.experts
+    for t in range(x.shape[0]):
+        p = (x[t] @ moe.router.gate.weight.T).softmax(-1)
+        w, i = p.topk(moe.top_k)
+        w = w / w.sum()
+        for wj, ij in zip(w, i, strict=True):
+            h = F.silu(x[t] @ e.w1[ij]) * (x[t] @ e.w3[ij])
+            out[t] += wj * (h @ e.w2[ij])
+    return out
+
+
+@pytest.mark.parametrize("experts, top_k", [(4, 1), (6, 2), (5, 3)])
+def test_moe_equals_naive_per_token_loop(experts: int, top_k: int) -> None:
+    torch.manual_seed(1)
+    moe = MoE(d=8, f=12, experts=experts, top_k=top_k).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    out = moe(x)
+    torch.testing.assert_close(out.y.view(-1, 8), naive_moe(moe, x.view(-1, 8)))
+    assert abs(float(out.load.sum()) - 1) < 1e-12
+
+
+def test_dispatch_groups_rows_by_expert_and_combine_inverts() -> None:
+    torch.manual_seed(2)
+    T, k, E, d = 11, 2, 5, 3
+    x = torch.randn(T, d, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    x_perm, disp = dispatch(x, idx, E)
+    assert disp.offs.dtype == torch.int32 and int(disp.offs[-1]) == T * k
+    assert disp.counts.tolist() == torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    starts = [0, *disp.offs.tolist()[:-1]]
+    for e, (s, end) in enumerate(zip(starts, disp.offs.tolist(), strict=True)):
+        tokens = (disp.order[s:end] // k).tolist()
+        assert tokens == sorted(tokens)  # stable: token order kept inside an expert
+        assert all(e in idx[t].tolist() for t in tokens)
+        torch.testing.assert_close(x_perm[s:end], x[tokens])
+    weights = torch.rand(T, k, dtype=torch.float64)
+    y = combine(x_perm, disp, weights)  # identity experts: y_t = x_t * sum_j w_tj
+    torch.testing.assert_close(y, x * weights.sum(1, keepdim=True))
+
+
+def test_router_losses() -> None:
+    r = Router(d=4, experts=4, top_k=1)
+    torch.nn.init.zeros_(r.gate.weight)  # uniform probabilities: aux = E * sum (f_i * 1/E) = 1
+    x = torch.randn(8, 4)
+    out = r(x)
+    assert float(out.aux_loss.detach()) == pytest.approx(1.0)
+    assert float(out.z_loss.detach()) == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+    torch.testing.assert_close(out.weights, torch.ones(8, 1))
+    # all tokens to expert 0 with probability ~1: aux -> E * 1 * 1 = E
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0] = 100.0
+    out = r(torch.ones(8, 4))
+    assert float(out.aux_loss.detach()) == pytest.approx(4.0, rel=1e-4)
+    assert out.load.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_aux_loss_trains_the_routers_not_the_last_experts() -> None:
+    """The balancing loss reaches every router (and, through the residual stream, earlier layers),
+    but never the last layer's experts, which no router reads."""
+    torch.manual_seed(3)
+    model = build_model(ARCHS["moe_e4k1"].to_dict(), V)
+    out = model(torch.randint(0, V, (2, 16)))
+    out.aux_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for layer in (0, 1):
+        assert grads[f"blocks.{layer}.ffn.router.gate.weight"].abs().sum() > 0
+    last = grads["blocks.1.ffn.experts.w1"]
+    assert last is None or last.abs().sum() == 0
+
+
+def test_tied_embeddings_have_no_separate_head() -> None:
+    m = build_model(ARCHS["dense"].to_dict(), V)
+    assert m.lm_head is None and "lm_head.weight" not in m.state_dict()
+    u = build_model(ARCHS["dense_untied"].to_dict(), V)
+    assert u.lm_head is not None and u.lm_head.weight is not u.tok_emb.weight
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"n_heads": 3}, "head size"),
+        ({"kind": "mlp"}, "kind"),
+        ({"kind": "moe", "experts": 4, "top_k": 4}, "top_k"),
+    ],
+)
+def test_bad_arch_is_a_clear_error(change: dict, match: str) -> None:
+    arch = ARCHS["dense"].to_dict() | change
+    with pytest.raises(ModelConfigError, match=match):
+        build_model(arch, V)
+
+
+def test_missing_arch_key_is_a_clear_error() -> None:
+    arch = ARCHS["dense"].to_dict()
+    del arch["ffn_hidden"]
+    with pytest.raises(ModelConfigError, match="ffn_hidden"):
+        build_model(arch, V)
+
+
+@pytest.mark.parametrize("name", ["dense_untied", "moe_e8k2"])
+def test_save_load_roundtrip(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(4)
+    model = build_model(ARCHS[name].to_dict(), V).eval()
+    save_model(model, tmp_path / "m", {"arch": ARCHS[name].to_dict(), "vocab_size": V})
+    loaded, cfg = load_model(tmp_path / "m")
+    assert isinstance(loaded, LM) and cfg["vocab_size"] == V
+    idx = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(idx).logits, model(idx).logits, rtol=0, atol=0)
+
+
+def test_load_rejects_mismatched_weights(tmp_path: Path) -> None:
+    model = build_model(ARCHS["dense"].to_dict(), V)
+    save_model(model, tmp_path / "m", {"arch": ARCHS["dense"].to_dict() | {"ffn_hidden": 96}, "vocab_size": V})
+    with pytest.raises((ModelConfigError, RuntimeError)):
+        load_model(tmp_path / "m")
+
+
+def test_sequence_longer_than_seq_len_is_an_error() -> None:
+    model = build_model(ARCHS["dense"].to_dict(), V)
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,361 @@
+"""train@run and evaluate@run on a tiny synthetic work/ tree (real token shards, split and replay).
+
+The documents are counting sequences (each token is the previous plus one), so a model that
+learns anything drives the loss far below ln(vocab); the evaluation is checked against a direct
+per-token computation of the same definition (nats / ln 2 / bytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages.accounting import plan_run
+from stages.artefacts import ShardWriter, token_schema
+from stages.common import read_json, write_json
+from stages.evaluate import (
+    HeldoutDoc,
+    bootstrap,
+    load_heldout,
+    run_evaluate,
+    select_docs,
+    windows,
+)
+from stages.model import build_model, load_model
+from stages.schema import Params, parse_params
+from stages.train import Trainer, TrainError, lr_at, make_engine, param_groups, run_train, train
+
+VOCAB, EOS, N_DOCS = 64, 0, 80
+
+PARAMS: dict[str, Any] = {
+    "study": "t",
+    "seed": 5,
+    "corpus": {"sources": [{"kind": "synthetic", "docs": 10}]},
+    "budget": {"params": 3000, "compute": 6 * 3000 * 64 * 60, "unique_tokens": 1500},
+    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 16, "multiple_of": 4},
+    "runs": {
+        "dense": {"kind": "dense"},
+        "moe": {"kind": "moe", "experts": 4, "top_k": 1},
+    },
+    "train": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 5, "log_every": 20, "threads": 1},
+    "eval": {"batch_size": 8, "bootstrap": 200},
+}
+
+
+def doc_tokens(d: int) -> np.ndarray:
+    n = 10 + (d * 7) % 41  # 10..50 tokens: some docs span several 16-token windows
+    return ((d + np.arange(n)) % (VOCAB - 1) + 1).astype(np.uint16)  # counting, never EOS
+
+
+def heldout(d: int) -> bool:
+    return d % 8 == 3
+
+
+def make_work(root: Path, p: Params, runs: list[str]) -> Path:
+    """work/ with token shards, split, and each run's plan.json + replay.json (the real replay stage)."""
+    from stages.replay import build_replay
+
+    work = root / "work"
+    w = ShardWriter(work / "tokens", "tokens", token_schema("uint16"))
+    for docs in (range(0, 50), range(50, N_DOCS)):
+        toks = [doc_tokens(d) for d in docs]
+        w.write(pa.table({
+            "doc": pa.array(list(docs), pa.int64()),
+            "id": [f"d{d}" for d in docs],
+            "source": ["syn"] * len(toks),
+            "n_bytes": pa.array([3 * len(t) + 1 for t in toks], pa.int64()),
+            "tokens": pa.array([t.tolist() for t in toks], pa.list_(pa.uint16())),
+        }))
+    w.finish(eos_id=EOS, dtype="uint16", vocab_size=VOCAB, docs=N_DOCS)
+    (work / "split").mkdir(parents=True)
+    pq.write_table(pa.table({"doc": pa.array(range(N_DOCS), pa.int64()),
+                             "split": ["heldout" if heldout(d) else "train" for d in range(N_DOCS)]}),
+                   work / "split" / "split.parquet")
+    write_json(work / "split" / "manifest.json", {"train_tokens": 10**6})
+    for run in runs:
+        plan = plan_run(p, run).to_dict() | {"data_seed": p.seed}
+        plan_path = work / "runs" / run / "plan.json"
+        write_json(plan_path, plan)
+        manifest = build_replay(run, plan_path, work / "tokens", work / "split", work / "store" / "replay")
+        write_json(work / "runs" / run / "replay.json", manifest)
+    return work
+
+
+@pytest.fixture(scope="module")
+def params() -> Params:
+    return parse_params(PARAMS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, params: Params) -> Path:
+    """Both runs trained once; tests read the outputs (and must not modify them)."""
+    work = make_work(tmp_path_factory.mktemp("trained"), params, ["dense", "moe"])
+    for run in ("dense", "moe"):
+        run_train(params, run, work=work)
+    return work
+
+
+# ------------------------------------------------------------------------------------- schedule
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(0, 1, 1.0, 0, 0.0) == pytest.approx(1.0)
+
+
+def test_weight_decay_on_matrices_only() -> None:
+    m = build_model(plan_run(parse_params(PARAMS), "moe").arch.to_dict(), VOCAB)
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+# -------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("run", ["dense", "moe"])
+def test_train_learns_and_meets_the_budget(trained: Path, run: str) -> None:
+    rdir = trained / "runs" / run
+    res, plan = read_json(rdir / "train.json"), read_json(rdir / "plan.json")
+    assert res["tokens_seen"] == plan["tokens"] == res["steps"] * plan["tokens_per_step"]
+    assert res["steps"] == plan["steps"]
+    assert (res["nonvocab_params"], res["nonvocab_active"]) == (plan["nonvocab_params"], plan["nonvocab_active"])
+    assert res["first_train_loss"] > math.log(VOCAB) - 0.3
+    assert res["final_train_loss"] < 0.5 * math.log(VOCAB), res["final_train_loss"]
+    rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
+    assert len(rows) == plan["steps"] and int(rows[-1]["tokens"]) == plan["tokens"]
+    assert res["provenance"]["inputs"]["replay"] and res["provenance"]["code_sha256"]
+    cfg = read_json(rdir / "model" / "config.json")
+    assert cfg["arch"] == plan["arch"] and cfg["vocab_size"] == VOCAB and cfg["eos_id"] == EOS
+    if run == "moe":
+        load = res["expert_load"]
+        assert len(load["fraction_per_expert"][0]) == plan["arch"]["experts"]
+        assert sum(load["fraction_per_expert"][0]) == pytest.approx(1.0, abs=1e-5)
+        assert res["expert_backends"]["layer0"] == ("reference" if res["device"] == "cpu" else "torch_grouped")
+        assert 0.5 < res["final_aux_loss"] < plan["arch"]["experts"]
+    else:
+        assert res["expert_load"] is None
+
+
+def test_train_is_byte_deterministic(trained: Path, params: Params, tmp_path: Path) -> None:
+    work = make_work(tmp_path, params, ["moe"])
+    run_train(params, "moe", work=work)
+    for f in ("model/model.safetensors", "train_log.csv"):
+        assert (work / "runs/moe" / f).read_bytes() == (trained / "runs/moe" / f).read_bytes(), f
+    # config.json differs only in the replay.json hash, which records this tmp dir's store path
+    a, b = read_json(work / "runs/moe/model/config.json"), read_json(trained / "runs/moe/model/config.json")
+    a["provenance"]["inputs"].pop("replay")
+    b["provenance"]["inputs"].pop("replay")
+    assert a == b
+
+
+def test_other_seed_gives_other_weights(trained: Path, params: Params, tmp_path: Path) -> None:
+    raw = copy.deepcopy(PARAMS)
+    raw["runs"]["dense"]["seed"] = 1
+    p = parse_params(raw)
+    work = make_work(tmp_path, p, ["dense"])
+    res = run_train(p, "dense", work=work)
+    assert res["seed"] == 1
+    new = (work / "runs/dense/model/model.safetensors").read_bytes()
+    assert new != (trained / "runs/dense/model/model.safetensors").read_bytes()
+
+
+def test_resume_from_state_dict_is_exact(params: Params, tmp_path: Path) -> None:
+    """Stop half way, restore model/optimizer/loader state into a fresh trainer: same weights."""
+    from stages.shards import ReplayLoader
+
+    work = make_work(tmp_path, params, ["dense"])
+    plan = read_json(work / "runs/dense/plan.json")
+    steps, arch = 12, plan["arch"]
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        model = build_model(arch, VOCAB)
+        engine = make_engine(model, params.train, 1e-2, torch.device("cpu"), 4)
+        loader = ReplayLoader(work / "runs/dense/replay.json", 4)
+        return Trainer(engine=engine, loader=loader, steps=steps, batch_size=4, seq_len=16, vocab_size=VOCAB,
+                       lr=1e-2, cfg=params.train)
+
+    straight = trainer()
+    straight.run()
+    first = trainer()
+    first.steps = 5
+    first.run()
+    state = copy.deepcopy(first.state_dict())
+    resumed = trainer()
+    resumed.load_state_dict(state)
+    resumed.run()
+    assert resumed.step == steps and resumed.loader.tokens_served == straight.loader.tokens_served
+    for (n, a), (_, b) in zip(straight.engine.module.state_dict().items(),
+                              resumed.engine.module.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    assert [h.loss for h in resumed.history] == [h.loss for h in straight.history]
+
+
+class ListLoader:
+    """An in-memory loader with ReplayLoader's interface."""
+
+    def __init__(self, batches: list[torch.Tensor], seq_len: int) -> None:
+        self.batches, self.seq_len, self.i = batches, seq_len, 0
+
+    def __iter__(self) -> ListLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.i >= len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    @property
+    def tokens_served(self) -> int:
+        return sum(b.shape[0] * self.seq_len for b in self.batches[:self.i])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+def counting_batches(n: int, batch: int = 4, seq: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(1, VOCAB, (n, batch, 1), generator=g)
+    return list((starts + torch.arange(seq + 1)) % (VOCAB - 1) + 1)
+
+
+def test_short_stream_and_bad_batches_are_clear_errors(params: Params) -> None:
+    arch = plan_run(params, "dense").arch.to_dict()
+    with pytest.raises(TrainError, match="ended after 3 of 5 steps"):
+        train(build_model(arch, VOCAB), ListLoader(counting_batches(3), 16), params.train, steps=5, batch_size=4,
+              lr=1e-2, seed=0)
+    bad = counting_batches(2)
+    bad[1] = bad[1] + VOCAB
+    with pytest.raises(TrainError, match="outside the vocabulary"):
+        train(build_model(arch, VOCAB), ListLoader(bad, 16), params.train, steps=2, batch_size=4, lr=1e-2, seed=0)
+    with pytest.raises(TrainError, match="shape"):
+        train(build_model(arch, VOCAB), ListLoader([b[:, :10] for b in counting_batches(2)], 16), params.train,
+              steps=2, batch_size=4, lr=1e-2, seed=0)
+
+
+def test_stale_plan_is_refused(trained: Path, params: Params, tmp_path: Path) -> None:
+    raw = copy.deepcopy(PARAMS)
+    raw["train"]["batch_size"] = 8
+    work = tmp_path / "work"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("model", "train*"))
+    with pytest.raises(TrainError, match="batch_size"):
+        run_train(parse_params(raw), "dense", work=work)
+
+
+def test_deepspeed_engine_follows_the_torch_engine(params: Params) -> None:
+    """DeepSpeed ZeRO-1 on CPU (fp32, torch AdamW): the same loss curve as the plain loop."""
+    pytest.importorskip("deepspeed")
+    arch = plan_run(params, "moe").arch.to_dict()
+    curves = {}
+    for engine in ("torch", "deepspeed"):
+        cfg = params.train.model_copy(update={"engine": engine, "device": "cpu"})
+        torch.manual_seed(0)
+        model = build_model(arch, VOCAB)
+        trainer, metrics = train(model, ListLoader(counting_batches(8), 16), cfg, steps=8, batch_size=4,
+                                 lr=1e-2, seed=0)
+        assert metrics["engine"] == engine
+        curves[engine] = [h.loss for h in trainer.history]
+    assert curves["deepspeed"][-1] < curves["deepspeed"][0] - 0.1
+    np.testing.assert_allclose(curves["deepspeed"], curves["torch"], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def hand_nats(model: torch.nn.Module, tokens: np.ndarray, seq_len: int) -> tuple[float, int]:
+    """Sum of -log p over EOS + doc + EOS, predicting position i+1 from the window it falls in."""
+    seq = [EOS, *tokens.tolist(), EOS]
+    total, n = 0.0, 0
+    for start in range(0, len(seq) - 1, seq_len):
+        inp = seq[start:start + seq_len]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].double(), dim=-1)
+        for i in range(len(inp)):
+            if start + i + 1 < len(seq):
+                total -= float(logp[i, seq[start + i + 1]])
+                n += 1
+    return total, n
+
+
+def test_evaluate_matches_hand_computation(trained: Path, params: Params, tmp_path: Path) -> None:
+    res = run_evaluate(params, "moe", work=trained, out_dir=tmp_path)
+    assert read_json(tmp_path / "moe.json")["bpb"] == res["bpb"]
+    model, _ = load_model(trained / "runs/moe/model")
+    model.eval()
+    docs = [d for d in range(N_DOCS) if heldout(d)]
+    nats, n, nbytes = 0.0, 0, 0
+    for d in docs:
+        a, b = hand_nats(model, doc_tokens(d), 16)
+        nats, n, nbytes = nats + a, n + b, nbytes + 3 * len(doc_tokens(d)) + 1
+    assert res["docs"] == len(docs) and res["tokens"] == n == sum(len(doc_tokens(d)) + 1 for d in docs)
+    assert res["bytes"] == nbytes
+    assert res["loss"] == pytest.approx(nats / n, rel=1e-5)
+    assert res["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(nats / n), rel=1e-5)
+    lo, hi = res["bpb_ci"]
+    assert lo < res["bpb"] < hi and res["loss_ci"][0] < res["loss"] < res["loss_ci"][1]
+    plan = read_json(trained / "runs/moe/plan.json")
+    assert res["plan"]["arch"] == plan["arch"] and res["plan"]["epochs"] == plan["epochs"]
+    assert res["kind"] == "moe" and res["provenance"]["inputs"]["model"]
+    # a trained model beats the uniform distribution by far on counting sequences
+    assert res["loss"] < 0.5 * math.log(VOCAB)
+
+
+def test_evaluate_is_deterministic(trained: Path, params: Params, tmp_path: Path) -> None:
+    run_evaluate(params, "dense", work=trained, out_dir=tmp_path / "a")
+    run_evaluate(params, "dense", work=trained, out_dir=tmp_path / "b")
+    assert (tmp_path / "a/dense.json").read_bytes() == (tmp_path / "b/dense.json").read_bytes()
+
+
+def test_windows_cover_every_prediction_once() -> None:
+    toks = np.arange(1, 40)
+    ws = windows(toks, EOS, 16)
+    assert [len(t) for _, t in ws] == [16, 16, 8]
+    targets = np.concatenate([t for _, t in ws])
+    assert targets.tolist() == [*toks.tolist(), EOS]
+    assert ws[0][0][0] == EOS and ws[1][0][0] == toks[15]
+
+
+def test_max_tokens_takes_whole_docs_under_the_cap() -> None:
+    docs = [HeldoutDoc(d, 10, np.ones(5 + d, dtype=np.int64)) for d in range(20)]
+    docs.append(HeldoutDoc(99, 0, np.zeros(0, dtype=np.int64)))
+    chosen, empty = select_docs(docs, 60, seed=3)
+    assert empty == 1
+    cost = sum(len(d.tokens) + 1 for d in chosen)
+    assert 0 < cost <= 60 and [d.doc for d in chosen] == sorted(d.doc for d in chosen)
+    assert [d.doc for d in select_docs(docs, 60, seed=3)[0]] == [d.doc for d in chosen]
+    all_docs, _ = select_docs(docs, None, seed=3)
+    assert len(all_docs) == 20
+
+
+def test_bootstrap_interval() -> None:
+    rng = np.random.default_rng(0)
+    count = rng.integers(10, 50, size=200)
+    nats = count * 2.0 + rng.normal(0, 3, size=200)
+    nbytes = count * 4
+    ci = bootstrap(nats, count, nbytes, 500, seed=1)
+    assert ci["loss"][0] < nats.sum() / count.sum() < ci["loss"][1]
+    assert ci["loss"][1] - ci["loss"][0] < 0.2
+    assert ci == bootstrap(nats, count, nbytes, 500, seed=1)
+    assert bootstrap(nats, count, nbytes, 0, seed=1) is None
+
+
+def test_load_heldout_reads_only_heldout_docs(trained: Path) -> None:
+    docs = load_heldout(trained / "tokens", trained / "split" / "split.parquet")
+    assert [d.doc for d in docs] == [d for d in range(N_DOCS) if heldout(d)]
+    assert all(np.array_equal(d.tokens, doc_tokens(d.doc)) for d in docs)
