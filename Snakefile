@@ -53,7 +53,13 @@ def _param_slice(s: Stage, run: str | None) -> str:
 
 
 def _cores(s: Stage) -> int:
-    return s.resources.cpus if s.resources.cpus > 0 else workflow.cores
+    """cpus=0 in the registry means all cores: --cores locally (a cluster profile uses set-threads)."""
+    if s.resources.cpus > 0:
+        return s.resources.cpus
+    try:
+        return workflow.cores or 1
+    except WorkflowError:  # no --cores given (e.g. --dag, or a cluster run without set-threads)
+        return 1
 
 
 shell.executable("bash")
@@ -66,6 +72,8 @@ for _s in STAGES:
         output: [_out(o) for o in _s.all_outs]
         params:
             values=(lambda wc, s=_s: _param_slice(s, wc.get("run"))),
+            # bound now: shell/run bodies are evaluated at job time, when _s is the last stage
+            cmd=(lambda wc, c=_s.command: c.replace("{run}", wc.get("run", ""))),
         threads: _cores(_s)
         resources:
             mem_mb=_s.resources.mem_mb,
@@ -73,7 +81,7 @@ for _s in STAGES:
             gpu=_s.resources.gpus if P.train.device != "cpu" else 0,
         log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
         message: _s.doc
-        shell: _s.command.replace("{run}", "{wildcards.run}") + " 2> >(tee {log} >&2)"
+        shell: "{params.cmd} 2> >(tee {log} >&2)"
 
 
 rule all:

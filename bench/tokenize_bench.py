@@ -92,7 +92,7 @@ def raw_encode(tok_path: Path, texts: list[str], batch: int, method: str) -> tup
     n = 0
     with Measure() as m:
         for i in range(0, len(texts), batch):
-            n += sum(len(e) for e in fn(texts[i : i + batch]))
+            n += sum(len(e) for e in fn(texts[i : i + batch], add_special_tokens=False))
     return m, n
 
 

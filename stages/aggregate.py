@@ -51,6 +51,8 @@ def run_row(p: Params, run: str, path: Path) -> dict:
     """Flatten one evaluation JSON (written by stages/evaluate.py) into a table row."""
     e = read_json(path)
     plan = e["plan"]
+    loss_ci = e.get("loss_ci") or [e["loss"], e["loss"]]  # null when eval.bootstrap = 0
+    bpb_ci = e.get("bpb_ci") or [e["bpb"], e["bpb"]]
     arch = plan["arch"]
     return {
         "run": run,
@@ -69,11 +71,11 @@ def run_row(p: Params, run: str, path: Path) -> dict:
         "epochs": plan["epochs"],
         "compute": plan["compute"],
         "loss": e["loss"],
-        "loss_lo": e["loss_ci"][0],
-        "loss_hi": e["loss_ci"][1],
+        "loss_lo": loss_ci[0],
+        "loss_hi": loss_ci[1],
         "bpb": e["bpb"],
-        "bpb_lo": e["bpb_ci"][0],
-        "bpb_hi": e["bpb_ci"][1],
+        "bpb_lo": bpb_ci[0],
+        "bpb_hi": bpb_ci[1],
         "eval_tokens": e["tokens"],
         "eval_bytes": e["bytes"],
         "eval_sha256": sha256_file(path),

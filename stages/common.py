@@ -61,12 +61,17 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 def sha256_tree(path: Path | str) -> str:
-    """Hash of a file, or of a directory as the sorted (relative path, file hash) list."""
+    """Hash of a file, or of a directory as the sorted (relative path, file hash) list.
+
+    Hidden files are engine bookkeeping (Snakemake's `.snakemake_timestamp` in directory outputs),
+    not content, so they are left out: both engines give a directory the same hash.
+    """
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+    files = (q for q in path.rglob("*") if q.is_file())
+    for p in sorted(q for q in files if not any(part.startswith(".") for part in q.relative_to(path).parts)):
         h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()
 

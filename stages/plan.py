@@ -33,8 +33,11 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
         )
     plan["data_seed"] = p.seed
     plan["train_tokens_available"] = available
+    # Record only the run fields the plan uses: a learning-rate or seed edit then leaves plan.json
+    # byte-identical, so DVC re-runs no replay for it (Snakemake re-plans, then re-trains that run).
+    arch_fields = p.run(run).model_dump(exclude={"lr", "seed", "group"})
     section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
-               "train.batch_size": p.train.batch_size, f"runs.{run}": p.run(run).model_dump()}
+               "train.batch_size": p.train.batch_size, f"runs.{run}": arch_fields}
     plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section,
                                     ["stages.accounting"])
     return plan

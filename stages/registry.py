@@ -54,6 +54,7 @@ class Stage:
     params: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # source files beyond stages/<name>.py and stages/common.py
     metrics: tuple[str, ...] = ()  # small JSON outputs, not cached by DVC, shown by `dvc metrics`
+    plots: tuple[str, ...] = ()  # CSV curves (step, loss, ...), shown by `dvc plots show`
     per_run: bool = False
     uncached: bool = False  # outputs committed to git (results/), not stored in the DVC cache
     resources: Resources = field(default_factory=Resources)
@@ -72,7 +73,7 @@ class Stage:
 
     @property
     def all_outs(self) -> tuple[str, ...]:
-        return self.outs + self.metrics
+        return self.outs + self.metrics + self.plots
 
 
 CPU_ALL = 0  # resources.cpus 0 = "all the cores of the node" (tokenize, dedupe scale with cores)
@@ -149,6 +150,7 @@ STAGES: tuple[Stage, ...] = (
         params=("train", "runs.{run}"),
         code=("stages/model.py", "stages/shards.py"),
         metrics=("work/runs/{run}/train.json",),
+        plots=("work/runs/{run}/train_log.csv",),
         per_run=True,
         resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440),
     ),
@@ -208,6 +210,8 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
             body["outs"] = outs
         if s.metrics:
             body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in s.metrics]
+        if s.plots:
+            body["plots"] = [{_dvc_path(p): {"cache": False, "x": "step", "y": "loss"}} for p in s.plots]
         body["desc"] = s.doc
         out[s.name] = {"foreach": "${runs}", "do": body} if s.per_run else body
     return {"stages": out}

@@ -178,6 +178,16 @@ def read_tokenizer(path: Path | str, cfg: TokenizerConfig) -> Any:
         raise TokenizerError(
             f"tokenizer.path: {path} has no token for the EOS {cfg.eos!r} (tokenizer.special_tokens[0])"
         )
+    return for_documents(tok)
+
+
+def for_documents(tok: Any) -> Any:
+    """Set a tokenizer to encode whole documents as the token shards hold them: never truncated or
+    padded (a tokenizer.json may enable both), and special-token strings in text encoded as bytes.
+    Encode with `add_special_tokens=False` too, so no post-processor adds BOS/EOS."""
+    tok.no_truncation()
+    tok.no_padding()
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -197,8 +207,8 @@ def token_manifest(tokens_dir: Path | str = TOKENS_DIR) -> dict[str, Any]:
 
 
 def load_tokenizer(tokens_dir: Path | str = TOKENS_DIR) -> Any:
-    """The tokenizer that made the token shards (hash-checked), set to encode exactly as they were:
-    special-token strings in text are encoded as ordinary bytes."""
+    """The tokenizer that made the token shards (hash-checked), set up by `for_documents`: encoding
+    a text with it (`add_special_tokens=False`) gives exactly the tokens the shards hold."""
     from tokenizers import Tokenizer
 
     path = Path(tokens_dir) / TOKENIZER_FILE
@@ -207,9 +217,7 @@ def load_tokenizer(tokens_dir: Path | str = TOKENS_DIR) -> Any:
         raise ShardError(f"{path}: missing")
     if sha256_file(path) != m["tokenizer_sha256"]:
         raise ShardError(f"{path}: sha256 differs from manifest.json (corrupt or replaced tokenizer)")
-    tok = Tokenizer.from_file(str(path))
-    tok.encode_special_tokens = True
-    return tok
+    return for_documents(Tokenizer.from_file(str(path)))
 
 
 # -------------------------------------------------------------------------------------- pipeline
@@ -327,7 +335,7 @@ def encode_corpus(
 
     def encoded() -> Iterator[tuple[DocBatch, list[Any]]]:
         for b in threaded(lambda: read_batches(corpus_dir, cfg.batch_docs), 2, "tokenize-reader"):
-            yield b, (tok.encode_batch_fast(b.texts) if b.texts else [])
+            yield b, (tok.encode_batch_fast(b.texts, add_special_tokens=False) if b.texts else [])
 
     def flush(rows: int) -> None:
         nonlocal pending, pending_rows
@@ -414,9 +422,9 @@ def tokenize(
         tok = train_tokenizer(corpus_dir, cfg, sample)
         train_s = t.seconds
         release_memory()
+        for_documents(tok)
         source = "trained"
         log.info("trained BPE on %d docs (%.1f MB) in %.1fs", sample["docs"], sample["bytes"] / 1e6, train_s)
-    tok.encode_special_tokens = True
     vocab = vocab_extent(tok)
     dtype = token_dtype(vocab)
     eos_id = int(tok.token_to_id(cfg.eos))
@@ -429,6 +437,8 @@ def tokenize(
         tok.save(str(tmp / TOKENIZER_FILE))
         tok_sha = sha256_file(tmp / TOKENIZER_FILE)
         st = encode_corpus(tok, corpus_dir, writer, cfg, dtype)
+        if st.docs == 0:
+            raise TokenizerError(f"{corpus_dir}: no non-empty documents ({st.skipped_empty} empty skipped)")
         manifest = writer.finish(
             docs=st.docs,
             tokens=st.tokens,

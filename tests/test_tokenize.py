@@ -178,20 +178,31 @@ def test_dtype_follows_vocab_size(tmp_path: Path, corpus: Path, size: int, dtype
 
 
 def test_loads_a_given_tokenizer(tmp_path: Path, corpus: Path) -> None:
+    """A given tokenizer.json is used as is, except truncation, padding and post-processor EOS/BOS,
+    which would silently cut or change documents."""
+    from tokenizers import Tokenizer, processors
+
     _, trained = run(tmp_path, corpus, "trained")
+    ref = Tokenizer.from_file(str(trained / TOKENIZER_FILE))
     given = tmp_path / "given.json"
-    given.write_bytes((trained / TOKENIZER_FILE).read_bytes())
-    other = make_corpus(tmp_path / "other", texts(60, seed=1))
+    tok = Tokenizer.from_file(str(trained / TOKENIZER_FILE))
+    tok.enable_truncation(max_length=8)
+    tok.enable_padding(length=8)
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                       special_tokens=[("<|endoftext|>", 0)])
+    tok.save(str(given))
+    other_texts = texts(60, seed=1)
+    other = make_corpus(tmp_path / "other", other_texts)
     m, out = run(tmp_path, other, "loaded", path=str(given), vocab_size=4096)
     assert m["tokenizer_source"] == f"loaded {given}" and m["vocab_size"] == 320  # the file's, not params'
     assert m["provenance"]["inputs"]["tokenizer"] == sha256_file(given)
     assert m["train_sample"] == {}
-    from tokenizers import Tokenizer
-
-    ref = Tokenizer.from_file(str(given))
     ref.encode_special_tokens = True
-    for r in next(iter_shards(out)).to_pylist():
-        assert r["tokens"] == ref.encode(texts(60, seed=1)[r["doc"]]).ids
+    rows = [r for b in iter_shards(out) for r in b.to_pylist()]
+    assert max(len(r["tokens"]) for r in rows) > 8
+    for r in rows:
+        assert r["tokens"] == ref.encode(other_texts[r["doc"]], add_special_tokens=False).ids
+    assert load_tokenizer(out).encode(other_texts[0], add_special_tokens=False).ids == rows[0]["tokens"]
 
 
 def write_params(tmp: Path, **tok) -> Path:
@@ -231,6 +242,14 @@ def test_too_small_vocab_names_the_field(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(TokenizerError, match="tokenizer.vocab_size"):
         tokenize(params(vocab_size=260, special_tokens=["<a>", "<b>", "<c>", "<d>", "<e>"]), corpus,
                  tmp_path / "out", None)
+
+
+def test_all_empty_corpus_is_an_error(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "empty", ["", ""])
+    given = big_vocab_tokenizer(tmp_path / "t.json", 300)
+    with pytest.raises(TokenizerError, match="no non-empty documents"):
+        tokenize(params(path=str(given)), corpus, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_shard_is_a_clear_error(tmp_path: Path, corpus: Path, capsys) -> None:
