@@ -13,10 +13,11 @@ import os
 import statistics
 from pathlib import Path
 
-from stages.common import WORK, atomic_path, fail, read_json, setup_logging, sha256_file, write_bytes
+from stages.common import WORK, atomic_path, fail, read_json, setup_logging, sha256_file, write_bytes, write_json
 from stages.schema import Params, ParamsError, load_params
 
 EVAL_DIR = WORK / "eval"
+METRIC_KEYS = ("bpb", "bpb_lo", "bpb_hi", "loss", "activation_rate", "tokens", "epochs")  # for `dvc exp show`
 
 # (column, SQL type, where it is in an evaluation JSON)
 COLUMNS: list[tuple[str, str]] = [
@@ -195,6 +196,7 @@ def aggregate(p: Params, eval_dir: Path = EVAL_DIR, results: Path | None = None)
     write_duckdb(results / "metrics.duckdb", rows)
     write_bytes(results / "results.csv", csv_text(rows).encode())
     write_bytes(results / "results.md", table.encode())
+    write_json(results / "metrics.json", {r["run"]: {k: r[k] for k in METRIC_KEYS} for r in rows})
     plot(results / "loss_vs_activation.png", groups, p.study)
     return table
 

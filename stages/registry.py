@@ -176,6 +176,7 @@ STAGES: tuple[Stage, ...] = (
             "results/{study}/results.csv",
             "results/{study}/loss_vs_activation.png",
         ),
+        metrics=("results/{study}/metrics.json",),  # git-tracked, so `dvc exp show` sees it per experiment
         params=("study", "runs"),
         uncached=True,
         resources=Resources(cpus=1, mem_mb=2000, time_min=10),
@@ -210,6 +211,7 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
             body["outs"] = outs
         if s.metrics:
             body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in s.metrics]
+
         if s.plots:
             body["plots"] = [{_dvc_path(p): {"cache": False, "x": "step", "y": "loss"}} for p in s.plots]
         body["desc"] = s.doc

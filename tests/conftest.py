@@ -40,7 +40,7 @@ def project_files() -> list[str]:
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout.split()
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith("results/")]
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith("results/") and f != "dvc.lock"]
 
 
 def make_project(dest: Path, params: dict) -> Path:

@@ -18,7 +18,7 @@ from conftest import make_project, run
 pytestmark = pytest.mark.slow
 
 STUDY_OUTS = ["results/ci/results.md", "results/ci/results.csv", "results/ci/metrics.duckdb",
-              "results/ci/loss_vs_activation.png"]
+              "results/ci/loss_vs_activation.png", "results/ci/metrics.json"]
 
 
 @pytest.fixture(scope="module")
