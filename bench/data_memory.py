@@ -1,4 +1,4 @@
-"""Peak memory of each data stage (corpus, tokenize, dedupe, split) at 1x and 4x the default corpus.
+"""Peak memory of each data stage (corpus, tokenize, dedupe, split) at 1x, 4x (and 8x) the default corpus.
 
 Why: the data stages must stream (shard by shard, batch by batch), so their memory should stay
 flat as the corpus grows; a stage that quietly loads everything would pass every test on the tiny
@@ -9,14 +9,16 @@ subprocess, in a throw-away project directory (its own `work/`), and records
 - `tree_peak_mb`: the peak of the summed RSS of the child and its descendants, sampled with psutil
   every 20 ms (catches helper processes such as dpkg in the corpus stage).
 
-4x corpus: params.yaml's own sources plus three Parquet sources, each a copy of the 1x corpus with
-changed ids (`copyK:<id>`). Every stage then reads 4x the documents and bytes. The copies are exact
-duplicates by text, so dedupe removes them (it still hashes, shingles and indexes 4x documents) and
-split sees the 1x survivors plus 4x-sized token shards and dedupe tables; tokenize trains on 4x the
+Nx corpus: params.yaml's own sources plus N-1 Parquet sources, each a copy of the 1x corpus with
+changed ids (`copyK:<id>`, read through `id_field`, so the corpus stage's id-uniqueness check runs)
+and row groups of 8192 rows. Every stage then reads N times the documents and bytes. The copies are exact
+duplicates by text, so dedupe removes them (it still hashes, shingles and indexes N times the documents) and
+split sees the 1x survivors plus Nx-sized token shards and dedupe tables; tokenize trains on Nx the
 bytes (under the default 200 MB `train_max_bytes`) with the same word distribution. The import-only
 floor of each stage's module is measured too, so the data-dependent part is visible.
 
-    python bench/data_memory.py                       # default params.yaml, writes results/bench/data_memory.*
+    python bench/data_memory.py                  # 1x, 4x, 8x; writes results/bench/data_memory.{md,json}
+    python bench/data_memory.py --scales 1,4
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from stages.artefacts import iter_shards, load_manifest  # noqa: E402
 
 STAGES = ("corpus", "tokenize", "dedupe", "split")
-COPIES = 3
+ROW_GROUP = 8192  # rows per row group of the copies: readers hold one row group, keep it modest
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -101,19 +103,20 @@ def stage_cmd(stage: str) -> list[str]:
     return cmd
 
 
-def write_copies(corpus: Path, dest: Path) -> list[dict]:
-    """COPIES Parquet files (id, text) of the corpus with ids `copyK:<id>`; their sources entries."""
+def write_copies(corpus: Path, dest: Path, copies: int) -> list[dict]:
+    """`copies` Parquet files (id, text) of the corpus with ids `copyK:<id>`; their sources entries."""
     dest.mkdir(parents=True, exist_ok=True)
     sources = []
-    for k in range(1, COPIES + 1):
+    for k in range(1, copies + 1):
         path = dest / f"copy{k}.parquet"
-        writer = None
-        for rb in iter_shards(corpus, columns=["id", "text"]):
-            ids = pa.array([f"copy{k}:{i}" for i in rb.column(0).to_pylist()])
-            t = pa.table({"id": ids, "text": rb.column(1)})
-            writer = writer or pq.ParquetWriter(path, t.schema)
-            writer.write_table(t)
-        writer.close()
+        if not path.exists():
+            writer = None
+            for rb in iter_shards(corpus, columns=["id", "text"]):
+                ids = pa.array([f"copy{k}:{i}" for i in rb.column(0).to_pylist()])
+                t = pa.table({"id": ids, "text": rb.column(1)})
+                writer = writer or pq.ParquetWriter(path, t.schema)
+                writer.write_table(t, row_group_size=ROW_GROUP)
+            writer.close()
         sources.append({"kind": "parquet", "path": str(path), "id_field": "id", "text_field": "text"})
     return sources
 
@@ -140,94 +143,99 @@ def sizes(work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--scales", default="1,4,8", help="corpus multiples to run (1 = params.yaml's corpus)")
     ap.add_argument("--out", default="results/bench/data_memory", help="writes OUT.md and OUT.json")
     ap.add_argument("--keep", action="store_true", help="keep the temp projects (path printed)")
     a = ap.parse_args(argv)
+    scales = sorted({int(x) for x in a.scales.split(",")} | {1})
     base = yaml.safe_load((ROOT / a.params).read_text())
     env = child_env()
     tmp = Path(tempfile.mkdtemp(prefix="datamem-"))
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {s: {} for s in STAGES}
+    data: dict[str, dict] = {}
     try:
-        floor = {}
-        for s in STAGES:
-            floor[s] = measure([sys.executable, "-c", f"import stages.{s}"], tmp, env, tmp / f"import-{s}.log")
-        scales = {}
-        x1 = project(tmp / "x1", base)
-        scales["1x"] = x1
-        for s in STAGES:
-            r = measure(stage_cmd(s), x1, env, tmp / f"1x-{s}.log")
-            results.setdefault(s, {})["1x"] = r
-            print(f"1x {s}: {r}", flush=True)
-            if r["rc"]:
-                raise SystemExit(f"1x {s} failed:\n{(tmp / f'1x-{s}.log').read_text()[-3000:]}")
-        p4 = json.loads(json.dumps(base))
-        p4["corpus"]["sources"] = list(base["corpus"]["sources"]) + write_copies(x1 / "work" / "corpus", tmp / "copies")
-        x4 = project(tmp / "x4", p4)
-        scales["4x"] = x4
-        for s in STAGES:
-            r = measure(stage_cmd(s), x4, env, tmp / f"4x-{s}.log")
-            results[s]["4x"] = r
-            print(f"4x {s}: {r}", flush=True)
-            if r["rc"]:
-                raise SystemExit(f"4x {s} failed:\n{(tmp / f'4x-{s}.log').read_text()[-3000:]}")
-        data = {k: sizes(v / "work") for k, v in scales.items()}
+        floor = {s: measure([sys.executable, "-c", f"import stages.{s}"], tmp, env, tmp / f"import-{s}.log")
+                 for s in STAGES}
+        for x in scales:
+            p = json.loads(json.dumps(base))
+            if x > 1:  # the 1x corpus (built first) copied x - 1 times
+                copies = write_copies(tmp / "x1" / "work" / "corpus", tmp / "copies", x - 1)
+                p["corpus"]["sources"] = list(base["corpus"]["sources"]) + copies
+            d = project(tmp / f"x{x}", p)
+            for s in STAGES:
+                r = measure(stage_cmd(s), d, env, tmp / f"{x}x-{s}.log")
+                results[s][f"{x}x"] = r
+                print(f"{x}x {s}: {r}", flush=True)
+                if r["rc"]:
+                    raise SystemExit(f"{x}x {s} failed:\n{(tmp / f'{x}x-{s}.log').read_text()[-3000:]}")
+            data[f"{x}x"] = sizes(d / "work")
     finally:
         if a.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    big = [f"{x}x" for x in scales if x > 1]
     for s in STAGES:
         r = results[s]
-        r["growth_maxrss"] = round(r["4x"]["maxrss_mb"] / r["1x"]["maxrss_mb"], 3)
-        r["growth_tree_peak"] = round(r["4x"]["tree_peak_mb"] / max(r["1x"]["tree_peak_mb"], 1e-9), 3)
         r["import_floor_mb"] = floor[s]["maxrss_mb"]
-    flat = all(results[s]["growth_maxrss"] < 1.5 for s in STAGES)
+        base_mb = r["1x"]["maxrss_mb"]
+        r["growth"] = {k: round(r[k]["maxrss_mb"] / base_mb, 3) for k in big}
+        r["growth_above_floor"] = {
+            k: round((r[k]["maxrss_mb"] - r["import_floor_mb"]) / max(base_mb - r["import_floor_mb"], 1e-9), 3)
+            for k in big
+        }
+    flat = all(results[s]["growth"].get("4x", 0) < 1.5 for s in STAGES) if "4x" in big else None
     result = {
         "command": "python bench/data_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu_cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                     "python": platform.python_version(), "platform": platform.platform()},
-        "scale_4x": f"params sources + {COPIES} Parquet copies of the 1x corpus with ids copyK:<id>",
+        "scaling": "Nx = params sources + N-1 Parquet copies of the 1x corpus with ids copyK:<id>",
         "data": data,
         "stages": results,
-        "flat": flat,
+        "flat_at_4x": flat,
         "criterion": "peak RSS at 4x < 1.5x peak RSS at 1x, every stage",
     }
     out = ROOT / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    c1, c4 = data["1x"].get("corpus", {}), data["4x"].get("corpus", {})
-    t1, t4 = data["1x"].get("tokenize", {}), data["4x"].get("tokenize", {})
+    sizes_txt = "; ".join(
+        f"{k}: {v.get('corpus', {}).get('docs', '?')} docs, {v.get('corpus', {}).get('bytes', 0) / 1e6:.1f} MB, "
+        f"{v.get('tokenize', {}).get('tokens', '?')} tokens" for k, v in data.items()
+    )
+    cols = ["1x", *big]
     lines = [
-        "# Peak memory of the data stages at 1x and 4x data",
+        f"# Peak memory of the data stages at {', '.join(cols)} data",
         "",
         f"`{result['command']}`",
         "",
         f"Machine: {result['machine']['cpu_cores']} cores, {result['machine']['memory_gb']} GB, "
         f"Python {result['machine']['python']}.",
-        f"1x = params.yaml's corpus: {c1.get('docs', '?')} docs, {c1.get('bytes', 0) / 1e6:.1f} MB, "
-        f"{t1.get('tokens', '?')} tokens. 4x = the same sources plus {COPIES} Parquet copies of the 1x "
-        f"corpus with new ids: {c4.get('docs', '?')} docs, {c4.get('bytes', 0) / 1e6:.1f} MB, "
-        f"{t4.get('tokens', '?')} tokens (the copies are exact duplicates, so dedupe removes them and "
-        "split's survivors are ~1x; dedupe and split still read 4x-sized inputs).",
+        "1x = params.yaml's corpus; Nx = the same sources plus N-1 Parquet copies of the 1x corpus with new "
+        f"ids ({sizes_txt}). The copies are exact duplicates, so dedupe removes them and split's survivors "
+        "are ~1x, but dedupe and split still read Nx-sized token shards and tables.",
         "Each stage is `python -m stages.<name>` in its own subprocess in a temp project; peak RSS is the "
-        "kernel's ru_maxrss of that process (os.wait4); tree peak samples the RSS of the process and its "
-        "children with psutil every 20 ms. Import floor = peak RSS of `python -c 'import stages.<name>'`.",
+        "kernel's ru_maxrss of that process (os.wait4); the sampled process-tree peak (psutil, 20 ms) is in "
+        "the JSON. Import floor = peak RSS of `python -c 'import stages.<name>'`; \"above floor\" is the "
+        "growth of peak minus floor.",
         "",
-        "| stage | import floor MB | 1x peak MB | 4x peak MB | growth | 1x tree peak MB | 4x tree peak MB "
-        "| 1x wall s | 4x wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | import floor MB | " + " | ".join(f"{c} peak MB" for c in cols) + " | "
+        + " | ".join(f"growth {c}" for c in big) + " | " + " | ".join(f"above floor {c}" for c in big)
+        + " | " + " | ".join(f"{c} wall s" for c in cols) + " |",
+        "|---|" + "---:|" * (1 + len(cols) * 2 + len(big) * 2),
     ]
     for s in STAGES:
         r = results[s]
         lines.append(
-            f"| {s} | {r['import_floor_mb']:.0f} | {r['1x']['maxrss_mb']:.0f} | {r['4x']['maxrss_mb']:.0f} "
-            f"| {r['growth_maxrss']:.2f}x | {r['1x']['tree_peak_mb']:.0f} | {r['4x']['tree_peak_mb']:.0f} "
-            f"| {r['1x']['wall_s']:.1f} | {r['4x']['wall_s']:.1f} |"
+            f"| {s} | {r['import_floor_mb']:.0f} | " + " | ".join(f"{r[c]['maxrss_mb']:.0f}" for c in cols)
+            + " | " + " | ".join(f"{r['growth'][c]:.2f}x" for c in big)
+            + " | " + " | ".join(f"{r['growth_above_floor'][c]:.2f}x" for c in big)
+            + " | " + " | ".join(f"{r[c]['wall_s']:.1f}" for c in cols) + " |"
         )
+    verdict = "n/a (no 4x run)" if flat is None else ("yes" if flat else "no")
     lines += [
         "",
-        f"Flat (every stage < 1.5x at 4x data): **{'yes' if flat else 'no'}**.",
+        f"Flat (every stage < 1.5x peak RSS at 4x data): **{verdict}**.",
         "",
         "Caveat: copies add documents and bytes but no new words. Memory that grows with *distinct* "
         "content, such as the BPE trainer's word and pair tables (bounded by "
