@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,3 +190,34 @@ def fail(msg: str, code: int = 2) -> None:
     """Exit with one clear line (used for bad inputs the user can fix)."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def per_run_main(
+    stage: str,
+    doc: str | None,
+    body: Callable[[Any, str], Any],
+    errors: tuple[type[BaseException], ...] = (),
+    argv: list[str] | None = None,
+) -> int:
+    """The command line of a per-run stage (`python -m stages.<stage> --run NAME`).
+
+    Validates params.yaml and the run name before any compute, then calls `body(params, run)`;
+    an expected error (bad params, a missing input, the stage's own error types) becomes one clear
+    line and exit code 2 instead of a traceback.
+    """
+    import argparse
+
+    from stages.schema import ParamsError, load_params
+
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=(doc or "").splitlines()[0])
+    ap.add_argument("--run", required=True, help="a run name from params.yaml runs")
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args(argv)
+    setup_logging(stage)
+    try:
+        p = load_params(a.params)
+        p.run(a.run)
+        body(p, a.run)
+    except (ParamsError, KeyError, FileNotFoundError, ValueError, *errors) as err:
+        fail(str(err).strip("'\""))
+    return 0

@@ -26,7 +26,6 @@ float32 keeps the figures comparable across machines).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass
@@ -42,18 +41,17 @@ import torch.nn.functional as F
 from stages.artefacts import iter_shards, load_manifest
 from stages.common import (
     WORK,
-    fail,
     n_workers,
+    per_run_main,
     progress,
     provenance,
     read_json,
-    setup_logging,
     sha256_file,
     sha256_tree,
     write_json,
 )
 from stages.model import LM, load_model
-from stages.schema import EvalConfig, Params, ParamsError, load_params
+from stages.schema import EvalConfig, Params
 
 PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
              "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
@@ -277,18 +275,7 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args(argv)
-    setup_logging("evaluate")
-    try:
-        p = load_params(a.params)
-        p.run(a.run)
-        run_evaluate(p, a.run)
-    except (ParamsError, EvalError, KeyError, FileNotFoundError, ValueError) as err:
-        fail(str(err).strip("'\""))
-    return 0
+    return per_run_main("evaluate", __doc__, run_evaluate, (EvalError,), argv)
 
 
 if __name__ == "__main__":

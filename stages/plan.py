@@ -8,14 +8,15 @@ is per run so that editing one run re-plans only that run.
 
 from __future__ import annotations
 
-import argparse
+import logging
 from pathlib import Path
 
 from stages.accounting import PlanError, plan_run
-from stages.common import WORK, fail, provenance, read_json, setup_logging, sha256_file, write_json
-from stages.schema import Params, ParamsError, load_params
+from stages.common import WORK, per_run_main, provenance, read_json, sha256_file, write_json
+from stages.schema import Params
 
 SPLIT_MANIFEST = WORK / "split" / "manifest.json"
+log = logging.getLogger("stages.plan")
 
 
 def plan_path(run: str) -> Path:
@@ -43,25 +44,18 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
     return plan
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args(argv)
-    log = setup_logging("plan")
-    try:
-        p = load_params(a.params)
-        p.run(a.run)
-        plan = make_plan(p, a.run)
-    except (ParamsError, PlanError, KeyError, FileNotFoundError, ValueError) as err:
-        fail(str(err).strip("'\""))
-    write_json(plan_path(a.run), plan)
+def write_plan(p: Params, run: str) -> None:
+    plan = make_plan(p, run)
+    write_json(plan_path(run), plan)
     log.info(
         "%s: %s N=%d N_active=%d r_a=%.3f tokens=%d (%.2f epochs of U=%d) steps=%d",
-        a.run, plan["arch"]["kind"], plan["nonvocab_params"], plan["nonvocab_active"],
+        run, plan["arch"]["kind"], plan["nonvocab_params"], plan["nonvocab_active"],
         plan["activation_rate"], plan["tokens"], plan["epochs"], plan["unique_tokens"], plan["steps"],
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return per_run_main("plan", __doc__, write_plan, (PlanError,), argv)
 
 
 if __name__ == "__main__":

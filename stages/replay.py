@@ -10,13 +10,12 @@ manifest, and can rebuild any store file from the inputs it records.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
-from stages.common import WORK, fail, provenance, read_json, setup_logging, sha256_file, write_json
-from stages.schema import ParamsError, load_params
+from stages.common import WORK, per_run_main, provenance, read_json, setup_logging, sha256_file, write_json
+from stages.schema import Params
 from stages.shards import (
     FORMAT,
     ReplayError,
@@ -133,19 +132,14 @@ def build_replay(
     return manifest
 
 
+def write_replay(p: Params, run: str) -> None:
+    """The data plan is in plan.json; params.yaml is only validated (by per_run_main)."""
+    out = replay_path(run)
+    write_json(out, build_replay(run, out.with_name("plan.json")))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args(argv)
-    try:
-        load_params(a.params).run(a.run)  # validate before any compute; the data plan is in plan.json
-        out = replay_path(a.run)
-        manifest = build_replay(a.run, out.with_name("plan.json"))
-    except (ParamsError, ReplayError, KeyError, FileNotFoundError, ValueError) as err:
-        fail(str(err).strip("'\""))
-    write_json(out, manifest)
-    return 0
+    return per_run_main("replay", __doc__, write_replay, (ReplayError,), argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ state, so a checkpoint/resume layer can be added without touching the loop.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -45,17 +44,16 @@ import torch.nn.functional as F
 from stages.common import (
     WORK,
     atomic_path,
-    fail,
     n_workers,
+    per_run_main,
     provenance,
     read_json,
-    setup_logging,
     sha256_file,
     write_bytes,
     write_json,
 )
 from stages.model import LM, build_model, count_nonvocab_params, save_model
-from stages.schema import Params, ParamsError, TrainConfig, load_params
+from stages.schema import Params, TrainConfig
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -454,18 +452,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args(argv)
-    setup_logging("train")
-    try:
-        p = load_params(a.params)
-        p.run(a.run)
-        run_train(p, a.run)
-    except (ParamsError, TrainError, KeyError, FileNotFoundError, ValueError) as err:
-        fail(str(err).strip("'\""))
-    return 0
+    return per_run_main("train", __doc__, run_train, (TrainError,), argv)
 
 
 if __name__ == "__main__":
