@@ -58,11 +58,27 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+# Linux keeps ru_maxrss across fork + exec, so a stage forked straight from this (large) bench
+# process would report at least the bench's own RSS. A tiny launcher execs first and forks the
+# stage from itself, then reports the stage's own peak through wait4.
+LAUNCH = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, ru = os.wait4(pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(ru.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     """Run `cmd`; return exit code, wall seconds, ru_maxrss and the sampled process-tree peak (MB)."""
     t0 = time.perf_counter()
+    rss_file = log.with_suffix(".maxrss")
     with open(log, "w") as out:
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen([sys.executable, "-c", LAUNCH, str(rss_file), *cmd], cwd=cwd, env=env, stdout=out,
+                             stderr=subprocess.STDOUT)
         peak = [0]
         done = threading.Event()
 
@@ -77,14 +93,15 @@ def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
 
         th = threading.Thread(target=sample, daemon=True)
         th.start()
-        _, status, ru = os.wait4(p.pid, 0)
+        _, status, _ = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         done.set()
         th.join()
+    maxrss_kib = int(rss_file.read_text()) if rss_file.exists() else 0
     return {
         "rc": p.returncode,
         "wall_s": round(time.perf_counter() - t0, 2),
-        "maxrss_mb": round(ru.ru_maxrss / 1024, 1),  # Linux: KiB
+        "maxrss_mb": round(maxrss_kib / 1024, 1),  # Linux: KiB, of the stage process itself
         "tree_peak_mb": round(peak[0] / 2**20, 1),
     }
 

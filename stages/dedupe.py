@@ -11,8 +11,9 @@ Two entry points, one core (`stages/minhash.py`):
   (`dedupe.ignore_whitespace_tokens`, read from the shards' tokenizer.json), so a re-wrapped copy
   still matches; exact duplicates are then identical token sequences up to those tokens. Copies
   that differ in case tokenize differently and are caught as near duplicates instead.
-  Shards are streamed batch by batch; only the per-document signatures (4 * num_perm bytes) and
-  exact-hash table are held, never the tokens of the corpus.
+  Shards are streamed batch by batch; the per-document state (digests, signatures, band keys,
+  token/byte counts) is spilled to a temp directory beside the output and resolved at the end,
+  so peak memory stays ~flat as the corpus grows (results/bench/data_memory.md).
 - Standalone, `python -m stages.dedupe --input DOCS.parquet --output OUT.parquet`: any Parquet
   file with columns id and text -> one row per input document (id, cluster, keep). It dedupes on
   normalised *words* (lowercase, whitespace-split, word 5-grams by default): there is no tokenizer
@@ -27,7 +28,10 @@ to a cluster member); survivors say `unique`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,7 @@ OUT_DIR = WORK / "dedupe"
 METRICS = WORK / "metrics" / "dedupe.json"
 TOKEN_COLUMNS = ["doc", "id", "source", "n_bytes", "tokens"]
 BATCH_ROWS = 4096
+TRIM_EVERY = 8  # batches between release_memory() calls while streaming
 MODULES = ["stages.minhash", "stages.artefacts", "stages.schema"]
 OPTION_FLAGS = ("ngram", "num_perm", "bands", "rows", "threshold", "seed")
 
@@ -81,6 +86,31 @@ def list_arrays(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray
     np.cumsum(lengths, out=offsets[1:])
     values = pc.list_flatten(col).to_numpy()
     return values, offsets
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only; probe it here
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS: Arrow's pool, then glibc's arenas (malloc_trim).
+
+    Why: while streaming, live memory is flat (a window of batches), but with worker threads
+    glibc keeps per-thread arenas and mimalloc keeps freed pages, so RSS crept up by ~100 B per
+    document streamed. Trimming every few batches keeps the peak at the working set. A no-op
+    where glibc is absent.
+    """
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -142,65 +172,167 @@ def _drop_ids(values: np.ndarray, offsets: np.ndarray, drop: np.ndarray) -> tupl
     return values[kept], before[offsets]
 
 
+class SourceCodes:
+    """Per-batch source strings -> small integer codes, so the stage never holds the source column.
+
+    Codes are given in order of first appearance; `names[code]` is the source.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._code: dict[str, int] = {}
+
+    def encode(self, col: pa.Array, where: Path) -> np.ndarray:
+        if col.null_count:
+            raise DedupeError(f"{where}: column source has {col.null_count} null value(s)")
+        enc = pc.dictionary_encode(col.cast(pa.string()))
+        local = np.array([self._code.setdefault(name, len(self._code)) for name in enc.dictionary.to_pylist()],
+                         dtype=np.int32)
+        self.names = list(self._code)
+        return local[enc.indices.to_numpy()] if len(local) else np.zeros(0, dtype=np.int32)
+
+
+class ColumnSpill:
+    """Fixed-width per-document columns appended batch by batch to files in a private temp dir.
+
+    Why files and not lists of arrays: thousands of small arrays kept alive between the large
+    transient buffers of each batch fragment the heap, and RSS creeps up with the corpus even
+    though the arrays themselves are small. The columns are read back whole once streaming is
+    done. The directory is removed by `close()` (context manager), error or not.
+    """
+
+    def __init__(self, dtypes: dict[str, Any], spill_dir: Path | None = None) -> None:
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="dedupe-columns-", dir=spill_dir)
+        self.dtypes = {k: np.dtype(v) for k, v in dtypes.items()}
+        self._paths = {k: Path(self._tmp.name) / f"{k}.bin" for k in dtypes}
+        self._stack = ExitStack()
+        self._files = {k: self._stack.enter_context(open(p, "wb"))  # noqa: SIM115 - closed by close()
+                       for k, p in self._paths.items()}
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        a = np.ascontiguousarray(values, dtype=self.dtypes[name])
+        self._files[name].write(memoryview(a).cast("B"))
+
+    def read(self, name: str) -> np.ndarray:
+        self._files[name].flush()
+        return np.fromfile(self._paths[name], dtype=self.dtypes[name])
+
+    def close(self) -> None:
+        self._stack.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ColumnSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_ids(tokens_dir: Path, n: int, n_bytes: int) -> pa.Array:
+    """The id column of the token shards as one contiguous string array (a second, id-only pass).
+
+    Why a second pass: ids are the widest per-document field (tens of bytes), and the output table
+    needs them only at the very end, after the index has been freed. Each batch is copied into
+    offsets/data buffers sized by the first pass (`n` ids, `n_bytes` UTF-8 bytes), so the ids are
+    never held twice (as `pa.concat_arrays` of the batches would).
+    """
+    if n_bytes >= 1 << 31:
+        raise DedupeError(f"{tokens_dir}: ids total {n_bytes} bytes, more than a string column holds (2 GiB)")
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    data = np.empty(n_bytes, dtype=np.uint8)
+    row = pos = 0
+    for b in iter_shards(tokens_dir, columns=["id"], batch_rows=BATCH_ROWS):
+        col = b.column("id").cast(pa.string())
+        k = len(col)
+        if col.null_count or row + k > n:
+            raise DedupeError(f"{tokens_dir}: the token shards changed while dedupe ran (ids differ)")
+        if k == 0:
+            continue
+        off = np.frombuffer(col.buffers()[1], dtype=np.int32, count=k + 1, offset=4 * col.offset)
+        lo, hi = int(off[0]), int(off[-1])
+        if pos + hi - lo > n_bytes:
+            raise DedupeError(f"{tokens_dir}: the token shards changed while dedupe ran (ids differ)")
+        offsets[row + 1 : row + k + 1] = off[1:] - lo + pos
+        if hi > lo:
+            data[pos : pos + hi - lo] = np.frombuffer(col.buffers()[2], dtype=np.uint8, count=hi - lo, offset=lo)
+        row, pos = row + k, pos + hi - lo
+    if row != n or pos != n_bytes:
+        raise DedupeError(f"{tokens_dir}: the token shards changed while dedupe ran ({row} ids, {n} docs)")
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 def dedupe_token_shards(
-    tokens_dir: Path, cfg: DedupeConfig, threads: int
+    tokens_dir: Path, cfg: DedupeConfig, threads: int, spill_dir: Path | None = None
 ) -> tuple[pa.Table, DedupeResult, dict[str, Any]]:
-    """Stream the token shards through the index; (clusters table, result, per-doc columns)."""
+    """Stream the token shards through the index; (clusters table, result, per-doc columns).
+
+    Nothing per document is held in RAM while streaming: the index and the fixed-width columns
+    (doc, tokens, bytes, source code) spill under `spill_dir` (system temp if None), and the ids
+    are read back at the end (`read_ids`). What remains is O(docs) only in the final arrays.
+    """
     m = check_token_shards(tokens_dir)
     drop = whitespace_tokens(tokens_dir, m) if cfg.ignore_whitespace_tokens else None
     n_batches = sum(-(-int(s["rows"]) // BATCH_ROWS) for s in m["shards"])
-    idx = DedupeIndex(cfg, threads)
-    docs: list[np.ndarray] = []
-    ids: list[pa.Array] = []
-    sources: list[pa.Array] = []
-    n_bytes: list[np.ndarray] = []
-    n_tokens: list[np.ndarray] = []
+    sources = SourceCodes()
     last = -1
+    id_bytes = 0
+    n_seen = [0]
+    spill = ColumnSpill({"doc": np.int64, "tokens": np.int64, "n_bytes": np.int64, "source_code": np.int32},
+                        spill_dir)
 
     def collect(batch: pa.RecordBatch) -> None:  # calling thread, in order
-        nonlocal last
+        nonlocal last, id_bytes
         doc = batch.column("doc").to_numpy(zero_copy_only=False).astype(np.int64)
         if len(doc) and (doc[0] <= last or (np.diff(doc) <= 0).any()):
             raise DedupeError(f"{tokens_dir}: column doc is not strictly increasing near doc {int(doc[0])}")
         if len(doc):
             last = int(doc[-1])
-        docs.append(doc)
-        ids.append(batch.column("id").cast(pa.string()))
-        sources.append(batch.column("source").cast(pa.string()))
-        n_bytes.append(pc.fill_null(batch.column("n_bytes"), 0).to_numpy().astype(np.int64))
-        n_tokens.append(pc.fill_null(pc.list_value_length(batch.column("tokens")), 0).to_numpy().astype(np.int64))
+        ids = batch.column("id")
+        if ids.null_count:
+            raise DedupeError(f"{tokens_dir}: column id has {ids.null_count} null value(s) near doc {int(doc[0])}")
+        id_bytes += int(pc.sum(pc.binary_length(ids.cast(pa.string()))).as_py() or 0)
+        spill.append("doc", doc)
+        spill.append("source_code", sources.encode(batch.column("source"), tokens_dir))
+        spill.append("n_bytes", pc.fill_null(batch.column("n_bytes"), 0).to_numpy())
+        spill.append("tokens", pc.fill_null(pc.list_value_length(batch.column("tokens")), 0).to_numpy())
+        n_seen[0] += 1
+        if n_seen[0] % TRIM_EVERY == 0:
+            release_memory()
 
     def prepare(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:  # worker thread
         values, offsets = list_arrays(batch.column("tokens"))
         return (values, offsets) if drop is None else _drop_ids(values, offsets, drop)
 
     batches = iter_shards(tokens_dir, columns=TOKEN_COLUMNS, batch_rows=BATCH_ROWS)
-    idx.add_all(progress(batches, total=n_batches, desc="dedupe", unit="batch"), prepare, collect)
-    if idx.n == 0:
-        raise DedupeError(f"{tokens_dir}: the token shards hold no documents")
-    res = idx.finish()
-    doc_all = np.concatenate(docs)
+    with spill, DedupeIndex(cfg, threads, spill_dir) as idx:
+        idx.add_all(progress(batches, total=n_batches, desc="dedupe", unit="batch"), prepare, collect)
+        if idx.n == 0:
+            raise DedupeError(f"{tokens_dir}: the token shards hold no documents")
+        release_memory()
+        res = idx.finish()
+        cols = {k: spill.read(k) for k in spill.dtypes}
+    release_memory()
+    cols["source_names"] = sources.names
+    doc_all = cols["doc"]
     table = pa.table(
         {
             "doc": pa.array(doc_all, pa.int64()),
-            "id": pa.concat_arrays(ids),
+            "id": read_ids(tokens_dir, len(doc_all), id_bytes),
             "cluster": pa.array(doc_all[res.cluster], pa.int64()),
             "keep": pa.array(res.keep),
-            "reason": pa.array(np.array(REASONS, dtype=object)[res.reason].tolist(), pa.string()),
+            "reason": pc.take(pa.array(REASONS, pa.string()), pa.array(res.reason)),
         },
         schema=CLUSTER_SCHEMA,
     )
-    cols = {"doc": doc_all, "tokens": np.concatenate(n_tokens), "n_bytes": np.concatenate(n_bytes),
-            "source": pa.concat_arrays(sources)}
     return table, res, cols
 
 
 def removal_metrics(res: DedupeResult, cols: dict[str, Any]) -> dict[str, Any]:
     """Docs/tokens/bytes removed, overall and per source, split into exact and near."""
     tokens, nb = cols["tokens"], cols["n_bytes"]
-    enc = pc.dictionary_encode(cols["source"])
-    names = enc.dictionary.to_pylist()
-    src = enc.indices.to_numpy()
+    names, src = cols["source_names"], cols["source_code"]
     exact, near = res.reason == 1, res.reason == 2
 
     def block(mask: np.ndarray) -> dict[str, Any]:
@@ -239,7 +371,7 @@ def run_pipeline(
     cfg = p.dedupe
     tokens_dir, out_dir, metrics_path = Path(tokens_dir), Path(out_dir), Path(metrics_path)
     timer = Timer()
-    table, res, cols = dedupe_token_shards(tokens_dir, cfg, n_workers(threads))
+    table, res, cols = dedupe_token_shards(tokens_dir, cfg, n_workers(threads), spill_dir=out_dir.parent)
     m_tokens = load_manifest(tokens_dir)
     prov = provenance(
         "dedupe",
@@ -300,7 +432,6 @@ def dedupe_file(
     """Standalone text dedupe of a Parquet file (id, text) -> output Parquet (id, cluster, keep)."""
     input_path, output_path = Path(input_path), Path(output_path)
     pf = read_docs_schema(input_path)
-    idx = DedupeIndex(cfg, n_workers(threads))
     ids: list[pa.Array] = []
     nulls = 0
 
@@ -312,14 +443,15 @@ def dedupe_file(
         nulls += batch.column("text").null_count
         ids.append(id_col.cast(pa.string()))
 
-    try:
-        batches = pf.iter_batches(batch_size=batch_rows, columns=["id", "text"])
-        total = -(-pf.metadata.num_rows // batch_rows)
-        idx.add_all(progress(batches, total=total, desc="dedupe", unit="batch"),
-                    lambda b: text_to_ints(b.column("text").to_pylist()), collect)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DedupeError(f"{input_path}: unreadable Parquet ({err})") from None
-    res = idx.finish()
+    with DedupeIndex(cfg, n_workers(threads), spill_dir=output_path.parent) as idx:
+        try:
+            batches = pf.iter_batches(batch_size=batch_rows, columns=["id", "text"])
+            total = -(-pf.metadata.num_rows // batch_rows)
+            idx.add_all(progress(batches, total=total, desc="dedupe", unit="batch"),
+                        lambda b: text_to_ints(b.column("text").to_pylist()), collect)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DedupeError(f"{input_path}: unreadable Parquet ({err})") from None
+        res = idx.finish()
     table = pa.table(
         {"id": pa.concat_arrays(ids), "cluster": pa.array(res.cluster, pa.int64()),
          "keep": pa.array(res.keep)},

@@ -34,11 +34,14 @@ an Arrow list column, so token shards arrive here without a copy).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TypeVar
+from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -196,23 +199,42 @@ def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray, max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
-    """Unique (i, j), i < j, row indices sharing a band key; int64 [pairs, 2], sorted."""
-    n = keys.shape[0]
+def _band_pairs(key: np.ndarray, max_pairs: int) -> list[np.ndarray]:
+    """Packed i * n + j (i < j) of the rows sharing this band's key, up to `max_pairs` partners each."""
+    n = len(key)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
     found: list[np.ndarray] = []
-    for b in range(keys.shape[1]):
-        order = np.argsort(keys[:, b], kind="stable")
-        sk = keys[order, b]
-        for off in range(1, min(max_pairs, n - 1) + 1):
-            same = np.flatnonzero(sk[:-off] == sk[off:])
-            if len(same) == 0:
-                break
-            i, j = order[same], order[same + off]
-            found.append(np.minimum(i, j) * n + np.maximum(i, j))
+    for off in range(1, min(max_pairs, n - 1) + 1):
+        same = np.flatnonzero(sk[:-off] == sk[off:])
+        if len(same) == 0:
+            break
+        i, j = order[same], order[same + off]
+        found.append(np.minimum(i, j) * n + np.maximum(i, j))
+    return found
+
+
+def candidate_pairs_by_band(band_keys_iter: Iterable[np.ndarray], n: int,
+                            max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
+    """`candidate_pairs` over the band columns given one at a time (each uint64 [n]).
+
+    One band's keys and its sort are all that is held besides the pairs found, so the keys of a
+    large corpus can stay on disk (`DedupeIndex` reads one band file at a time).
+    """
+    found: list[np.ndarray] = []
+    for key in band_keys_iter:
+        if len(key) != n:
+            raise ValueError(f"band key column has {len(key)} rows, expected {n}")
+        found += _band_pairs(key, max_pairs)
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
     packed = np.unique(np.concatenate(found))
     return np.stack([packed // n, packed % n], axis=1)
+
+
+def candidate_pairs(keys: np.ndarray, max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
+    """Unique (i, j), i < j, row indices sharing a band key; int64 [pairs, 2], sorted."""
+    return candidate_pairs_by_band((keys[:, b] for b in range(keys.shape[1])), keys.shape[0], max_pairs)
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -268,13 +290,36 @@ def exact_digest(values: np.ndarray) -> bytes:
     return hashlib.blake2b(v.tobytes(), digest_size=16).digest()
 
 
+def first_occurrence(digests: np.ndarray) -> np.ndarray:
+    """int64 [n]: for each row of uint64 [n, 2] digests, the lowest row index with the same digest.
+
+    A sort instead of a hash table: the digests can live on disk while the corpus streams, and at
+    the end one lexsort (24 B per document) groups equal digests; taking the minimum index of each
+    group gives exactly what a first-seen dict gives.
+    """
+    n = len(digests)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))
+    hi, lo = digests[order, 0], digests[order, 1]
+    start = np.ones(n, dtype=bool)
+    start[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    del hi, lo
+    starts = np.flatnonzero(start)
+    first = np.minimum.reduceat(order, starts)
+    rep = np.empty(n, dtype=np.int64)
+    rep[order] = np.repeat(first, np.diff(np.append(starts, n)))
+    return rep
+
+
 @dataclass
 class BatchSketch:
-    """What one batch contributes: lengths, exact digests, signatures of its non-empty docs."""
+    """What one batch contributes: lengths, exact digests, signatures and band keys of its non-empty docs."""
 
     lengths: np.ndarray
-    digests: list[bytes] | None
+    digests: np.ndarray | None  # uint64 [docs, 2]
     sig: np.ndarray | None  # rows = the batch's docs with lengths > 0, in order
+    keys: np.ndarray | None  # uint64 [rows of sig, bands]
 
 
 def _select(values: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,30 +331,71 @@ def _select(values: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> tuple[
     return values[idx], new_off
 
 
+def _append(f: BinaryIO, a: np.ndarray) -> None:
+    """Write an array's bytes to a spill file without a temporary copy when it is contiguous.
+
+    Why not `tobytes()`: a fresh multi-MB bytes object per batch is exactly the kind of transient
+    allocation that fragments the heap around the small arrays kept alive, and RSS creeps.
+    """
+    f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
 class DedupeIndex:
     """Accumulates documents batch by batch; `finish()` clusters them.
 
-    Per document it keeps the exact-duplicate representative (int64), and for documents that are
-    not exact copies of an earlier one a uint32 signature row (4 * num_perm bytes). Values and
-    shingles are dropped after each batch, so memory is bounded by the signatures (plus the
-    exact-digest table, ~100 B per distinct document).
+    Memory stays flat as the corpus grows: everything that is per document and wide goes to
+    files in a private temp directory (under `spill_dir`, else the system temp), appended in
+    document order -- a non-empty flag (1 B) and the exact digest (16 B) of every document, the
+    uint32 signature row (4 * num_perm B) and the LSH band keys (one file per band, 8 B each) of
+    every non-empty one. RAM holds nothing per document while streaming. `finish()` then works in pieces: exact
+    duplicates by one sort of the digests (`first_occurrence`), candidate pairs one band file at a
+    time, verification reading signature rows through short-lived memory maps, and components on
+    the LSH documents only (exact copies join their first occurrence's cluster).
 
-    Parallelism is across batches (`add_all`): `sketch` (shingles, MinHash, digests) is pure and
-    runs in worker threads (numpy releases the GIL); `commit` runs in document order on the
-    calling thread, so results do not depend on the number of threads.
+    Which documents enter LSH is decided at the end (non-empty first occurrences), so a batch no
+    longer needs the earlier batches' digests: the result is the same as deciding while streaming,
+    at the cost of writing signatures for exact copies too (disk, not RAM).
+
+    Parallelism is across batches (`add_all`): `sketch` (shingles, MinHash, band keys, digests) is
+    pure and runs in worker threads (numpy releases the GIL); `commit` appends to the files in
+    document order on the calling thread, so results do not depend on the number of threads.
+
+    Use as a context manager (or call `close()`): the temp directory is removed on exit, error or
+    not, and by `finish()`.
     """
 
-    def __init__(self, cfg: DedupeConfig, threads: int = 1) -> None:
+    VERIFY_CHUNK = 1 << 13  # candidate pairs verified per memory map: bounds the signature pages resident
+
+    def __init__(self, cfg: DedupeConfig, threads: int = 1, spill_dir: Path | str | None = None) -> None:
         self.cfg = cfg
         self.threads = max(1, threads)
         self.hasher = MinHasher(cfg) if cfg.near else None
-        self.n = 0
-        self.rep: list[np.ndarray] = []  # exact representative of each doc (itself if first)
-        self.lengths: list[np.ndarray] = []
-        self.sig_rows: list[np.ndarray] = []  # doc indices that got a signature
-        self.sigs: list[np.ndarray] = []
-        self._first: dict[bytes, int] = {}
+        self.n = 0  # documents committed
+        self.m = 0  # signature rows written (non-empty documents)
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="dedupe-spill-", dir=spill_dir)
+        d = Path(self._tmp.name)
+        self._nonempty_path, self._digest_path = d / "nonempty.b", d / "digests.u64"
+        self._sig_path = d / "signatures.u32"
+        self._band_paths = [d / f"band-{b:03d}.u64" for b in range(cfg.bands)]
+        self._stack = ExitStack()
+        self._files = [self._stack.enter_context(open(x, "wb"))  # noqa: SIM115 - closed by close()
+                       for x in (self._nonempty_path, self._digest_path, self._sig_path, *self._band_paths)]
 
+    # --------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Close the spill files and delete the temp directory (idempotent)."""
+        self._stack.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> DedupeIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------- streaming
     def sketch(self, values: np.ndarray, offsets: np.ndarray) -> BatchSketch:
         """One batch: values (any integer dtype; widened to uint64) and doc offsets[docs+1]."""
         values = np.asarray(values).astype(U64, copy=False)
@@ -317,31 +403,29 @@ class DedupeIndex:
         lengths = np.diff(offsets)
         digests = None
         if self.cfg.exact:
-            digests = [exact_digest(values[offsets[k] : offsets[k + 1]]) for k in range(len(lengths))]
-        sig = None
+            raw = b"".join(exact_digest(values[offsets[k] : offsets[k + 1]]) for k in range(len(lengths)))
+            digests = np.frombuffer(raw, dtype=U64).reshape(-1, 2)
+        sig = keys = None
         if self.hasher is not None:
             nonempty = np.flatnonzero(lengths > 0)
             if len(nonempty) < len(lengths):
                 values, offsets = _select(values, offsets, nonempty)
             sig = self.hasher.signatures(values, offsets)
-        return BatchSketch(lengths, digests, sig)
+            keys = band_keys(sig, self.cfg.bands, self.cfg.rows, self.cfg.seed)
+        return BatchSketch(lengths, digests, sig, keys)
 
     def commit(self, sk: BatchSketch) -> None:
-        """Add a sketched batch as the next documents (call in document order)."""
-        d, base = len(sk.lengths), self.n
-        rep = np.arange(base, base + d, dtype=np.int64)
+        """Append a sketched batch as the next documents (call in document order)."""
+        nonempty_f, digest_f, sig_f, *band_f = self._files
+        _append(nonempty_f, sk.lengths > 0)
         if sk.digests is not None:
-            for k, h in enumerate(sk.digests):
-                rep[k] = self._first.setdefault(h, base + k)
-        if sk.sig is not None:
-            nonempty = np.flatnonzero(sk.lengths > 0)
-            new = rep[nonempty] == base + nonempty  # exact copies of earlier docs need no LSH
-            if new.any():
-                self.sigs.append(sk.sig[new])
-                self.sig_rows.append(base + nonempty[new])
-        self.rep.append(rep)
-        self.lengths.append(sk.lengths)
-        self.n += d
+            _append(digest_f, sk.digests.astype(U64, copy=False))
+        if sk.sig is not None and len(sk.sig):
+            _append(sig_f, sk.sig.astype(np.uint32, copy=False))
+            for b, f in enumerate(band_f):
+                _append(f, sk.keys[:, b])
+            self.m += len(sk.sig)
+        self.n += len(sk.lengths)
 
     def add(self, values: np.ndarray, offsets: np.ndarray) -> None:
         self.commit(self.sketch(values, offsets))
@@ -374,33 +458,77 @@ class DedupeIndex:
             while window:
                 self.commit(window.popleft().result())
 
+    # --------------------------------------------------------------------------- clustering
+    def _verify(self, pairs: np.ndarray) -> np.ndarray:
+        """Estimated Jaccard of signature-file rows (i, j), through one short-lived memory map per chunk.
+
+        Unmapping after each chunk keeps at most the pages of one chunk's rows resident, so the
+        signatures never count fully against RSS however many documents there are.
+        """
+        out = np.empty(len(pairs), dtype=np.float64)
+        step = self.VERIFY_CHUNK
+        for s in range(0, len(pairs), step):
+            sig = np.memmap(self._sig_path, dtype=np.uint32, mode="r", shape=(self.m, self.cfg.num_perm))
+            out[s : s + step] = estimated_jaccard(sig, pairs[s : s + step], step)
+            del sig
+        return out
+
+    def _near_labels(self, rows: np.ndarray, file_rows: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """Lowest LSH document (as an index into `rows`) of each near-duplicate component of `rows`.
+
+        `rows` are the documents that enter LSH (increasing), `file_rows` their rows in the spill
+        files. Returns (labels into rows, candidate pairs, verified pairs).
+        """
+        keys = (np.fromfile(p, dtype=U64)[file_rows] for p in self._band_paths)
+        pairs = candidate_pairs_by_band(keys, len(rows))
+        ok = pairs[self._verify(file_rows[pairs]) >= self.cfg.threshold]
+        return components(len(rows), ok), len(pairs), len(ok)
+
     def finish(self) -> DedupeResult:
-        n = self.n
-        rep = np.concatenate(self.rep) if self.rep else np.zeros(0, dtype=np.int64)
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
-        edges = [np.stack([rep, np.arange(n, dtype=np.int64)], axis=1)[rep != np.arange(n)]]
-        n_candidates = n_verified = 0
-        if self.sigs:
-            sig = np.concatenate(self.sigs)
-            rows = np.concatenate(self.sig_rows)
-            keys = band_keys(sig, self.cfg.bands, self.cfg.rows, self.cfg.seed)
-            pairs = candidate_pairs(keys)
-            est = estimated_jaccard(sig, pairs)
-            ok = pairs[est >= self.cfg.threshold]
-            n_candidates, n_verified = len(pairs), len(ok)
-            edges.append(rows[ok])
-        labels = components(n, np.concatenate(edges))
-        keep = labels == np.arange(n)
+        """Cluster everything committed; removes the spill files (the index is done afterwards).
+
+        Labels are the lowest document of each connected component of the graph whose edges join
+        every document to the first occurrence of its exact digest and LSH documents whose
+        estimated Jaccard passes the threshold. Exact edges form stars around first occurrences,
+        and only first occurrences enter LSH, so the components are found on the LSH documents
+        alone and each document takes the label of its first occurrence.
+        """
+        for f in self._files:
+            f.flush()
+        try:
+            n = self.n
+            ar = np.arange(n, dtype=np.int64)
+            nonempty = np.fromfile(self._nonempty_path, dtype=bool)
+            if self.cfg.exact and n:
+                rep = first_occurrence(np.fromfile(self._digest_path, dtype=U64).reshape(-1, 2))
+            else:
+                rep = ar.copy()
+            base = ar.copy()  # label of each first occurrence
+            n_candidates = n_verified = 0
+            if self.hasher is not None and self.m:
+                lsh = nonempty & (rep == ar)  # non-empty first occurrences
+                rows = np.flatnonzero(lsh)
+                file_rows = np.flatnonzero(lsh[nonempty])  # signature-file row of each LSH doc
+                del lsh
+                if len(rows):
+                    comp, n_candidates, n_verified = self._near_labels(rows, file_rows)
+                    base[rows] = rows[comp]
+            labels = base[rep]
+            del base
+        finally:
+            self.close()
+        keep = labels == ar
         reason = np.zeros(n, dtype=np.uint8)
         reason[~keep] = 2
-        reason[~keep & (rep != np.arange(n))] = 1
+        reason[~keep & (rep != ar)] = 1
+        del rep, ar
         sizes = np.bincount(labels, minlength=n) if n else np.zeros(0, dtype=np.int64)
         stats = {
             "docs": int(n),
             "kept": int(keep.sum()),
             "removed_exact": int((reason == 1).sum()),
             "removed_near": int((reason == 2).sum()),
-            "empty_docs": int((lengths == 0).sum()),
+            "empty_docs": int((~nonempty).sum()),
             "clusters_with_duplicates": int((sizes > 1).sum()),
             "largest_cluster": int(sizes.max()) if n else 0,
             "lsh_candidate_pairs": int(n_candidates),
@@ -413,16 +541,16 @@ def dedupe_sequences(
     batches: Iterable[tuple[np.ndarray, np.ndarray]], cfg: DedupeConfig, threads: int = 1
 ) -> DedupeResult:
     """Run the index over (values, offsets) batches."""
-    idx = DedupeIndex(cfg, threads)
-    idx.add_all(batches, lambda b: b)
-    return idx.finish()
+    with DedupeIndex(cfg, threads) as idx:
+        idx.add_all(batches, lambda b: b)
+        return idx.finish()
 
 
 def dedupe_texts(
     texts: Sequence[str | None], cfg: DedupeConfig, threads: int = 1, batch_docs: int = 2048
 ) -> DedupeResult:
     """Text mode in memory: normalised word n-grams (see `text_to_ints`)."""
-    idx = DedupeIndex(cfg, threads)
     slices = (texts[s : s + batch_docs] for s in range(0, len(texts), batch_docs))
-    idx.add_all(slices, text_to_ints)
-    return idx.finish()
+    with DedupeIndex(cfg, threads) as idx:
+        idx.add_all(slices, text_to_ints)
+        return idx.finish()
