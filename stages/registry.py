@@ -114,6 +114,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/tokens/", "work/dedupe/"),
         outs=("work/split/",),
         params=("split",),
+        code=("stages/minhash.py",),
         metrics=("work/metrics/split.json",),
         resources=Resources(cpus=1, mem_mb=4000, time_min=60),
     ),

@@ -39,6 +39,7 @@ from stages.common import (
     sha256_file,
     write_json,
 )
+from stages.minhash import mix64
 from stages.schema import Params, ParamsError, SplitConfig, load_params
 
 TOKENS_DIR = WORK / "tokens"
@@ -55,20 +56,10 @@ class SplitError(ValueError):
     """Bad or inconsistent split inputs/outputs; the message names the file."""
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    z = np.asarray(x, dtype=U64).copy()
-    z ^= z >> U64(30)
-    z *= U64(0xBF58476D1CE4E5B9)
-    z ^= z >> U64(27)
-    z *= U64(0x94D049BB133111EB)
-    z ^= z >> U64(31)
-    return z
-
-
 def heldout_mask(cluster: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     """True where the cluster goes to held-out: splitmix64(cluster ^ splitmix64(seed)) / 2^64 < fraction."""
-    key = _mix64(np.array([cfg.seed & ((1 << 64) - 1)], dtype=U64))[0]
-    u = (_mix64(np.asarray(cluster, dtype=np.int64).astype(U64) ^ key) >> U64(11)).astype(np.float64)
+    key = mix64(np.array([cfg.seed & ((1 << 64) - 1)], dtype=U64))[0]
+    u = (mix64(np.asarray(cluster, dtype=np.int64).astype(U64) ^ key) >> U64(11)).astype(np.float64)
     return u * (1.0 / (1 << 53)) < cfg.heldout_fraction
 
 
