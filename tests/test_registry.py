@@ -40,3 +40,44 @@ def test_every_dependency_is_produced_upstream_or_is_source() -> None:
         for c in s.code_files:
             assert (ROOT / c).exists() or c.startswith("kernels"), c
         produced.update(s.all_outs)
+
+
+def project_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:
+    """Project source files a module imports, transitively (stages.*, kernels.*, data.*)."""
+    import ast
+
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.split(".")[0] not in {"stages", "kernels", "data"}:
+                continue
+            for cand in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+                if cand.exists() and cand not in seen:
+                    seen.add(cand)
+                    # schema imports accounting only to check feasibility before compute: no output
+                    # depends on it through schema, so a formula edit must not re-run the data stages
+                    if cand.name != "schema.py":
+                        project_imports(cand, seen)
+    return seen
+
+
+def test_code_dependencies_cover_every_imported_project_module() -> None:
+    """Editing any code a stage runs must re-run it in both engines: the registry lists it all."""
+    problems = {}
+    for s in STAGES:
+        declared = {ROOT / c for c in s.code_files}
+        declared_dirs = [ROOT / d.rstrip("/") for d in s.deps if isinstance(d, str) and not d.startswith("work/")]
+        used = project_imports(ROOT / "stages" / f"{s.name}.py")
+        empty_packages = {ROOT / "stages/__init__.py", ROOT / "data/__init__.py"}  # no code of their own
+        missing = sorted(
+            str(f.relative_to(ROOT)) for f in used - empty_packages
+            if f not in declared and not any(f.is_relative_to(d) for d in declared_dirs)
+        )
+        if missing:
+            problems[s.name] = missing
+    assert not problems, f"stages import project code the registry does not list: {problems}"
