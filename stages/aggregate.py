@@ -126,7 +126,9 @@ def markdown_table(groups: list[dict], study: str) -> str:
         )
     lines += ["", "Equal resources: every run has the same non-vocab params N, compute C = 6·N_active·T and "
               "unique tokens U; MoE runs read U for more epochs. Intervals: bootstrap over held-out documents "
-              "for one seed, Student-t over seeds otherwise."]
+              "for one seed, Student-t over seeds otherwise.", "",
+              "Made by `python -m stages.aggregate` as the last stage of `dvc repro` / `snakemake` (`make study` for "
+              "the default params.yaml); dvc.lock records the hashes of every input."]
     return "\n".join(lines) + "\n"
 
 
@@ -159,22 +161,30 @@ def write_duckdb(dest: Path, rows: list[dict]) -> None:
 def plot(dest: Path, groups: list[dict], study: str) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    moe = sorted((g for g in groups if g["kind"] == "moe"), key=lambda g: g["activation_rate"])
+    pts = sorted(groups, key=lambda g: g["activation_rate"])  # dense sits at r_a = 1
     dense = [g for g in groups if g["kind"] == "dense"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    if moe:
-        x = [g["activation_rate"] for g in moe]
-        y = [g["bpb"] for g in moe]
-        err = [[g["bpb"] - g["bpb_lo"] for g in moe], [g["bpb_hi"] - g["bpb"] for g in moe]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="MoE")
+    for kind, marker in (("moe", "o"), ("dense", "s")):
+        sel = [g for g in pts if g["kind"] == kind]
+        if sel:
+            ax.errorbar([g["activation_rate"] for g in sel], [g["bpb"] for g in sel],
+                        yerr=[[g["bpb"] - g["bpb_lo"] for g in sel], [g["bpb_hi"] - g["bpb"] for g in sel]],
+                        marker=marker, capsize=3, ls="-" if kind == "moe" else "none", label=kind)
+            for g in sel:
+                ax.annotate(g["grp"], (g["activation_rate"], g["bpb"]), textcoords="offset points", xytext=(5, 5),
+                            fontsize=7)
     for g in dense:
-        ax.axhline(g["bpb"], color="k", ls="--", lw=1, label=f"dense ({g['grp']})")
+        ax.axhline(g["bpb"], color="k", ls="--", lw=1)
         ax.axhspan(g["bpb_lo"], g["bpb_hi"], color="k", alpha=0.08)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(sorted({round(g["activation_rate"], 3) for g in pts}))
     ax.set_xlabel("activation rate r_a = N_active / N")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title(f"{study}: equal N, compute and unique data")
