@@ -230,21 +230,41 @@ def dvc_yaml_text() -> str:
     return HEADER + yaml.safe_dump(render_dvc(), sort_keys=False, width=120)
 
 
+README_BEGIN, README_END = "<!-- stage table: generated from stages/registry.py -->", "<!-- end of stage table -->"
+
+
+def readme_table() -> str:
+    """The README's stage table, rendered from the registry so the docs cannot drift."""
+    rows = [README_BEGIN, "| stage | module | what it does | outputs |", "|---|---|---|---|"]
+    for s in STAGES:
+        name = f"{s.name}@run" if s.per_run else s.name
+        outs = ", ".join(f"`{o}`" for o in s.all_outs)
+        rows.append(f"| {name} | `stages/{s.name}.py` | {s.doc} | {outs} |")
+    return "\n".join([*rows, README_END])
+
+
+def readme_text(current: str) -> str:
+    head, rest = current.split(README_BEGIN, 1)
+    return head + readme_table() + rest.split(README_END, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="regenerate dvc.yaml")
-    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is stale")
+    ap.add_argument("--write", action="store_true", help="regenerate dvc.yaml and the README stage table")
+    ap.add_argument("--check", action="store_true", help="exit 1 if either is stale")
     a = ap.parse_args(argv)
-    target = ROOT / "dvc.yaml"
-    text = dvc_yaml_text()
+    readme = ROOT / "README.md"
+    targets = {ROOT / "dvc.yaml": dvc_yaml_text(), readme: readme_text(readme.read_text())}
     if a.write:
-        target.write_text(text)
-        print(f"wrote {target}")
+        for target, text in targets.items():
+            target.write_text(text)
+            print(f"wrote {target}")
     elif a.check:
-        if not target.exists() or target.read_text() != text:
-            print("dvc.yaml is stale: run `python -m stages.registry --write`", file=sys.stderr)
+        stale = [t.name for t, text in targets.items() if not t.exists() or t.read_text() != text]
+        if stale:
+            print(f"{', '.join(stale)} stale: run `python -m stages.registry --write`", file=sys.stderr)
             return 1
-        print("dvc.yaml is up to date")
+        print("dvc.yaml and README.md are up to date")
     else:
         for s in STAGES:
             print(f"{s.name:10s} {'per-run ' if s.per_run else ''}{s.doc}")

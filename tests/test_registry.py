@@ -6,13 +6,20 @@ from pathlib import Path
 
 import yaml
 
-from stages.registry import STAGES, dvc_yaml_text
+from stages.registry import STAGES, dvc_yaml_text, readme_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_dvc_yaml_is_generated_from_the_registry() -> None:
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `python -m stages.registry --write`"
+
+
+def test_readme_stage_table_is_generated_from_the_registry() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert readme == readme_text(readme), "run `python -m stages.registry --write`"
+    for s in STAGES:
+        assert f"`stages/{s.name}.py`" in readme
 
 
 def test_every_stage_is_a_module_with_a_main() -> None:
