@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path("work")  # relative to the repo root: the one ignored folder for build artefacts
 T = TypeVar("T")
@@ -74,6 +76,28 @@ def sha256_tree(path: Path | str) -> str:
     for p in sorted(q for q in files if not any(part.startswith(".") for part in q.relative_to(path).parts)):
         h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on a uint64 array: a bijection with full avalanche; returns a new array.
+
+    The one integer mixer of the project (shingle and band hashing, split assignment, permutations,
+    samples): fixed constants, so results never change with a numpy upgrade.
+    """
+    z = np.asarray(x, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function: the golden-gamma increment, then the finaliser."""
+    with np.errstate(over="ignore"):
+        return mix64(np.asarray(x).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
 
 
 def canonical_json(obj: Any) -> str:

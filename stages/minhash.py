@@ -45,6 +45,7 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
+from stages.common import mix64
 from stages.schema import DedupeConfig
 
 U64 = np.uint64
@@ -57,15 +58,6 @@ EMPTY_SIG = np.uint32(0xFFFFFFFF)
 
 
 # ----------------------------------------------------------------------------------------- mixing
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array (a bijection with full avalanche); returns a new array."""
-    z = np.asarray(x, dtype=U64).copy()
-    z ^= z >> U64(30)
-    z *= U64(0xBF58476D1CE4E5B9)
-    z ^= z >> U64(27)
-    z *= U64(0x94D049BB133111EB)
-    z ^= z >> U64(31)
-    return z
 
 
 def _seed_stream(seed: int, tag: int, n: int) -> np.ndarray:

@@ -60,7 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.artefacts import iter_shards, load_manifest
-from stages.common import progress, read_json, sha256_file, sha256_json, write_json
+from stages.common import progress, read_json, sha256_file, sha256_json, splitmix64, write_json
 
 log = logging.getLogger("stages.shards")
 
@@ -78,21 +78,12 @@ class ReplayError(ValueError):
 
 
 # ----------------------------------------------------------------------------------- permutations
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, vectorised: a bijection on uint64, so distinct inputs never tie."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def seeded_permutation(n: int, *seeds: int) -> np.ndarray:
     """A permutation of range(n) fixed by the seed words, stable across numpy versions and platforms."""
     h = np.zeros(1, dtype=np.uint64)
     for w in seeds:
-        h = _splitmix64(h ^ np.array([w & _M64], dtype=np.uint64))
-    keys = _splitmix64(_splitmix64(np.arange(n, dtype=np.uint64) ^ h))
+        h = splitmix64(h ^ np.array([w & _M64], dtype=np.uint64))
+    keys = splitmix64(splitmix64(np.arange(n, dtype=np.uint64) ^ h))
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 

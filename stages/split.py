@@ -32,6 +32,7 @@ from stages.common import (
     WORK,
     atomic_path,
     fail,
+    mix64,
     progress,
     provenance,
     read_json,
@@ -39,7 +40,6 @@ from stages.common import (
     sha256_file,
     write_json,
 )
-from stages.minhash import mix64
 from stages.schema import Params, ParamsError, SplitConfig, load_params
 
 TOKENS_DIR = WORK / "tokens"

@@ -51,6 +51,7 @@ from stages.common import (
     provenance,
     setup_logging,
     sha256_file,
+    splitmix64,
     write_json,
 )
 from stages.schema import Params, ParamsError, TokenizerConfig, load_params
@@ -81,15 +82,6 @@ def new_tokenizer() -> Any:
     return tok
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed 64-bit mixer (vectorised): uniform-looking bits from consecutive integers."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def corpus_bytes(corpus_dir: Path | str) -> tuple[int, int]:
     """(documents, UTF-8 bytes of all texts), streamed over the text column only."""
     docs = total = 0
@@ -118,7 +110,7 @@ def training_sample(
         nbytes = pc.fill_null(pc.binary_length(col), 0).to_numpy().astype(np.int64)
         keep = nbytes > 0
         if rate < 1.0:
-            keep &= _splitmix64(np.arange(start, start + rb.num_rows) ^ SAMPLE_SALT) < threshold
+            keep &= splitmix64(np.arange(start, start + rb.num_rows) ^ SAMPLE_SALT) < threshold
         start += rb.num_rows
         # the cap ends the sample at the first selected doc that does not fit (independent of batching)
         cum = taken_bytes + np.cumsum(np.where(keep, nbytes, 0))
