@@ -208,11 +208,15 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
         if s.params:
             body["params"] = _dvc_params(s.params)
         outs: list = [({_dvc_path(o): {"cache": False}} if s.uncached else _dvc_path(o)) for o in s.outs]
+        # DVC shows a metric per experiment only if git tracks the file: stats under the ignored
+        # work/ stay plain uncached outputs (`dvc metrics show work/metrics/dedupe.json` reads them),
+        # the study's metrics under results/ are DVC metrics (`dvc exp show`).
+        tracked = [m for m in s.metrics if not m.startswith("work/")]
+        outs += [{_dvc_path(m): {"cache": False}} for m in s.metrics if m.startswith("work/")]
         if outs:
             body["outs"] = outs
-        if s.metrics:
-            body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in s.metrics]
-
+        if tracked:
+            body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in tracked]
         if s.plots:
             body["plots"] = [{_dvc_path(p): {"cache": False, "x": "step", "y": "loss"}} for p in s.plots]
         body["desc"] = s.doc
