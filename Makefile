@@ -24,7 +24,7 @@ study: $(STAMP) apt-lists
 	  cat results/$$(python -c 'from stages.schema import load_params; print(load_params().study)')/results.md
 
 test: $(STAMP)
-	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 -q tests
+	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 --dist loadfile -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

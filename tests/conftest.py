@@ -58,6 +58,7 @@ def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e["NO_PROGRESS"] = "1"
+    e["DVC_NO_ANALYTICS"] = "1"  # no phoning home from CI
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
 
