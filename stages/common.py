@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,20 +122,71 @@ def code_hash(*modules: str) -> str:
 
 
 # --------------------------------------------------------------------------------- atomic writes
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _writer() -> str:
+    """Who writes: host and pid, so a shared (cluster) file system never mixes up two writers."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temp_sibling(path: Path) -> Path:
+    """A temp name beside `path`, unique to this writer; `recover_interrupted` knows its shape."""
+    return path.with_name(f".tmp-{path.name}-{_writer()}-{uuid.uuid4().hex[:8]}")
+
+
+def recover_interrupted(dest: Path | str) -> int:
+    """Clean up after writers of `dest` on this host that were killed (kill -9, OOM); returns how many.
+
+    A dead writer leaves `.tmp-<name>-<host>-<pid>-*` (its unfinished output: deleted) and, if it
+    died between the two renames that replace a directory, `.old-<name>-<host>-<pid>` with `dest`
+    missing (the previous output: renamed back, so nothing that was complete is lost). Leftovers of
+    live processes and of other hosts are not touched.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return 0
+    host = socket.gethostname()
+    cleaned = 0
+    for kind in (".old", ".tmp"):
+        prefix = f"{kind}-{dest.name}-{host}-"
+        for leftover in sorted(dest.parent.glob(prefix + "*")):
+            pid = leftover.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if kind == ".old" and not dest.exists():
+                leftover.rename(dest)
+            elif leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            cleaned += 1
+    return cleaned
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path | str) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success rename it over `dest` (file or directory).
 
-    A crash (or kill -9) leaves only a `.tmp-*` sibling, never a half-written `dest`.
+    A crash (or kill -9) leaves only a `.tmp-<name>-<host>-<pid>-*` sibling, never a half-written `dest`;
+    the next writer of `dest` removes it (`recover_interrupted`).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    recover_interrupted(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-{_writer()}-", dir=dest.parent))
     target = tmp / dest.name
     try:
         yield target
         if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            old = dest.with_name(f".old-{dest.name}-{_writer()}")
             dest.rename(old)
             target.rename(dest)
             shutil.rmtree(old)

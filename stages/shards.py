@@ -47,8 +47,6 @@ import hashlib
 import logging
 import math
 import os
-import socket
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +58,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.artefacts import iter_shards, load_manifest
-from stages.common import progress, read_json, sha256_file, sha256_json, splitmix64, write_json
+from stages.common import (
+    progress,
+    read_json,
+    recover_interrupted,
+    sha256_file,
+    sha256_json,
+    splitmix64,
+    temp_sibling,
+    write_json,
+)
 
 log = logging.getLogger("stages.shards")
 
@@ -179,29 +186,6 @@ class UniqueSpec:
                               "(re-run the replay stage)")
 
 
-def _tmp_name(path: Path) -> Path:
-    """A sibling temp name unique to this process on this host (safe on a shared file system)."""
-    return path.with_name(f".tmp-{path.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def sweep_stale_tmp(dest: Path) -> int:
-    """Delete temp files of `dest` left by killed writers of this host (never another host's)."""
-    prefix = f".tmp-{dest.name}-{socket.gethostname()}-"
-    removed = 0
-    for p in dest.parent.glob(f"{prefix}*"):
-        pid = p.name[len(prefix):].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-            removed += 1
-        except PermissionError:  # alive, another user's
-            pass
-    return removed
-
-
 def _publish(tmp: Path, dest: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -209,7 +193,7 @@ def _publish(tmp: Path, dest: Path) -> None:
 
 
 def _save_npy(dest: Path, arr: np.ndarray) -> str:
-    tmp = _tmp_name(dest)
+    tmp = temp_sibling(dest)
     try:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
@@ -343,8 +327,8 @@ def build_unique_set(directory: Path, spec: UniqueSpec) -> UniqueSet:
     dtype = np.dtype(spec.dtype).newbyteorder("<")
     directory.mkdir(parents=True, exist_ok=True)
     dest = directory / "unique.bin"
-    sweep_stale_tmp(dest)
-    tmp = _tmp_name(dest)
+    recover_interrupted(dest)
+    tmp = temp_sibling(dest)
     parts: list[np.ndarray] = []  # (doc, start, length) rows per batch
     start = 0
     try:
@@ -408,8 +392,8 @@ def build_epoch(u: UniqueSet, epoch: int) -> dict[str, Any]:
     bounds = [0, *cuts.tolist(), u.n_docs]
     bounds = sorted(set(bounds))
     binp, jsonp = epoch_paths(u.dir, epoch)
-    sweep_stale_tmp(binp)
-    tmp = _tmp_name(binp)
+    recover_interrupted(binp)
+    tmp = temp_sibling(binp)
     h = hashlib.sha256()
     written = 0
     try:
