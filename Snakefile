@@ -22,8 +22,7 @@ wildcard_constraints:
 
 
 def _path(p: str) -> str:
-    p = p.rstrip("/").replace("{study}", P.study)
-    return p
+    return p.rstrip("/").replace("{study}", P.study)
 
 
 def _out(p: str):
