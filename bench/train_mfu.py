@@ -72,9 +72,20 @@ def full_flops_per_token(arch: Any, vocab: int) -> float:
     return train_flops(arch.nonvocab_active, 1) + 6 * arch.d_model * vocab + attention
 
 
-def measure(run: str, engine: str, compile_: bool, vocab: int, steps: int, warmup: int, batch: int,
+# Model families: the study's (d512: an MoE at r_a 0.2 fits) and a wider dense one of the same N
+# (d768, d1024: attention alone is 28% / 25% of N there, so no MoE at 0.2 exists in them).
+FAMILIES = {
+    "d512": {"d_model": 512, "n_layers": 8, "n_heads": 8},
+    "d768": {"d_model": 768, "n_layers": 12, "n_heads": 12},
+    "d1024": {"d_model": 1024, "n_layers": 6, "n_heads": 16},
+}
+
+
+def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warmup: int, batch: int,
             profile_dir: Path | None = None) -> dict[str, Any]:
+    family, _, run = spec.rpartition("/")
     raw = json.loads(json.dumps(BENCH_PARAMS))
+    raw["model"] |= FAMILIES[family or "d512"]
     raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_}
     p = parse_params(raw)
     plan = plan_run(p, run)
@@ -102,7 +113,8 @@ def measure(run: str, engine: str, compile_: bool, vocab: int, steps: int, warmu
     peak, _ = device_peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     fpt, full = train_flops(plan.arch.nonvocab_active, 1), full_flops_per_token(plan.arch, vocab)
     row = {
-        "run": run, "kind": plan.arch.kind, "experts": plan.arch.experts, "top_k": plan.arch.top_k,
+        "run": spec, "family": family or "d512", "d_model": plan.arch.d_model, "n_layers": plan.arch.n_layers,
+        "kind": plan.arch.kind, "experts": plan.arch.experts, "top_k": plan.arch.top_k,
         "ffn_hidden": plan.arch.ffn_hidden, "nonvocab_params": plan.arch.nonvocab_total,
         "nonvocab_active": plan.arch.nonvocab_active, "activation_rate": round(plan.arch.activation_rate, 4),
         "engine": metrics["engine"], "compile": compile_, "dtype": "bf16", "batch": plan.batch_size,
@@ -117,49 +129,54 @@ def measure(run: str, engine: str, compile_: bool, vocab: int, steps: int, warmu
     if prof is not None and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        (profile_dir / f"profile_{run}_{engine}_{'compiled' if compile_ else 'eager'}.txt").write_text(table)
-        row["profile_categories"] = categories(prof)
+        name = f"profile_{spec.replace('/', '_')}_{engine}_{'compiled' if compile_ else 'eager'}.txt"
+        (profile_dir / name).write_text(table)
+        cats, kernel_us = categories(prof)
+        row["profile_gpu_share"] = cats
+        row["profile_gpu_busy"] = round(kernel_us / 1e3 / (3 * step_s * 1e3), 3)  # kernel time / wall, 3 steps
     return row
 
 
-def categories(prof: Any) -> dict[str, float]:
-    """Share of GPU kernel time by kind (matmul, attention, grouped expert GEMM, optimizer, other)."""
+def categories(prof: Any) -> tuple[dict[str, float], float]:
+    """Share of GPU kernel time by kind, and the total kernel time (us) of the profiled steps."""
     out: dict[str, float] = {}
     total = 0.0
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0.0) or 0.0
-        if t <= 0 or e.device_type.name != "CUDA":
-            continue
         n = e.key.lower()
+        if t <= 0 or "profilerstep" in n or "#" in n or n.startswith(("torch-compiled", "compiledfunction")):
+            continue  # ranges, not kernels
         if "grouped" in n or "group_gemm" in n:
             c = "grouped_gemm"
         elif "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
             c = "attention"
-        elif "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n:
+        elif "gemm" in n or "cutlass" in n or "nvjet" in n or "aten::mm" in n or "aten::addmm" in n or "xmma" in n:
             c = "gemm"
-        elif "adam" in n or "foreach" in n or "multi_tensor" in n:
+        elif "adam" in n or "multi_tensor" in n or "foreach" in n:
             c = "optimizer"
         elif "triton" in n:
             c = "triton_fused"
         elif "nccl" in n:
             c = "nccl"
         else:
-            c = "other_elementwise"
+            c = "other"
         out[c] = out.get(c, 0.0) + t
         total += t
-    return {k: round(v / total, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])} if total else {}
+    shares = {k: round(v / total, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])} if total else {}
+    return shares, total
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="dense,moe_k1,moe_k2")
+    ap.add_argument("--runs", default="dense,moe_k1,moe_k2", help="[family/]run, comma-separated")
     ap.add_argument("--variants", default="torch:0,torch:1,deepspeed:0,deepspeed:1",
                     help="engine:compile pairs, comma-separated")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--profile", default=None, help="run:engine:compile to profile once (3 steps) after the table")
+    ap.add_argument("--profile", default=None,
+                    help="run:engine:compile[;run:engine:compile] to profile once (3 steps) after the table")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
@@ -187,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    if a.profile and a.out:
-        run, engine, comp = a.profile.split(":")
+    for prof in (a.profile.split(";") if a.profile and a.out else []):
+        run, engine, comp = prof.split(":")
         r = measure(run, engine, comp == "1", a.vocab, 3, a.warmup, a.batch, profile_dir=Path(a.out).parent)
         r["profiled"] = True
         rows.append(r)

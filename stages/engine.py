@@ -165,8 +165,9 @@ class TorchEngine:
         self.device = device
         self.cfg = cfg
         self.world = dist_env()[1]
+        cuda = device.type == "cuda"  # one fused kernel on GPUs; the reference loop on CPU (bit-stable)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
-                                           eps=ADAM_EPS, foreach=device.type == "cuda")
+                                           eps=ADAM_EPS, fused=cuda or None)
 
     def forward(self, x: torch.Tensor) -> Any:
         with autocast_context(self.device, self.cfg.dtype):

@@ -114,6 +114,16 @@ class RouterOutput:
     load: torch.Tensor  # (E,) fraction of the T*k routed slots that went to each expert
 
 
+def expert_counts(indices: torch.Tensor, experts: int) -> torch.Tensor:
+    """Rows routed to each expert, (E,) int64, without a host sync.
+
+    torch.bincount sizes its output from the data, so on CUDA it waits for the GPU (a device-to-host
+    copy); two per MoE layer stalled the whole step on the host (bench/train_mfu.py, H100).
+    """
+    flat = indices.reshape(-1)
+    return torch.zeros(experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Router(nn.Module):
     """Bias-free linear gate, softmax top-k with renormalised weights, and the balancing losses."""
 
@@ -132,7 +142,7 @@ class Router(nn.Module):
         probs = logits.softmax(dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(top_i.reshape(-1), minlength=self.experts).to(probs.dtype)
+        counts = expert_counts(top_i, self.experts).to(probs.dtype)
         load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
         importance = probs.mean(dim=0)  # P_i: carries the gradient
         aux = self.experts * (load * importance).sum()
@@ -156,7 +166,7 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torc
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     x_perm = x.index_select(0, order // k)
-    counts = torch.bincount(flat, minlength=experts)
+    counts = expert_counts(flat, experts)
     offs = counts.cumsum(0).to(torch.int32)
     return x_perm, Dispatch(order, counts, offs)
 

@@ -478,8 +478,9 @@ def relaunch_under_torchrun(argv: list[str]) -> int | None:
         return None  # per_run_main reports it
     if gpus <= 1:
         return None
+    # "--" ends torchrun's options: without it, its parser takes our --run for an abbreviation of --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "stages.train", *argv]
+           "-m", "--", "stages.train", *argv]
     log.info("train.gpus=%d: %s", gpus, " ".join(cmd))
     return subprocess.call(cmd)
 

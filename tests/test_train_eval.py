@@ -359,3 +359,97 @@ def test_load_heldout_reads_only_heldout_docs(trained: Path) -> None:
     docs = load_heldout(trained / "tokens", trained / "split" / "split.parquet")
     assert [d.doc for d in docs] == [d for d in range(N_DOCS) if heldout(d)]
     assert all(np.array_equal(d.tokens, doc_tokens(d.doc)) for d in docs)
+
+
+# --------------------------------------------------------------------------- logs, schedules, config
+@pytest.mark.parametrize("run", ["dense", "moe"])
+def test_steps_parquet_and_dvclive(trained: Path, run: str) -> None:
+    import json
+
+    rdir = trained / "runs" / run
+    plan, res = read_json(rdir / "plan.json"), read_json(rdir / "train.json")
+    t = pq.read_table(rdir / "steps.parquet").to_pydict()
+    assert set(t) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
+                      "load_max_over_mean", "load_entropy"}
+    assert t["step"] == list(range(1, plan["steps"] + 1)) and t["tokens"][-1] == plan["tokens"]
+    rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
+    assert [float(r["loss"]) for r in rows] == t["loss"]
+    assert all(v > 0 for v in t["tokens_per_s"]) and all(g > 0 for g in t["grad_norm"])
+    assert all(m is None for m in t["mfu"]) and res["mfu"] is None and "CPU" in res["peak_flops_source"]
+    assert res["engine"] == "torch" and res["processes"] == 1 and res["flops_per_token"] == 6 * plan["nonvocab_active"]
+    moe_cols = ("aux_loss", "z_loss", "load_max_over_mean", "load_entropy")
+    if run == "moe":
+        assert all(v is not None for c in moe_cols for v in t[c])
+        assert all(1.0 <= v <= plan["arch"]["experts"] for v in t["load_max_over_mean"])
+        assert all(0.0 < v <= 1.0 + 1e-9 for v in t["load_entropy"])
+        assert len(res["expert_load"]["entropy"]) == plan["arch"]["n_layers"]
+    else:
+        assert all(v is None for c in moe_cols for v in t[c])
+    live = json.loads((rdir / "dvclive/metrics.json").read_text())
+    assert live["step"] == plan["steps"] and live["train"]["loss"] == t["loss"][-1]
+    assert live["final_train_loss"] == res["final_train_loss"]
+    tsv = (rdir / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["step", "loss"] and len(tsv) == plan["steps"] + 1
+    assert ((rdir / "dvclive/plots/metrics/train/aux_loss.tsv").exists()) == (run == "moe")
+
+
+def test_wsd_schedule_and_warmup_fraction() -> None:
+    from stages.engine import schedule_lr
+
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1, "wsd", 0.2) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and all(v == 1.0 for v in lrs[10:80])
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1)
+    cfg = parse_params(PARAMS).train.model_copy(update={"warmup_fraction": 0.25})
+    assert schedule_lr(cfg, 24, 100, 2.0) == pytest.approx(2.0) and schedule_lr(cfg, 0, 100, 2.0) == pytest.approx(0.08)
+
+
+def test_deepspeed_config_follows_params() -> None:
+    from stages.engine import deepspeed_config
+
+    raw = copy.deepcopy(PARAMS)
+    raw["train"] |= {"batch_size": 32, "micro_batch_size": 4, "gpus": 2, "zero_stage": 2, "dtype": "bf16",
+                     "grad_clip": 0.5, "weight_decay": 0.05}
+    cfg = parse_params(raw).train
+    ds = deepspeed_config(cfg, 1e-3, "cuda", 2)
+    sizes = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert sizes == (32, 4, 4)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    bad = copy.deepcopy(raw)
+    bad["train"]["micro_batch_size"] = 3
+    with pytest.raises(Exception, match="micro_batch_size"):
+        parse_params(bad)
+
+
+def test_gradient_accumulation_matches_the_full_batch(params: Params) -> None:
+    """Micro-batches of 1 accumulated to a step of 4 follow the one-shot step (fp32, up to rounding)."""
+    arch = plan_run(params, "moe").arch.to_dict()
+    curves = {}
+    for micro in (None, 1):
+        cfg = params.train.model_copy(update={"micro_batch_size": micro, "aux_loss_coef": 0.0})
+        torch.manual_seed(0)
+        trainer, metrics = train(build_model(arch, VOCAB), ListLoader(counting_batches(6), 16), cfg, steps=6,
+                                 batch_size=4, lr=1e-2, seed=0)
+        assert metrics["gradient_accumulation"] == (4 if micro == 1 else 1)
+        curves[micro] = [h.loss for h in trainer.history]
+    np.testing.assert_allclose(curves[1], curves[None], rtol=1e-5)
+
+
+def test_deepspeed_checkpoint_resume_is_exact(params: Params, tmp_path: Path) -> None:
+    """DeepSpeed on CPU: 4 steps, checkpoint, a fresh engine resumes: the 8-step curve of one go."""
+    pytest.importorskip("deepspeed")
+    arch = plan_run(params, "dense").arch.to_dict()
+    cfg = params.train.model_copy(update={"engine": "deepspeed", "device": "cpu", "checkpoint_every": 4})
+    batches = counting_batches(8)
+
+    def go(steps: int, ckpt: Path | None) -> Trainer:
+        torch.manual_seed(0)
+        trainer, _ = train(build_model(arch, VOCAB), ListLoader(batches, 16), cfg, steps=steps, batch_size=4,
+                           lr=1e-2, seed=0, ckpt_dir=ckpt)
+        return trainer
+
+    straight = go(8, None)
+    go(4, tmp_path)
+    resumed = go(8, tmp_path)
+    assert [h.loss for h in resumed.history] == [h.loss for h in straight.history]
