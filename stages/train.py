@@ -386,6 +386,18 @@ def train(
     return trainer, metrics
 
 
+def hf_config(arch: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """Hugging Face-style keys beside our own (tools that read config.json find the usual names)."""
+    moe = arch["kind"] == "moe"
+    return {"model_type": "moe_equal_resources_lm", "architectures": ["LM"], "hidden_size": arch["d_model"],
+            "num_hidden_layers": arch["n_layers"], "num_attention_heads": arch["n_heads"],
+            "max_position_embeddings": arch["seq_len"], "intermediate_size": arch["ffn_hidden"],
+            "num_local_experts": arch["experts"] if moe else None,
+            "num_experts_per_tok": arch["top_k"] if moe else None,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": arch.get("tie_embeddings", True),
+            "eos_token_id": eos_id, "torch_dtype": "float32"}
+
+
 def run_dir(run: str, work: Path = WORK) -> Path:
     return work / "runs" / run
 
@@ -443,7 +455,8 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     if rank != 0:
         return metrics
     config = {"arch": plan["arch"], "vocab_size": tm["vocab_size"], "eos_id": tm["eos_id"],
-              "nonvocab_params": total, "nonvocab_active": active, "run": run, "provenance": prov}
+              "nonvocab_params": total, "nonvocab_active": active, "run": run, "provenance": prov,
+              **hf_config(plan["arch"], tm["vocab_size"], tm["eos_id"])}
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
