@@ -232,7 +232,8 @@ class Trainer:
         lmax, lent = load_step_stats(stats_load)
         return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm, seconds=seconds,
                          tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
-                         load_max_over_mean=lmax, load_entropy=lent)
+                         load_max_over_mean=lmax, load_entropy=lent,
+                         load=None if stats_load is None else [[float(v) for v in row] for row in stats_load])
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)

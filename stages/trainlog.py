@@ -27,6 +27,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S
 
 STEP_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
                 "load_max_over_mean", "load_entropy")
+# MoE only, per layer (lists): max/mean load, normalised entropy, fraction of routed slots per expert
+LAYER_COLUMNS = ("layer_load_max_over_mean", "layer_load_entropy", "layer_expert_fraction")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class StepStats:
     mfu: float | None = None
     load_max_over_mean: float | None = None  # MoE: worst layer's max expert load / mean load
     load_entropy: float | None = None  # MoE: mean over layers of entropy(load) / ln(E), 1 = uniform
+    load: list[list[float]] | None = None  # MoE: (layers, E) fraction of this step's routed slots per expert
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,15 +70,21 @@ def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None) 
     return flops_per_token * tokens_per_s / peak
 
 
+def layer_load_stats(load: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per layer of a (layers, E) load: max/mean over experts, and entropy / ln(E) (1 = uniform)."""
+    load = load.double()
+    E = load.shape[1]
+    ratio = load.max(dim=1).values / load.mean(dim=1)
+    ent = -(load * load.clamp_min(1e-12).log()).sum(dim=1) / math.log(E)
+    return [float(v) for v in ratio], [float(v) for v in ent]
+
+
 def load_step_stats(load: torch.Tensor | None) -> tuple[float | None, float | None]:
     """(max over layers of max/mean load, mean over layers of normalised entropy) of one step's (layers, E) load."""
     if load is None:
         return None, None
-    load = load.double()
-    E = load.shape[1]
-    worst = float((load.max(dim=1).values / load.mean(dim=1)).max())
-    p = load.clamp_min(1e-12)
-    ent = float((-(load * p.log()).sum(dim=1) / math.log(E)).mean())
+    ratio, ent = layer_load_stats(load)
+    worst, ent = max(ratio), sum(ent) / len(ent)
     return worst, ent
 
 
@@ -109,7 +118,21 @@ def steps_table(history: list[StepStats], kind: str) -> Any:
                 v = None
             cols[c].append(v)
     types = {"step": pa.int64(), "tokens": pa.int64()}
-    return pa.table({c: pa.array(v, types.get(c, pa.float64())) for c, v in cols.items()})
+    table = {c: pa.array(v, types.get(c, pa.float64())) for c, v in cols.items()}
+    layer: dict[str, list[Any]] = {c: [] for c in LAYER_COLUMNS}
+    for h in history:
+        if h.load is None:
+            for c in LAYER_COLUMNS:
+                layer[c].append(None)
+            continue
+        ratio, ent = layer_load_stats(torch.tensor(h.load))
+        layer["layer_load_max_over_mean"].append(ratio)
+        layer["layer_load_entropy"].append(ent)
+        layer["layer_expert_fraction"].append(h.load)
+    table["layer_load_max_over_mean"] = pa.array(layer["layer_load_max_over_mean"], pa.list_(pa.float64()))
+    table["layer_load_entropy"] = pa.array(layer["layer_load_entropy"], pa.list_(pa.float64()))
+    table["layer_expert_fraction"] = pa.array(layer["layer_expert_fraction"], pa.list_(pa.list_(pa.float64())))
+    return pa.table(table)
 
 
 def write_steps_parquet(path: Path, history: list[StepStats], kind: str) -> None:
@@ -143,6 +166,10 @@ def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary:
             if kind == "moe":
                 values |= {"aux_loss": s.aux_loss, "z_loss": s.z_loss, "load_max_over_mean": s.load_max_over_mean,
                            "load_entropy": s.load_entropy}
+            if kind == "moe" and s.load is not None:
+                ratio, ent = layer_load_stats(torch.tensor(s.load))
+                for i, (r, e) in enumerate(zip(ratio, ent, strict=True)):
+                    values |= {f"layer{i}/load_max_over_mean": r, f"layer{i}/load_entropy": e}
             for k, v in values.items():
                 if v is not None and math.isfinite(v):
                     live.log_metric(f"train/{k}", v)

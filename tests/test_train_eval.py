@@ -370,7 +370,8 @@ def test_steps_parquet_and_dvclive(trained: Path, run: str) -> None:
     plan, res = read_json(rdir / "plan.json"), read_json(rdir / "train.json")
     t = pq.read_table(rdir / "steps.parquet").to_pydict()
     assert set(t) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
-                      "load_max_over_mean", "load_entropy"}
+                      "load_max_over_mean", "load_entropy", "layer_load_max_over_mean", "layer_load_entropy",
+                      "layer_expert_fraction"}
     assert t["step"] == list(range(1, plan["steps"] + 1)) and t["tokens"][-1] == plan["tokens"]
     rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
     assert [float(r["loss"]) for r in rows] == t["loss"]
@@ -383,8 +384,15 @@ def test_steps_parquet_and_dvclive(trained: Path, run: str) -> None:
         assert all(1.0 <= v <= plan["arch"]["experts"] for v in t["load_max_over_mean"])
         assert all(0.0 < v <= 1.0 + 1e-9 for v in t["load_entropy"])
         assert len(res["expert_load"]["entropy"]) == plan["arch"]["n_layers"]
+        fractions = t["layer_expert_fraction"]
+        assert all(len(f) == plan["arch"]["n_layers"] and len(f[0]) == plan["arch"]["experts"] for f in fractions)
+        assert all(sum(f[0]) == pytest.approx(1.0) for f in fractions)
+        assert [max(r) for r in t["layer_load_max_over_mean"]] == pytest.approx(t["load_max_over_mean"])
+        mean = np.mean([f[0] for f in fractions], axis=0)  # the run's mean load, as train.json reports it
+        np.testing.assert_allclose(mean, res["expert_load"]["fraction_per_expert"][0], atol=1e-6)
+        assert (rdir / "dvclive/plots/metrics/train/layer0/load_entropy.tsv").exists()
     else:
-        assert all(v is None for c in moe_cols for v in t[c])
+        assert all(v is None for c in moe_cols for v in t[c]) and all(v is None for v in t["layer_expert_fraction"])
     live = json.loads((rdir / "dvclive/metrics.json").read_text())
     assert live["step"] == plan["steps"] and live["train"]["loss"] == t["loss"][-1]
     assert live["final_train_loss"] == res["final_train_loss"]
