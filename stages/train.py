@@ -233,7 +233,7 @@ class Trainer:
         return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm, seconds=seconds,
                          tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
                          load_max_over_mean=lmax, load_entropy=lent,
-                         load=None if stats_load is None else [[float(v) for v in row] for row in stats_load])
+                         load=None if stats_load is None else stats_load.float().numpy())
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)

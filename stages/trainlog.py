@@ -2,7 +2,8 @@
 
 - `StepStats`: one row per optimizer step (loss, lr, grad norm, tokens, tokens/s, MFU, and for MoE
   the aux/z losses and the step's expert load: max/mean over experts, worst layer, and the
-  normalised entropy, mean over layers). The same rows make train_log.csv (the historical columns),
+  normalised entropy, mean over layers; and per layer, as list columns: max/mean, entropy and the
+  fraction of routed slots per expert). The same rows make train_log.csv (the historical columns),
   work/runs/<run>/steps.parquet (every column, for DuckDB) and the dvclive curves.
 - MFU = (model FLOPs per token from the planner, stages.accounting) * tokens/s / device peak.
   Peaks are dense bf16 tensor-core figures of the datasheets (fp32 runs use the same peak, so
@@ -45,7 +46,7 @@ class StepStats:
     mfu: float | None = None
     load_max_over_mean: float | None = None  # MoE: worst layer's max expert load / mean load
     load_entropy: float | None = None  # MoE: mean over layers of entropy(load) / ln(E), 1 = uniform
-    load: list[list[float]] | None = None  # MoE: (layers, E) fraction of this step's routed slots per expert
+    load: Any = None  # MoE: (layers, E) float32 array, fraction of this step's routed slots per expert
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,10 +126,10 @@ def steps_table(history: list[StepStats], kind: str) -> Any:
             for c in LAYER_COLUMNS:
                 layer[c].append(None)
             continue
-        ratio, ent = layer_load_stats(torch.tensor(h.load))
+        ratio, ent = layer_load_stats(torch.from_numpy(h.load))
         layer["layer_load_max_over_mean"].append(ratio)
         layer["layer_load_entropy"].append(ent)
-        layer["layer_expert_fraction"].append(h.load)
+        layer["layer_expert_fraction"].append(h.load.tolist())
     table["layer_load_max_over_mean"] = pa.array(layer["layer_load_max_over_mean"], pa.list_(pa.float64()))
     table["layer_load_entropy"] = pa.array(layer["layer_load_entropy"], pa.list_(pa.float64()))
     table["layer_expert_fraction"] = pa.array(layer["layer_expert_fraction"], pa.list_(pa.list_(pa.float64())))
@@ -167,7 +168,7 @@ def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary:
                 values |= {"aux_loss": s.aux_loss, "z_loss": s.z_loss, "load_max_over_mean": s.load_max_over_mean,
                            "load_entropy": s.load_entropy}
             if kind == "moe" and s.load is not None:
-                ratio, ent = layer_load_stats(torch.tensor(s.load))
+                ratio, ent = layer_load_stats(torch.from_numpy(s.load))
                 for i, (r, e) in enumerate(zip(ratio, ent, strict=True)):
                     values |= {f"layer{i}/load_max_over_mean": r, f"layer{i}/load_entropy": e}
             for k, v in values.items():
