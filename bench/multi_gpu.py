@@ -111,7 +111,8 @@ def run(d: Path, out: Path) -> None:
         if any("failed" in x for x in (a, b, s1)):
             rows.append({"kind": kind, "failed": [x.get("failed") for x in (a, b, s1)]})
             continue
-        curve_gap = max(abs(x - y) for x, y in zip(a["curve_every_50"][2:], b["curve_every_50"][2:], strict=False))
+        curve_gap = max((abs(x - y) for x, y in zip(a["curve_every_50"][2:], b["curve_every_50"][2:], strict=False)),
+                        default=0.0)
         rows.append({"kind": kind, "loss_1gpu": a["final_loss"], "loss_2gpu": b["final_loss"],
                      "gap_2gpu_vs_1gpu": abs(a["final_loss"] - b["final_loss"]),
                      "seed_spread_1gpu": abs(a["final_loss"] - s1["final_loss"]),
