@@ -120,12 +120,25 @@ def run(d: Path, out: Path) -> None:
                      "within_noise": abs(a["final_loss"] - b["final_loss"]) <= max(abs(a["final_loss"] -
                                                                                       s1["final_loss"]), 0.02),
                      "tokens_per_s_1gpu": a["tokens_per_second"], "tokens_per_s_2gpu": b["tokens_per_second"]})
-    report = {"command": "python bench/multi_gpu.py run " + " ".join(sys.argv[3:]), "one_gpu": one, "two_gpus": two,
+    report = {"command": "python bench/multi_gpu.py " + " ".join(sys.argv[1:]), "one_gpu": one, "two_gpus": two,
               "comparison": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for r in rows:
         print(json.dumps(r))
+    dev = next((v["device_name"] for v in two.values() if "device_name" in v), "?")
+    lines = [f"# 2 GPUs vs 1: the train stage under torchrun ({dev})", "",
+             f"`{report['command']}` (data prepared on CPU with `python bench/multi_gpu.py prepare DIR`)", "",
+             "| model | final loss 1 GPU | final loss 2 GPUs | gap | seed spread (1 GPU) | within noise | "
+             "tokens/s 1 GPU | tokens/s 2 GPUs |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['kind']} | failed: {r['failed']} | | | | | | |")
+            continue
+        lines.append(f"| {r['kind']} | {r['loss_1gpu']:.4f} | {r['loss_2gpu']:.4f} | {r['gap_2gpu_vs_1gpu']:.4f} | "
+                     f"{r['seed_spread_1gpu']:.4f} | {'yes' if r['within_noise'] else 'NO'} | "
+                     f"{r['tokens_per_s_1gpu']:.0f} | {r['tokens_per_s_2gpu']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
