@@ -255,10 +255,10 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # a no-op step that advances DeepSpeed's micro-step counter
 
-    def grad_norm(self) -> float:
-        return float("nan")  # known only after DeepSpeed's step (see step)
+    def grad_norm(self) -> None:
+        return None  # known only after DeepSpeed's step (see step)
 
-    def step(self, lr: float, norm: float) -> float:
+    def step(self, lr: float, norm: float | None) -> float:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()

@@ -183,6 +183,10 @@ class Trainer:
                 else "no checkpoint was written yet")
         return NonFiniteError(f"step {self.step + 1}: {what}; training stopped ({kept})")
 
+    def _check_norm(self, norm: float) -> None:
+        if not norm <= self.cfg.max_grad_norm:  # NaN fails this too
+            raise self._blew_up(f"gradient norm {norm:.4g} is not below train.max_grad_norm={self.cfg.max_grad_norm:g}")
+
     def train_step(self, batch: torch.Tensor) -> StepStats:
         """One optimizer step on this process's share of the global batch, in micro-batches."""
         t0 = time.perf_counter()
@@ -209,15 +213,14 @@ class Trainer:
         ce_v, aux_v, z_v = (float(v) for v in sums)
         if not all(map(torch.isfinite, sums)):
             raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
-        norm = self.engine.grad_norm()  # torch engine: known before the update; deepspeed: after it
-        if norm == norm and not (norm <= self.cfg.max_grad_norm):  # noqa: PLR0124 (nan means "not known yet")
-            raise self._blew_up(f"gradient norm {norm:.4g} exceeds train.max_grad_norm={self.cfg.max_grad_norm:g}")
+        # the pre-clip norm: the torch engine knows it before the update (None: deepspeed, after it)
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            self._check_norm(norm)
         after = self.engine.step(lr, norm)
         if after is not None:
             norm = after
-            if not (norm <= self.cfg.max_grad_norm):
-                raise self._blew_up(f"gradient norm {norm:.4g} is not below train.max_grad_norm="
-                                    f"{self.cfg.max_grad_norm:g}")
+            self._check_norm(norm)
         update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
         if callable(update_bias):
             update_bias()
