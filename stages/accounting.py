@@ -392,33 +392,29 @@ def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: Pla
     ks = range(1, pl.max_top_k + 1) if "top_k" in vary else [run.top_k]
     S = run.shared_experts
     gate = d if run.shared_gate and S else 0
-    width = None
-    if run.granularity is not None:
-        width = _round_to(f_dense / run.granularity, m.multiple_of)
+    # granularity G (Krajewski et al. 2024): prefer the shape whose expert width is nearest f_dense / G
+    width_goal = f_dense / run.granularity if run.granularity is not None else None
     best: tuple[tuple, tuple] | None = None
+    if "experts" not in vary and run.experts is None:
+        raise PlanError(f"runs.{name}: give experts or let them vary (runs.{name}.vary)")
     near_rates: dict[float, tuple] = {}
     for k in ks:
-        if "experts" in vary:
-            es = range(max(k + 1, 2), pl.max_experts + 1)
-        elif run.experts is not None:
-            es = [run.experts]
-        else:
-            raise PlanError(f"runs.{name}: give experts or let them vary (runs.{name}.vary)")
+        es = range(max(k + 1, 2), pl.max_experts + 1) if "experts" in vary else [run.experts]
         for e in es:
             if k >= e:
                 continue
             # params of one MoE layer: e * 3 d f_e + S * 3 d f_s + d e + gate
             fs_fixed = run.shared_expert_width
-            if width is not None:
-                widths = [width]
-            else:
-                unit = swiglu_params(d, 1) * (e + (S if fs_fixed is None else 0))
-                rest = target - fixed - n_moe * (d * e + gate + (S * swiglu_params(d, fs_fixed) if fs_fixed else 0))
-                exact = rest / (n_moe * unit)
-                if exact < 1:
-                    continue
+            unit = swiglu_params(d, 1) * (e + (S if fs_fixed is None else 0))
+            rest = target - fixed - n_moe * (d * e + gate + (S * swiglu_params(d, fs_fixed) if fs_fixed else 0))
+            exact = rest / (n_moe * unit)
+            if exact < 1:
+                continue
+            if "expert_width" in vary:
                 lo = max(m.multiple_of, math.floor(exact / m.multiple_of) * m.multiple_of)
                 widths = sorted({lo, lo + m.multiple_of})
+            else:  # fixed expert width: model.ffn_hidden / granularity, or the rounded goal
+                widths = [_round_to(width_goal or exact, m.multiple_of)]
             for f in widths:
                 fs = f if fs_fixed is None else fs_fixed
                 per_total = e * swiglu_params(d, f) + S * swiglu_params(d, fs) + d * e + gate
@@ -430,8 +426,10 @@ def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: Pla
                 if p_err <= pl.params_tol:
                     near_rates.setdefault(round(active / total, 3), (e, k, f))
                 worst = max(p_err / pl.params_tol, r_err / pl.rate_tol)
-                # feasible shapes first, then the fewest routed experts per token, then the closest
-                key = (0, k, worst) if worst <= 1 else (1, 0, worst)
+                # feasible shapes first, then the expert width nearest the granularity's (or the
+                # fewest routed experts per token), then the closest to the targets
+                pref = abs(math.log(f / width_goal)) if width_goal else k
+                key = (0, pref, worst) if worst <= 1 else (1, 0, worst)
                 if best is None or key < best[0]:
                     best = (key, (e, k, f, total, active))
     if best is None:
@@ -447,10 +445,7 @@ def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: Pla
     if abs(p_dev) > pl.params_tol or abs(r_dev) > pl.rate_tol:
         rates = sorted(near_rates, key=lambda r: abs(r - (rate or 0)))[:4]
         hint = ", ".join(f"{r:.3f} (E={near_rates[r][0]}, k={near_rates[r][1]})" for r in sorted(rates))
-        relax = [f"add {d_} to runs.{name}.vary" for d_ in ("top_k", "experts", "expert_width")
-                 if d_ not in vary and not (d_ == "expert_width" and run.granularity is not None)]
-        if run.granularity is not None:
-            relax.append(f"drop runs.{name}.granularity")
+        relax = [f"add {d_} to runs.{name}.vary" for d_ in ("top_k", "experts", "expert_width") if d_ not in vary]
         relax += ["lower model.multiple_of", "widen planner.params_tol / rate_tol"]
         raise PlanError(
             f"runs.{name}: no MoE shape within ±{pl.params_tol:.0%} of N={target:.4g} and ±{pl.rate_tol:.0%} of "

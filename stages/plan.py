@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return count_main(args[1:])
     if args and args[0] == "table":
         # imported by name: the per-run plan stage's outputs do not depend on the table writer
-        return importlib.import_module("stages.plan_table").main(["--from-params", *args[1:]])
+        return importlib.import_module("stages.plan_table").main(args[1:])
     return per_run_main("plan", __doc__, write_plan, (PlanError,), argv)
 
 

@@ -3,10 +3,10 @@
 One row per run: the concrete architecture the planner chose, its total and active parameters
 (non-vocab, the study's N, and with embeddings, the published convention), how far they are from
 the targets, its FLOPs per token, token budget T_i = C / F_i, steps and epochs of the unique data U:
-the replay plan the shard builder consumes, readable before anything trains. In the pipeline it
-reads the per-run plan.json files (`python -m stages.plan_table`); `python -m stages.plan table
-[params.yaml]` (= `python -m stages.plan_table --from-params [params.yaml]`) plans from the params
-file alone, for studies that are only planned (studies/paper_2b.yaml).
+the replay plan the shard builder consumes, readable before anything trains. It plans from the
+params file alone (the same `plan_run` as each plan@run stage, without the corpus check), so it has
+no data dependency and also serves studies that are only planned:
+`python -m stages.plan table studies/paper_2b.yaml` (= `python -m stages.plan_table FILE`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.accounting import PlanError, plan_run
-from stages.common import WORK, fail, read_json, setup_logging, write_bytes
+from stages.common import fail, setup_logging, write_bytes
 from stages.schema import Params, ParamsError, load_params
 
 # (column, how to read it from a plan dict, markdown format)
@@ -54,10 +54,6 @@ def table_paths(study: str, root: Path = Path("results")) -> tuple[Path, Path]:
 def plans_from_params(p: Params) -> list[dict]:
     """Plan every run from the params alone (no corpus needed)."""
     return [plan_run(p, r).to_dict() for r in sorted(p.runs)]
-
-
-def plans_from_work(p: Params, work: Path = WORK) -> list[dict]:
-    return [read_json(work / "runs" / r / "plan.json") for r in sorted(p.runs)]
 
 
 def rows(plans: list[dict]) -> list[dict]:
@@ -106,18 +102,16 @@ def write_table(p: Params, plans: list[dict], root: Path = Path("results")) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.plan_table [--from-params] [params.yaml]`."""
+    """`python -m stages.plan_table [params.yaml]`."""
     ap = argparse.ArgumentParser(prog="python -m stages.plan_table", description=__doc__.splitlines()[0])
     ap.add_argument("params", nargs="?", default="params.yaml")
-    ap.add_argument("--from-params", action="store_true",
-                    help="plan from the params file alone (default: read work/runs/*/plan.json, as the pipeline)")
     a = ap.parse_args(argv)
     log = setup_logging("plan_table")
     try:
         p = load_params(a.params)
-        plans = plans_from_params(p) if a.from_params else plans_from_work(p)
+        plans = plans_from_params(p)
         pq_path, md_path = write_table(p, plans)
-    except (ParamsError, PlanError, FileNotFoundError, KeyError) as err:
+    except (ParamsError, PlanError) as err:
         fail(str(err).strip("'\""))
     log.info("wrote %s and %s (%d runs)", pq_path, md_path, len(plans))
     return 0

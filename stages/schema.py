@@ -177,15 +177,16 @@ class RunConfig(Strict):
     activation_rate: float | None = Field(default=None, gt=0, le=1)
     top_k: int = Field(default=2, ge=1)
     experts: int | None = Field(default=None, ge=2)
-    granularity: float | None = Field(default=None, gt=0, description="expert width = dense FFN width / "
-                                      "granularity (fine-grained MoE); fixes the expert width")
+    granularity: float | None = Field(default=None, gt=0, description="fine-grained MoE: prefer the shape "
+                                      "whose expert width is nearest dense FFN width / granularity (the exact "
+                                      "width if expert_width is not in vary)")
     shared_experts: int = Field(default=0, ge=0, description="always-active experts (DeepSeekMoE)")
     shared_expert_width: int | None = Field(default=None, gt=0, description="width of one shared expert; "
                                             "null = the routed expert width")
     shared_gate: bool = Field(default=False, description="sigmoid gate on the shared experts (Qwen2-MoE)")
     vary: list[Literal["experts", "top_k", "expert_width"]] | None = Field(
-        default=None, description="dims the planner may choose; null = expert_width and experts (or top_k "
-        "when experts is given; experts only with granularity)")
+        default=None, description="dims the planner may choose; null = expert_width and experts (expert_width "
+        "and top_k when experts is given)")
     lr: float | None = Field(default=None, gt=0)
     seed: int | None = None
     group: str | None = Field(default=None, description="runs of one group are seeds of one point")
@@ -200,10 +201,6 @@ class RunConfig(Strict):
         if self.experts is not None and self.top_k >= self.experts:
             raise ValueError(f"top_k={self.top_k} must be below experts={self.experts}")
         vary = set(self.vary_dims())
-        if self.granularity is not None and "expert_width" in vary:
-            raise ValueError("granularity fixes the expert width: drop expert_width from vary")
-        if self.granularity is None and "expert_width" not in vary:
-            raise ValueError("vary needs expert_width unless granularity sets the expert width")
         if "experts" not in vary and self.experts is None and self.kind == "moe":
             raise ValueError("give experts or add experts to vary")
         return self
@@ -212,8 +209,6 @@ class RunConfig(Strict):
         """The dims the planner searches (the explicit `vary`, or the default described there)."""
         if self.vary is not None:
             return list(self.vary)
-        if self.granularity is not None:
-            return ["experts"]
         return ["expert_width", "top_k"] if self.experts is not None else ["expert_width", "experts"]
 
 
