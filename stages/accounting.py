@@ -447,11 +447,13 @@ def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: Pla
         hint = ", ".join(f"{r:.3f} (E={near_rates[r][0]}, k={near_rates[r][1]})" for r in sorted(rates))
         relax = [f"add {d_} to runs.{name}.vary" for d_ in ("top_k", "experts", "expert_width") if d_ not in vary]
         relax += ["lower model.multiple_of", "widen planner.params_tol / rate_tol"]
+        what = f"±{pl.params_tol:.0%} of N={target:.4g}"
+        if rate is not None:
+            what += f" and ±{pl.rate_tol:.0%} of activation_rate={rate}"
         raise PlanError(
-            f"runs.{name}: no MoE shape within ±{pl.params_tol:.0%} of N={target:.4g} and ±{pl.rate_tol:.0%} of "
-            f"activation_rate={rate}; closest E={e}, k={k}, expert width {f}: N={total} ({p_dev:+.2%}), "
-            f"r_a={active / total:.4f} ({r_dev:+.2%}). Relax: {'; '.join(relax)}"
-            + (f"; or pick a reachable activation_rate: {hint}" if hint else ""))
+            f"runs.{name}: no MoE shape within {what}; closest E={e}, k={k}, expert width {f}: N={total} "
+            f"({p_dev:+.2%}), r_a={active / total:.4f} ({r_dev:+.2%}). Relax: {'; '.join(relax)}"
+            + (f"; or pick a reachable activation_rate: {hint}" if hint and rate is not None else ""))
     return arch
 
 
