@@ -257,7 +257,7 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
     base: dict[str, Any] = dict(
         d_model=d, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
         seq_len=int(_get(cfg, "max_position_embeddings", "seq_length", default=2048)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", mt in ("qwen3",))),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # the HF default of these families
         n_kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
         head_dim=cfg.get("head_dim") or None,
         qkv_bias=mt in ("qwen2", "qwen2_moe"),
