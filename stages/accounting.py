@@ -29,7 +29,7 @@ P_mm are the active matmul weights (attention projections, active FFN/expert wei
 the shared-expert gate; not biases, norms or embeddings), the second term is attention's QK^T and
 AV over a full S x S score matrix (as PaLM's 6N + 12 L H Q T and torch's FlopCounterMode count it;
 a causal kernel may skip about half). Element-wise work (norms, SiLU, softmax, rotary) is not
-counted, as in the references. Compute conventions for the token budget (`planner.compute_convention`):
+counted, as in the references. Compute conventions for the token budget (`budget.compute_convention`):
 - "6n":       F = 6 N_active (Kaplan's C = 6 N T);
 - "nonvocab": F = 3 M, M = the forward FLOPs above without the LM head (the paper's C = 3 M D,
   following DeepSeek LLM's non-embedding M);
@@ -326,12 +326,6 @@ def base_architecture(m: ModelConfig, kind: str, ffn_hidden: int) -> Architectur
                         moe_every=m.moe_every)
 
 
-def _planner(p: Params | None) -> PlannerConfig:
-    from stages.schema import PlannerConfig
-
-    return p.planner if p is not None and hasattr(p, "planner") else PlannerConfig()
-
-
 def dense_width(m: ModelConfig, target_params: float, vocab: int = 0, conv: str = "nonvocab") -> int:
     """FFN width of the dense reference: model.ffn_hidden, or the width whose N is closest to the budget."""
     if m.ffn_hidden is not None:
@@ -344,8 +338,8 @@ def dense_width(m: ModelConfig, target_params: float, vocab: int = 0, conv: str 
 
 def solve_architecture(m: ModelConfig, run: RunConfig, target_params: float, name: str = "run",
                        planner: PlannerConfig | None = None, vocab_size: int = 0) -> Architecture:
-    """The run's architecture: total params within planner.params_tol of N and, for MoE, the
-    activation rate within planner.rate_tol (relative) of the target, searching the dims the run
+    """The run's architecture: total params within budget.params_tol of N and, for MoE, the
+    activation rate within budget.rate_tol (relative) of the target, searching the dims the run
     lets vary (runs.<name>.vary: experts, top_k, expert_width). Raises PlanError saying what to relax."""
     from stages.schema import PlannerConfig
 
@@ -365,9 +359,9 @@ def solve_architecture(m: ModelConfig, run: RunConfig, target_params: float, nam
         if abs(dev) > pl.params_tol:
             raise PlanError(
                 f"runs.{name}: the dense model has N={arch.total_params(vocab_size, conv)} ({dev:+.2%} from "
-                f"budget.params={target_params:.4g}), beyond planner.params_tol={pl.params_tol}: lower "
+                f"budget.params={target_params:.4g}), beyond budget.params_tol={pl.params_tol}: lower "
                 f"model.multiple_of (FFN widths move in steps of {3 * m.d_model * m.n_layers * m.multiple_of} "
-                f"params), unset model.ffn_hidden, or widen planner.params_tol")
+                f"params), unset model.ffn_hidden, or widen budget.params_tol")
         return arch
     return _solve_moe(m, run, target_params, name, pl, vocab_size, f_dense, shared)
 
@@ -446,7 +440,7 @@ def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: Pla
         rates = sorted(near_rates, key=lambda r: abs(r - (rate or 0)))[:4]
         hint = ", ".join(f"{r:.3f} (E={near_rates[r][0]}, k={near_rates[r][1]})" for r in sorted(rates))
         relax = [f"add {d_} to runs.{name}.vary" for d_ in ("top_k", "experts", "expert_width") if d_ not in vary]
-        relax += ["lower model.multiple_of", "widen planner.params_tol / rate_tol"]
+        relax += ["lower model.multiple_of", "widen budget.params_tol / rate_tol"]
         what = f"±{pl.params_tol:.0%} of N={target:.4g}"
         if rate is not None:
             what += f" and ±{pl.rate_tol:.0%} of activation_rate={rate}"
@@ -519,7 +513,7 @@ class RunPlan:
 
 def plan_run(p: Params, name: str) -> RunPlan:
     """Equal resources: the same N, C and U for every run; T_i = C / F_i, whole optimizer steps."""
-    pl = _planner(p)
+    pl = p.budget
     vocab = p.tokenizer.vocab_size
     run = p.run(name)
     arch = solve_architecture(p.model, run, p.budget.params, name, pl, vocab)
@@ -530,7 +524,7 @@ def plan_run(p: Params, name: str) -> RunPlan:
         raise PlanError(
             f"runs.{name}: budget.compute={p.budget.compute:.4g} is below one optimizer step of this run "
             f"({fpt * per_step:.4g} FLOPs = {per_step} tokens x {fpt:.4g} FLOPs/token, "
-            f"planner.compute_convention={pl.compute_convention}): raise budget.compute or lower train.batch_size")
+            f"budget.compute_convention={pl.compute_convention}): raise budget.compute or lower train.batch_size")
     target_rate = run.activation_rate if run.kind == "moe" else None
     return RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
                    unique_tokens=p.budget.unique_tokens, compute=p.budget.compute,

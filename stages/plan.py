@@ -2,8 +2,8 @@
 
 Every run gets the same budget (non-vocab params N, compute C, unique tokens U); the planner
 (stages/accounting.py) solves the run's expert count, top-k and widths to hit N within
-planner.params_tol (and its activation rate within planner.rate_tol, for MoE) and gives it
-T_i = C / F_i training tokens (F_i its FLOPs per token under planner.compute_convention), rounded
+budget.params_tol (and its activation rate within budget.rate_tol, for MoE) and gives it
+T_i = C / F_i training tokens (F_i its FLOPs per token under budget.compute_convention), rounded
 down to whole optimizer steps. The plan is per run so that editing one run re-plans only that run.
 
 Also: `python -m stages.plan count CONFIG.json` prints one JSON line of parameter and FLOP counts
@@ -43,9 +43,9 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
     # Record only the run fields the plan uses: a learning-rate or seed edit then leaves plan.json
     # byte-identical, so DVC re-runs no replay for it (Snakemake re-plans, then re-trains that run).
     arch_fields = p.run(run).model_dump(exclude={"lr", "seed", "group"})
-    section = {"seed": p.seed, "budget": p.budget.model_dump(), "planner": p.planner.model_dump(),
-               "model": p.model.model_dump(), "tokenizer.vocab_size": p.tokenizer.vocab_size,
-               "train.batch_size": p.train.batch_size, f"runs.{run}": arch_fields}
+    section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
+               "tokenizer.vocab_size": p.tokenizer.vocab_size, "train.batch_size": p.train.batch_size,
+               f"runs.{run}": arch_fields}
     plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section,
                                     ["stages.accounting"])
     return plan

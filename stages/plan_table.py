@@ -71,7 +71,7 @@ def parquet_bytes(table_rows: list[dict]) -> bytes:
 
 
 def markdown(p: Params, table_rows: list[dict]) -> str:
-    b, pl = p.budget, p.planner
+    b = pl = p.budget
     head = [
         f"# Plan of study `{p.study}`",
         "",

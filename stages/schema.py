@@ -106,18 +106,9 @@ class SplitConfig(Strict):
 
 
 # ----------------------------------------------------------------------------------------- budget
-class BudgetConfig(Strict):
-    """The equal-resource contract of 2506.12119: every run gets the same three numbers."""
-
-    params: float = Field(gt=0, description="target total parameters N (non-vocabulary unless "
-                          "planner.count_embeddings=with_embeddings)")
-    compute: float = Field(gt=0, description="training FLOPs C of every run; a run reads C / its FLOPs per token "
-                           "(planner.compute_convention)")
-    unique_tokens: int = Field(gt=0, description="unique training tokens U shared by every run")
-
-
 class PlannerConfig(Strict):
-    """How the planner equalises runs: conventions, tolerances and the bounds of its search."""
+    """How the planner equalises runs: conventions, tolerances and the bounds of its search (the
+    `budget:` section holds these keys too, so every stage that reads the budget sees them)."""
 
     compute_convention: Literal["6n", "nonvocab", "exact"] = Field(
         default="nonvocab", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
@@ -130,6 +121,17 @@ class PlannerConfig(Strict):
     rate_tol: float = Field(default=0.02, gt=0, lt=1, description="allowed |r_a,i / r_a - 1| of every MoE run")
     max_experts: int = Field(default=256, ge=2, description="largest expert count the search tries")
     max_top_k: int = Field(default=16, ge=1, description="largest top_k the search tries (when top_k varies)")
+
+
+class BudgetConfig(PlannerConfig):
+    """The equal-resource contract of 2506.12119: every run gets the same three numbers (params, compute,
+    unique_tokens), equalised under the conventions and tolerances of PlannerConfig (same section)."""
+
+    params: float = Field(gt=0, description="target total parameters N (non-vocabulary unless "
+                          "budget.count_embeddings=with_embeddings)")
+    compute: float = Field(gt=0, description="training FLOPs C of every run; a run reads C / its FLOPs per token "
+                           "(budget.compute_convention)")
+    unique_tokens: int = Field(gt=0, description="unique training tokens U shared by every run")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -248,7 +250,6 @@ class Params(Strict):
     split: SplitConfig = SplitConfig()
     budget: BudgetConfig
     model: ModelConfig = ModelConfig()
-    planner: PlannerConfig = PlannerConfig()
     runs: dict[str, RunConfig] = Field(min_length=1)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -233,7 +233,7 @@ def test_unsupported_configs_are_clear_errors() -> None:
 # ------------------------------------------------------------------------------- the planner
 @pytest.mark.parametrize("params", list(default_tiny_big()), ids=["default", "tiny", "120M"])
 def test_runs_share_the_budget(params) -> None:
-    pl = params.planner
+    pl = params.budget
     plans = {r: plan_run(params, r) for r in params.runs}
     for name, plan in plans.items():
         arch_ = plan.arch
@@ -255,7 +255,7 @@ def test_runs_share_the_budget(params) -> None:
 @pytest.mark.parametrize("convention", ["6n", "nonvocab", "exact"])
 def test_compute_conventions(convention: str) -> None:
     d = copy.deepcopy(TINY)
-    d["planner"] = {"compute_convention": convention}
+    d["budget"]["compute_convention"] = convention
     p = parse_params(d)
     plan = plan_run(p, "moe_r50")
     f = plan.arch.train_flops_per_token(convention, p.tokenizer.vocab_size)
@@ -299,7 +299,7 @@ def test_granularity_picks_the_expert_width() -> None:
     for g in (4, 16):
         run = RunConfig(kind="moe", activation_rate=0.2, top_k=2, granularity=g, vary=["expert_width", "experts",
                                                                                           "top_k"])
-        a = solve_architecture(p.model, run, p.budget.params, "g", p.planner)
+        a = solve_architecture(p.model, run, p.budget.params, "g", p.budget)
         assert abs(a.nonvocab_total / p.budget.params - 1) <= 0.01 and abs(a.activation_rate / 0.2 - 1) <= 0.02
         widths[g] = a.ffn_hidden
     assert widths[16] < widths[4]  # finer granularity, narrower experts
@@ -328,7 +328,7 @@ def test_budget_below_one_step_is_a_plan_error() -> None:
 
 def test_with_embeddings_budget() -> None:
     d = copy.deepcopy(TINY)
-    d["planner"] = {"count_embeddings": "with_embeddings"}
+    d["budget"]["count_embeddings"] = "with_embeddings"
     d["budget"]["params"] = 30000 + 320 * 32
     p = parse_params(d)
     a = plan_run(p, "dense").arch
