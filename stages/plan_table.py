@@ -1,5 +1,8 @@
 """plan_table: the study's plan as one table (results/<study>/plan.parquet and plan.md).
 
+Its key figures per run also go to results/<study>/plan_metrics.json, a DVC metric, so
+`dvc exp show` lists each experiment's planned r_a, N, tokens, epochs and FLOPs per token.
+
 One row per run: the concrete architecture the planner chose, its total and active parameters
 (non-vocab, the study's N, and with embeddings, the published convention), how far they are from
 the targets, its FLOPs per token, token budget T_i = C / F_i, steps and epochs of the unique data U:
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.accounting import PlanError, plan_run
-from stages.common import fail, setup_logging, write_bytes
+from stages.common import fail, setup_logging, write_bytes, write_json
 from stages.schema import Params, ParamsError, load_params
 
 # (column, how to read it from a plan dict, markdown format)
@@ -49,6 +52,17 @@ COLUMNS: list[tuple[str, Any, str]] = [
 
 def table_paths(study: str, root: Path = Path("results")) -> tuple[Path, Path]:
     return root / study / "plan.parquet", root / study / "plan.md"
+
+
+SUMMARY_KEYS = ("activation_rate", "nonvocab_params", "tokens", "epochs", "flops_per_token")
+
+
+def summary(plans: list[dict]) -> dict:
+    """A few figures per run for `dvc exp show` (results/<study>/plan_metrics.json, a DVC metric)."""
+    return {"runs": {p["run"]: {k: p[k] for k in SUMMARY_KEYS} for p in plans},
+            "max_abs_params_rel_dev": max(abs(p["params_rel_dev"]) for p in plans),
+            "max_abs_rate_rel_dev": max((abs(p["rate_rel_dev"]) for p in plans if p["rate_rel_dev"] is not None),
+                                        default=0.0)}
 
 
 def plans_from_params(p: Params) -> list[dict]:
@@ -98,6 +112,7 @@ def write_table(p: Params, plans: list[dict], root: Path = Path("results")) -> t
     r = rows(plans)
     write_bytes(pq_path, parquet_bytes(r))
     write_bytes(md_path, markdown(p, r).encode())
+    write_json(pq_path.parent / "plan_metrics.json", summary(plans))
     return pq_path, md_path
 
 

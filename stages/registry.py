@@ -133,6 +133,7 @@ STAGES: tuple[Stage, ...] = (
         doc="The study's plan as one table: architecture, N, r_a, FLOPs/token, tokens, epochs of every run.",
         deps=(),
         outs=("results/{study}/plan.parquet", "results/{study}/plan.md"),
+        metrics=("results/{study}/plan_metrics.json",),  # git-tracked: `dvc exp show` sees the plan
         params=("study", "budget", "model", "tokenizer.vocab_size", "train.batch_size", "runs"),
         code=("stages/accounting.py",),
         uncached=True,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 STUDY_OUTS = ["results/ci/results.md", "results/ci/results.csv", "results/ci/metrics.duckdb",
               "results/ci/loss_vs_activation.png", "results/ci/metrics.json", "results/ci/plan.md",
-              "results/ci/plan.parquet"]
+              "results/ci/plan.parquet", "results/ci/plan_metrics.json"]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ def test_table_has_one_row_per_run_and_is_deterministic(tmp_path: Path) -> None:
     assert abs(moe["epochs"] - moe["tokens"] / p.budget.unique_tokens) < 1e-12
     md = md_path.read_text()
     assert "| moe_r50 | moe |" in md and "T_i = C / flops_per_token_i" in md
+    metrics = __import__("json").loads((tmp_path / "ci" / "plan_metrics.json").read_text())
+    assert set(metrics["runs"]) == set(p.runs) and metrics["max_abs_params_rel_dev"] <= 0.01
     first = pq_path.read_bytes()
     write_table(p, plans_from_params(p), root=tmp_path)
     assert pq_path.read_bytes() == first
