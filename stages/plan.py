@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from stages.accounting import PlanError, plan_run
-from stages.common import WORK, per_run_main, provenance, read_json, sha256_file, write_json
+from stages.common import WORK, fail, per_run_main, provenance, read_json, sha256_file, write_json
 from stages.schema import Params
 
 SPLIT_MANIFEST = WORK / "split" / "manifest.json"
@@ -62,21 +62,25 @@ def write_plan(p: Params, run: str) -> None:
 
 
 def count_main(argv: list[str]) -> int:
-    """`python -m stages.plan count CONFIG.json`: one JSON line of counts (published convention)."""
+    """`python -m stages.plan count CONFIG.json [--seq-len S]`: one JSON line of counts (published convention)."""
+    import argparse
+    import dataclasses
     import json
-    import sys
 
     from stages.accounting import ConfigError, count_summary, from_hf_config
 
-    if len(argv) != 1:
-        print("usage: python -m stages.plan count CONFIG.json", file=sys.stderr)
-        return 2
+    ap = argparse.ArgumentParser(prog="python -m stages.plan count", description="parameter and FLOP counts")
+    ap.add_argument("config", help="a Hugging Face config.json, or work/runs/<run>/model/config.json")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="context for the FLOPs' attention term (default: the config's max_position_embeddings)")
+    a = ap.parse_args(argv)
     try:
-        arch, vocab = from_hf_config(read_json(argv[0]))
+        arch, vocab = from_hf_config(read_json(a.config))
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        print(f"error: {argv[0]}: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"config": argv[0], **count_summary(arch, vocab)}, sort_keys=True))
+        fail(f"{a.config}: {err}")
+    if a.seq_len:
+        arch = dataclasses.replace(arch, seq_len=a.seq_len)
+    print(json.dumps({"config": a.config, **count_summary(arch, vocab)}, sort_keys=True))
     return 0
 
 

@@ -218,6 +218,9 @@ def test_count_cli_prints_one_json_line(tmp_path: Path) -> None:
     d = json.loads(subprocess.run([sys.executable, "-m", "stages.plan", "count", str(own)], cwd=ROOT,
                                   capture_output=True, text=True, check=True).stdout)
     assert d["nonvocab_params"] == a.nonvocab_total and d["total_params"] == a.nonvocab_total + 50 * D
+    short = json.loads(subprocess.run([sys.executable, "-m", "stages.plan", "count", str(own), "--seq-len", "4"],
+                                      cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert short["flops_per_token"] == a.train_flops_per_token("exact", 50) - 3 * 4 * L * (8 - 4) * D
     bad = subprocess.run([sys.executable, "-m", "stages.plan", "count", str(tmp_path / "missing.json")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.json" in bad.stderr
