@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from stages.schema import ModelConfig, Params, RunConfig
-
-if TYPE_CHECKING:  # the schema imports this module lazily; only type hints need PlannerConfig here
-    from stages.schema import PlannerConfig
+from stages.schema import ModelConfig, Params, PlannerConfig, RunConfig
 
 COMPUTE_CONVENTIONS = ("6n", "nonvocab", "exact")
 EMBEDDING_CONVENTIONS = ("nonvocab", "with_embeddings")
@@ -341,8 +338,6 @@ def solve_architecture(m: ModelConfig, run: RunConfig, target_params: float, nam
     """The run's architecture: total params within budget.params_tol of N and, for MoE, the
     activation rate within budget.rate_tol (relative) of the target, searching the dims the run
     lets vary (runs.<name>.vary: experts, top_k, expert_width). Raises PlanError saying what to relax."""
-    from stages.schema import PlannerConfig
-
     pl = planner or PlannerConfig()
     conv = pl.count_embeddings
     a0 = base_architecture(m, "dense", 0)
