@@ -89,6 +89,13 @@ class Architecture:
     dense_ffn_hidden: int | None = None  # FFN width of the dense layers of an MoE model; None = ffn_hidden
     first_dense_layers: int = 0
     moe_every: int = 1
+    # multi-head latent attention (DeepSeek-V2/V3), counted for `plan count` only (the model does not
+    # build it): q through an optional low-rank q_lora_rank, k/v through a shared kv_lora_rank latent,
+    # head_dim = the non-rotary q/k head size, plus qk_rope_head_dim rotary dims and v_head_dim values
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None
 
     # -------------------------------------------------------------------------------- structure
     @property
@@ -122,12 +129,27 @@ class Architecture:
         return self.n_layers - self.moe_layers
 
     # ------------------------------------------------------------------------------- the counts
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
     def attention_matmul_params(self) -> int:
         """Weights of q, k, v, o (the matmuls of attention)."""
         d, q, kv = self.d_model, self.n_heads * self.head_size, self.kv_heads * self.head_size
+        if self.mla:
+            H, qk, v, r = self.n_heads, self.head_size + self.qk_rope_head_dim, self._v_dim, self.kv_lora_rank
+            q_proj = d * self.q_lora_rank + self.q_lora_rank * H * qk if self.q_lora_rank else d * H * qk
+            kv_proj = d * (r + self.qk_rope_head_dim) + r * H * (self.head_size + v)
+            return q_proj + kv_proj + H * v * d
         return d * q + 2 * d * kv + q * d
 
+    @property
+    def _v_dim(self) -> int:
+        return self.head_size if self.v_head_dim is None else self.v_head_dim
+
     def attention_params(self) -> int:
+        if self.mla:  # plus the RMSNorms of the q and kv latents
+            return self.attention_matmul_params() + (self.q_lora_rank or 0) + self.kv_lora_rank
         q, kv, h = self.n_heads * self.head_size, self.kv_heads * self.head_size, self.head_size
         bias = q + 2 * kv if self.qkv_bias else 0
         qk_norm = {"none": 0, "layer": q + kv, "head": 2 * h}[self.qk_norm]
@@ -179,6 +201,8 @@ class Architecture:
     def attention_score_flops(self, seq_len: int | None = None) -> int:
         """Forward FLOPs per token of QK^T and AV over a full S x S score matrix, all layers."""
         s = self.seq_len if seq_len is None else seq_len
+        if self.mla:  # QK^T over the non-rotary + rotary dims, AV over v_head_dim
+            return 2 * self.n_layers * s * self.n_heads * (self.head_size + self.qk_rope_head_dim + self._v_dim)
         return 4 * self.n_layers * s * self.n_heads * self.head_size
 
     def forward_flops(self, vocab_size: int | None = None, seq_len: int | None = None) -> int:
@@ -239,16 +263,17 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
     if "arch" in cfg and "vocab_size" in cfg:
         return Architecture(**cfg["arch"]), int(cfg["vocab_size"])
     mt = cfg.get("model_type", "")
-    if mt in ("deepseek_v2", "deepseek_v3") or cfg.get("kv_lora_rank"):
-        raise ConfigError(f"model_type={mt!r}: multi-head latent attention (MLA) is not modelled")
-    if mt not in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "deepseek", "olmoe"):
+    if mt not in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "deepseek", "olmoe",
+                  "deepseek_v2", "deepseek_v3"):
         raise ConfigError(f"model_type={mt!r} is not a supported family (llama, mistral, mixtral, qwen2, "
-                          "qwen2_moe, qwen3, qwen3_moe, deepseek, olmoe)")
+                          "qwen2_moe, qwen3, qwen3_moe, deepseek, deepseek_v2, deepseek_v3, olmoe)")
+    # (DeepSeek-V3's e_score_correction_bias, E numbers per MoE layer that steer routing, is not counted:
+    # 15k of 671B; nor are multi-token-prediction layers, which its published 671B also excludes)
     if _get(cfg, "hidden_act", default="silu") != "silu":
         raise ConfigError(f"hidden_act={cfg['hidden_act']!r}: only SwiGLU (silu) FFNs are modelled")
     if cfg.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not modelled")
-    if cfg.get("attention_bias") and mt not in ("qwen2", "qwen2_moe"):
+    if cfg.get("attention_bias") and mt not in ("qwen2", "qwen2_moe"):  # (deepseek_v2/v3: MLA has none)
         raise ConfigError("attention_bias=true (which also biases o) is not modelled")
     d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     base: dict[str, Any] = dict(
@@ -260,6 +285,10 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
         qkv_bias=mt in ("qwen2", "qwen2_moe"),
         qk_norm={"olmoe": "layer", "qwen3": "head", "qwen3_moe": "head"}.get(mt, "none"),
     )
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        base.update(kv_lora_rank=int(cfg["kv_lora_rank"]), q_lora_rank=cfg.get("q_lora_rank") or None,
+                    head_dim=int(cfg["qk_nope_head_dim"]), qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+                    v_head_dim=int(cfg["v_head_dim"]), n_kv_heads=heads)
     experts = _get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
     dense_f = int(cfg["intermediate_size"])
     if not experts:
@@ -279,7 +308,7 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
         moe["moe_every"] = int(cfg.get("decoder_sparse_step", 1))
     if mt == "qwen3_moe":
         moe["moe_every"] = int(cfg.get("decoder_sparse_step", 1))
-    if mt == "deepseek":
+    if mt in ("deepseek", "deepseek_v2", "deepseek_v3"):
         moe["shared_experts"] = int(cfg.get("n_shared_experts") or 0)
         moe["first_dense_layers"] = int(cfg.get("first_k_dense_replace", 0))
         if int(cfg.get("moe_layer_freq", 1)) != 1:
@@ -293,6 +322,8 @@ def count_summary(a: Architecture, vocab_size: int) -> dict[str, Any]:
         "kind": a.kind,
         "total_params": a.total_params(vocab_size, "with_embeddings"),
         "active_params": a.active_params(vocab_size, "with_embeddings"),
+        # DeepSeek-V2/V3 report activated params without the input embedding (a lookup, no compute)
+        "active_params_no_input_embedding": a.active_params(vocab_size, "with_embeddings") - vocab_size * a.d_model,
         "nonvocab_params": a.nonvocab_total,
         "nonvocab_active": a.nonvocab_active,
         "activation_rate": a.activation_rate,

@@ -366,6 +366,9 @@ def architecture(arch: dict[str, Any]) -> Architecture:
             f"arch.d_model={a.d_model} / n_heads={a.n_heads} must give an even head size (rotary pairs)")
     if a.n_heads % a.kv_heads:
         raise ModelConfigError(f"arch.n_heads={a.n_heads} is not divisible by n_kv_heads={a.n_kv_heads}")
+    if a.mla:
+        raise ModelConfigError("arch.kv_lora_rank: multi-head latent attention is counted by stages/accounting.py "
+                               "but not built by this model")
     if a.qk_norm not in ("none", "layer", "head"):
         raise ModelConfigError(f"arch.qk_norm={a.qk_norm!r} must be none, layer or head")
     if a.shared_experts < 0 or a.first_dense_layers < 0:

@@ -199,6 +199,26 @@ def test_published_counts_that_need_no_rounding_slack() -> None:
         assert abs(a.active_params(vocab, "with_embeddings") / PUBLISHED[name][1] - 1) <= 0.005, name
 
 
+def test_mla_families_count_like_their_papers() -> None:
+    """Bonus: DeepSeek-V2-Lite (15.7B total) and DeepSeek-V3 (671B total, 37B activated per token,
+    counted without the input embedding as DeepSeek reports it); MLA is counted, not built."""
+    from stages.model import ModelConfigError, build_model
+
+    lite, v = from_hf_config(json.loads((HF / "deepseek-v2-lite.json").read_text()))
+    assert abs(lite.total_params(v, "with_embeddings") / 15.7e9 - 1) <= 0.005
+    v3, v = from_hf_config(json.loads((HF / "deepseek-v3.json").read_text()))
+    s = count_summary(v3, v)
+    assert abs(s["total_params"] / 671e9 - 1) <= 0.005
+    assert agrees(s["active_params_no_input_embedding"], 37e9)
+    # MLA attention by hand: q (d -> q_lora -> H (nope + rope)), kv (d -> kv_lora + rope, kv_lora -> H (nope + v)), o
+    d, H = 7168, 128
+    mm = d * 1536 + 1536 * H * 192 + d * (512 + 64) + 512 * H * 256 + H * 128 * d
+    assert v3.attention_matmul_params() == mm and v3.attention_params() == mm + 1536 + 512
+    assert v3.attention_score_flops(1) == 2 * 61 * H * (128 + 64 + 128)
+    with pytest.raises(ModelConfigError, match="latent attention"):
+        build_model(arch(kv_lora_rank=8, qk_rope_head_dim=2).to_dict(), 10)
+
+
 def test_agreement_rule_can_fail() -> None:
     assert not agrees(2.9e9, 2.8e9) and not agrees(46.0e9, 46.7e9) and agrees(2.84e9, 2.8e9)
 
@@ -227,8 +247,10 @@ def test_count_cli_prints_one_json_line(tmp_path: Path) -> None:
 
 
 def test_unsupported_configs_are_clear_errors() -> None:
-    with pytest.raises(ConfigError, match="MLA"):
-        from_hf_config({"model_type": "deepseek_v3", "kv_lora_rank": 512})
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        from_hf_config({"model_type": "qwen2_moe", "hidden_size": 8, "num_attention_heads": 2,
+                        "num_hidden_layers": 2, "intermediate_size": 8, "vocab_size": 10, "num_experts": 4,
+                        "num_experts_per_tok": 1, "moe_intermediate_size": 4, "mlp_only_layers": [0]})
     with pytest.raises(ConfigError, match="gpt2"):
         from_hf_config({"model_type": "gpt2"})
 
