@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from stages import checkpoint
 from stages.accounting import train_flops
+from stages.audit import audit_run
 from stages.common import (
     WORK,
     atomic_path,
@@ -84,7 +85,7 @@ from stages.trainlog import (
 )
 
 TOKENS_DIR = WORK / "tokens"
-CODE_MODULES = ["stages.model", "stages.shards", "kernels.grouped_gemm", "kernels", "stages.engine",
+CODE_MODULES = ["stages.model", "stages.shards", "stages.audit", "kernels.grouped_gemm", "kernels", "stages.engine",
                 "stages.checkpoint", "stages.trainlog", "stages.accounting"]
 FAULT_ENV = "TRAIN_FAULT"
 
@@ -402,6 +403,11 @@ def hf_config(arch: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str, A
             "eos_token_id": eos_id, "torch_dtype": "float32"}
 
 
+def planned_flops_per_token(plan: dict[str, Any]) -> float:
+    """The planner's training FLOPs per token (its compute convention); 6 N_active for older plans."""
+    return float(plan.get("flops_per_token") or train_flops(plan["nonvocab_active"], 1))
+
+
 def run_dir(run: str, work: Path = WORK) -> Path:
     return work / "runs" / run
 
@@ -451,7 +457,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
              plan["arch"]["kind"], total, active, plan["steps"], plan["tokens_per_step"], lr, seed, ckpt_dir)
     loader = loader if loader is not None else ReplayLoader(replay_path, plan["batch_size"])
     trainer, metrics = train(model, loader, cfg, steps=plan["steps"], batch_size=plan["batch_size"], lr=lr,
-                             seed=seed, flops_per_token=train_flops(plan["nonvocab_active"], 1),
+                             seed=seed, flops_per_token=planned_flops_per_token(plan),
                              ckpt_dir=ckpt_dir)
     if loader.tokens_served != plan["tokens"] or metrics["tokens"] != plan["tokens"]:
         raise TrainError(f"consumed {loader.tokens_served} tokens (loop counted {metrics['tokens']}) but the "
@@ -469,7 +475,9 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
     result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,
               "tokens_seen": loader.tokens_served, "plan_tokens": plan["tokens"], "lr": lr, "seed": seed,
-              **metrics, "checkpoint_dir": str(ckpt_dir), "provenance": prov}
+              **metrics, "flops_convention": plan.get("compute_convention", "6n"), "checkpoint_dir": str(ckpt_dir),
+              "provenance": prov}
+    result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
     keys = ("final_train_loss", "tokens_per_second", "mfu", "final_aux_loss", "wall_seconds")
     write_dvclive(rdir / "dvclive", trainer.history, kind, {k: result[k] for k in keys})
     write_json(rdir / "train.json", result)
