@@ -87,7 +87,8 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
     family, _, run = spec.rpartition("/")
     raw = json.loads(json.dumps(BENCH_PARAMS))
     raw["model"] |= FAMILIES[family or "d512"]
-    raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_}
+    engine, _, zero = engine.partition("@")  # "deepspeed@2": ZeRO stage 2
+    raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_, "zero_stage": int(zero or 1)}
     p = parse_params(raw)
     plan = plan_run(p, run)
     torch.manual_seed(0)
@@ -118,7 +119,8 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         "kind": plan.arch.kind, "experts": plan.arch.experts, "top_k": plan.arch.top_k,
         "ffn_hidden": plan.arch.ffn_hidden, "nonvocab_params": plan.arch.nonvocab_total,
         "nonvocab_active": plan.arch.nonvocab_active, "activation_rate": round(plan.arch.activation_rate, 4),
-        "engine": metrics["engine"], "compile": compile_, "dtype": "bf16", "batch": plan.batch_size,
+        "engine": metrics["engine"], "zero_stage": int(zero or 1) if engine == "deepspeed" else None,
+        "compile": compile_, "dtype": "bf16", "batch": plan.batch_size,
         "seq_len": plan.arch.seq_len, "vocab": vocab, "expert_backends": metrics["expert_backends"],
         "ms_per_step": round(step_s * 1e3, 2), "tokens_per_s": round(tok_s), "flops_per_token": fpt,
         "flops_per_token_full": full, "mfu": round(fpt * tok_s / peak, 4) if peak else None,
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="dense,moe_k1,moe_k2", help="[family/]run, comma-separated")
     ap.add_argument("--variants", default="torch:0,torch:1,deepspeed:0,deepspeed:1",
-                    help="engine:compile pairs, comma-separated")
+                    help="engine[@zero_stage]:compile, comma-separated")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
