@@ -145,6 +145,9 @@ def write_steps_parquet(path: Path, history: list[StepStats], kind: str) -> None
         pq.write_table(steps_table(history, kind), tmp)
 
 
+DVCLIVE_MAX_ROWS = 2000  # longer runs log every k-th step to dvclive (steps.parquet keeps every step)
+
+
 def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary: dict[str, Any]) -> bool:
     """The run's curves and final values through dvclive, from the whole history at the end.
 
@@ -158,9 +161,12 @@ def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary:
         return False
     from stages.common import atomic_path
 
+    stride = max(1, math.ceil(len(history) / DVCLIVE_MAX_ROWS))  # dvclive appends row by row (~5 ms per step)
     with atomic_path(directory) as tmp:
         live = Live(str(tmp), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=False)
-        for s in history:
+        for i, s in enumerate(history):
+            if (i + 1) % stride and i + 1 != len(history):
+                continue
             live.step = s.step
             values = {"loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens": s.tokens,
                       "tokens_per_s": s.tokens_per_s, "mfu": s.mfu}
