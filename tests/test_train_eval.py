@@ -465,3 +465,21 @@ def test_deepspeed_checkpoint_resume_is_exact(params: Params, tmp_path: Path) ->
     go(4, tmp_path)
     resumed = go(8, tmp_path)
     assert [h.loss for h in resumed.history] == [h.loss for h in straight.history]
+
+
+def test_deepspeed_zero2_with_accumulation_follows_the_torch_engine(params: Params) -> None:
+    """ZeRO stage 2 and 2 micro-batches per step (DeepSpeed's own accumulation) against the torch engine."""
+    pytest.importorskip("deepspeed")
+    arch = plan_run(params, "moe").arch.to_dict()
+    curves = {}
+    for engine in ("torch", "deepspeed"):
+        cfg = params.train.model_copy(update={"engine": engine, "device": "cpu", "zero_stage": 2,
+                                              "micro_batch_size": 2})
+        torch.manual_seed(0)
+        trainer, metrics = train(build_model(arch, VOCAB), ListLoader(counting_batches(6), 16), cfg, steps=6,
+                                 batch_size=4, lr=1e-2, seed=0)
+        assert metrics["gradient_accumulation"] == 2
+        curves[engine] = [h.loss for h in trainer.history]
+    assert metrics["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    assert metrics["deepspeed_config"]["gradient_accumulation_steps"] == 2
+    np.testing.assert_allclose(curves["deepspeed"], curves["torch"], rtol=1e-4)
