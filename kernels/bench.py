@@ -72,7 +72,8 @@ def median_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+    y, ref = y.detach().float(), ref.detach().float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------------------ op part
@@ -88,18 +89,19 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
     flops = 2.0 * R * d * f
     ref = torch._grouped_mm(x.detach(), w.detach(), offs=offs)
 
-    def measure(name: str, config: str, fwd: Callable[[], torch.Tensor], note: str = "") -> dict[str, Any]:
+    def measure(name: str, config: str, fwd: Callable[[], torch.Tensor], note: str = "",
+                wrt: tuple[torch.Tensor, ...] = (x, w)) -> dict[str, Any]:
         y = fwd()
         err = rel_err(y, ref)
         t_f = median_ms(fwd, warmup, iters)
-        t_fb = median_ms(lambda: torch.autograd.grad(fwd(), (x, w), dy), warmup, iters)
+        t_fb = median_ms(lambda: torch.autograd.grad(fwd(), wrt, dy), warmup, iters)
         return {"part": "op", "shape": shape_name(s), "backend": name, "config": config,
                 "fwd_ms": t_f, "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_ms": t_fb,
                 "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "max_rel_err": err, "note": note}
 
     rows = []
     wd = w.detach()[0].clone().requires_grad_()
-    dense = measure("dense", "", lambda: x @ wd, "one (rows,d)@(d,f) GEMM")
+    dense = measure("dense", "", lambda: x @ wd, "one (rows,d)@(d,f) GEMM", (x, wd))
     dense["max_rel_err"] = ""
     rows.append(dense)
     rows.append(measure("torch", "", lambda: torch._grouped_mm(x, w, offs=offs), "torch._grouped_mm"))
@@ -121,6 +123,46 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
             r["vs_torch_fwd_bwd"] = t_torch / r["fwd_bwd_ms"]
             r["vs_dense_fwd_bwd"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             r["vs_dense_fwd"] = dense["fwd_ms"] / r["fwd_ms"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------ per-product part
+def kind_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int) -> list[dict[str, Any]]:
+    """Each product alone (fwd, dx, dw) for torch._grouped_mm and every compiled cutlass config:
+    the table DEFAULT_CHOICE in kernels/cutlass_ext.py is read off."""
+    T, k, E, d, f = s
+    R = T * k
+    dev, bf = "cuda", torch.bfloat16
+    offs = unbalanced_offsets(R, E).to(dev)
+    x = torch.randn(R, d, device=dev, dtype=bf)
+    w = torch.randn(E, d, f, device=dev, dtype=bf)
+    dy = torch.randn(R, f, device=dev, dtype=bf)
+    flops = 2.0 * R * d * f
+    torch_ops = {"fwd": lambda: torch._grouped_mm(x, w, offs=offs),
+                 "dx": lambda: torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs),
+                 "dw": lambda: torch._grouped_mm(x.t(), dy, offs=offs)}
+    outs = {"fwd": torch.empty(R, f, device=dev, dtype=bf), "dx": torch.empty_like(x), "dw": torch.empty_like(w)}
+    args = {"fwd": (x, w), "dx": (dy, w), "dw": (x, dy)}
+    ext = cutlass_ext.load()
+    rows = []
+    for kind in cutlass_ext.KINDS:
+        t_torch = median_ms(torch_ops[kind], warmup, iters)
+        ref = torch_ops[kind]()
+        rows.append({"part": f"op_{kind}", "shape": shape_name(s), "backend": "torch", "config": "",
+                     "fwd_ms": t_torch, "fwd_tflops": flops / t_torch / 1e9})
+        for cfg in cutlass_ext.CONFIGS:
+            name = f"{kind}_{cfg}"
+            a, b = args[kind]
+
+            def go(name: str = name, a: torch.Tensor = a, b: torch.Tensor = b, kind: str = kind) -> None:
+                ext.run(name, offs, a, b, outs[kind], d, f)
+
+            go()
+            err = rel_err(outs[kind], ref)
+            t = median_ms(go, warmup, iters)
+            rows.append({"part": f"op_{kind}", "shape": shape_name(s), "backend": "cutlass", "config": cfg,
+                         "fwd_ms": t, "fwd_tflops": flops / t / 1e9, "vs_torch_fwd_bwd": t_torch / t,
+                         "max_rel_err": err, "note": "vs_torch: this product alone"})
     return rows
 
 
@@ -214,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = a.parts.split(",")
     rows: list[dict[str, Any]] = []
     for s in shapes:
+        printed = len(rows)
+        if "kinds" in parts:
+            rows += kind_rows(s, a.warmup, a.iters)
         if "op" in parts:
             rows += op_rows(s, a.warmup, a.iters, a.sweep, not a.no_loop)
         if "layer" in parts:
             rows += layer_rows(s, a.layer_backends.split(","), a.warmup, a.iters)
-        for r in rows[-12:]:
+        for r in rows[printed:]:
             print(" ".join(f"{c}={fmt(r.get(c))}" for c in FIELDS if r.get(c) not in (None, "")), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,11 @@ KIND_ENUM = {"fwd": "FWD", "dx": "DX", "dw": "DW"}
 # name: (tile M, N, K), (cluster M, N), schedule (Coop = cooperative, Ping = ping-pong)
 CONFIGS: dict[str, tuple[tuple[int, int, int], tuple[int, int], str]] = {
     "c128x256": ((128, 256, 64), (2, 1), "Coop"),
-    "c128x128": ((128, 128, 64), (2, 1), "Coop"),
+    "c128x256c11": ((128, 256, 64), (1, 1), "Coop"),
+    "c128x256c12": ((128, 256, 64), (1, 2), "Coop"),
+    "c256x128c12": ((256, 128, 64), (1, 2), "Coop"),
     "p128x128": ((128, 128, 64), (2, 1), "Ping"),
+    "p64x256": ((64, 256, 64), (1, 1), "Ping"),
 }
 # the config each product uses unless told otherwise (see choose()); measured by kernels/bench.py
 DEFAULT_CHOICE = {"fwd": "c128x256", "dx": "c128x256", "dw": "c128x256"}
