@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import grouped_mm, resolve_backend
+from kernels.swiglu import swiglu
 from stages.accounting import Architecture
 from stages.schema import RouterConfig
 
@@ -267,27 +268,42 @@ def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.T
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights; one grouped GEMM per projection for all experts."""
+    """E SwiGLU experts as stacked weights: two grouped GEMMs for all experts.
+
+    The gate and up projections are one (E, d, 2f) weight `w13` = [w1 | w3] along its last dim, so
+    they are one grouped GEMM of N = 2f (x_perm is read once, and the backward's dx is one GEMM
+    over K = 2f instead of two GEMMs and an add); `w1` and `w3` are views of its halves.
+    """
 
     def __init__(self, d: int, f: int, experts: int, backend: str = "auto") -> None:
         super().__init__()
         self.experts = experts
+        self.f = f
         self.backend = backend
-        self.w1 = nn.Parameter(torch.empty(experts, d, f))
-        self.w3 = nn.Parameter(torch.empty(experts, d, f))
+        self.w13 = nn.Parameter(torch.empty(experts, d, 2 * f))
         self.w2 = nn.Parameter(torch.empty(experts, f, d))
         self.last_backend: str | None = None  # what actually ran (after any fallback)
         self.last_fallback: str | None = None
+
+    @property
+    def w1(self) -> torch.Tensor:
+        return self.w13[..., : self.f]
+
+    @property
+    def w3(self) -> torch.Tensor:
+        return self.w13[..., self.f :]
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         probe = x.new_empty(0, x.shape[1], dtype=dtype)  # backends are chosen by device, dtype, shape
-        # w1 (d, f) and w2 (f, d) have the same dims, so one check covers all three products
-        self.last_backend, self.last_fallback = resolve_backend(self.backend, probe, self.w1)
-        b = self.last_backend
-        h = F.silu(grouped_mm(x, self.w1, offs, b)) * grouped_mm(x, self.w3, offs, b)
-        return grouped_mm(h, self.w2, offs, b)
+        b, why = resolve_backend(self.backend, probe, self.w13)
+        if why is None:  # w2 (f, d) must suit the same backend, else both use the fallback
+            b2, why = resolve_backend(self.backend, probe.new_empty(0, self.f), self.w2)
+            b = b2 if why is not None else b
+        self.last_backend, self.last_fallback = b, why
+        h13 = grouped_mm(x, self.w13, offs, b)
+        return grouped_mm(swiglu(h13, self.f), self.w2, offs, b)
 
 
 @dataclass
