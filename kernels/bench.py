@@ -109,11 +109,13 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
     if problem is not None:
         rows.append({"part": "op", "shape": shape_name(s), "backend": "cutlass", "note": problem})
     else:
-        configs = [None] + (list(cutlass_ext.CONFIGS) if sweep else [])
+        configs = ["auto"] + (list(cutlass_ext.CONFIGS) if sweep else [])
         for cfg in configs:
-            prev = cutlass_ext.choose(**({kk: cfg for kk in cutlass_ext.KINDS} if cfg else {}))
-            label = cfg or "+".join(f"{kk}:{cutlass_ext._choice[kk]}" for kk in cutlass_ext.KINDS)
-            rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs)))
+            prev = cutlass_ext.choose(**{kk: cfg for kk in cutlass_ext.KINDS})
+            rows.append(measure("cutlass", cfg, lambda: _CutlassGroupedMM.apply(x, w, offs)))
+            if cfg == "auto":
+                picked = {key[0]: c for key, c in cutlass_ext._tuned.items() if key[1:4] == (E, d, f)}
+                rows[-1]["note"] = "autotuned: " + ", ".join(f"{kk}={picked.get(kk)}" for kk in cutlass_ext.KINDS)
             cutlass_ext.choose(**prev)
     if loop:
         rows.append(measure("loop", "", lambda: run_backend("reference", x, w, offs), "per-expert matmuls"))

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,14 @@ CONFIGS: dict[str, tuple[tuple[int, int, int], tuple[int, int], str]] = {
     "c128x256c11": ((128, 256, 64), (1, 1), "Coop"),
     "c128x256c12": ((128, 256, 64), (1, 2), "Coop"),
     "c256x128c12": ((256, 128, 64), (1, 2), "Coop"),
-    "p128x128": ((128, 128, 64), (2, 1), "Ping"),
     "p64x256": ((64, 256, 64), (1, 1), "Ping"),
 }
-# the config each product uses unless told otherwise (see choose()); measured by kernels/bench.py
-DEFAULT_CHOICE = {"fwd": "c128x256", "dx": "c128x256", "dw": "c128x256"}
+# "auto": the first call of each (product, experts, k, n, rows bucket) times every config once on
+# the real operands and keeps the fastest (the configs give bit-identical results: the tile shape
+# does not change the order of the K reduction). A config name forces that config.
+DEFAULT_CHOICE = {"fwd": "auto", "dx": "auto", "dw": "auto"}
 _choice = dict(DEFAULT_CHOICE)
+_tuned: dict[tuple[Any, ...], str] = {}
 
 
 class CutlassUnavailable(RuntimeError):
@@ -47,17 +50,40 @@ class CutlassUnavailable(RuntimeError):
 
 
 def choose(**kinds: str) -> dict[str, str]:
-    """Set the tile config per product kind (fwd=, dx=, dw=); returns the previous choice."""
+    """Set the tile config per product kind (fwd=, dx=, dw=; a CONFIGS name or "auto"); returns the
+    previous choice."""
     prev = dict(_choice)
     for kind, cfg in kinds.items():
-        if kind not in KINDS or cfg not in CONFIGS:
-            raise ValueError(f"choose({kind}={cfg!r}): kinds are {KINDS}, configs {sorted(CONFIGS)}")
+        if kind not in KINDS or (cfg not in CONFIGS and cfg != "auto"):
+            raise ValueError(f"choose({kind}={cfg!r}): kinds are {KINDS}, configs {sorted(CONFIGS)} or 'auto'")
         _choice[kind] = cfg
     return prev
 
 
-def launcher(kind: str) -> str:
-    return f"{kind}_{_choice[kind]}"
+def _time_ms(fn: Callable[[], None], reps: int = 3) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def run(kind: str, offs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k: int, n: int) -> str:
+    """out <- the grouped product `kind` (see csrc/grouped_gemm_sm90.cuh); returns the config used."""
+    ext = load()
+    cfg = _choice[kind]
+    if cfg == "auto":
+        rows = a.shape[0]
+        key = (kind, offs.numel(), k, n, 1 << max(0, rows - 1).bit_length(), a.device.index)
+        cfg = _tuned.get(key)
+        if cfg is None:  # once per shape: a few synchronised runs of every config
+            times = {c: _time_ms(lambda c=c: ext.run(f"{kind}_{c}", offs, a, b, out, k, n)) for c in CONFIGS}
+            cfg = _tuned[key] = min(times, key=times.__getitem__)
+    ext.run(f"{kind}_{cfg}", offs, a, b, out, k, n)
+    return cfg
 
 
 def unit_source(kind: str, cfg: str) -> str:

@@ -169,7 +169,7 @@ class _CutlassGroupedMM(torch.autograd.Function):
         x, w = x.contiguous(), w.contiguous()
         k, n = w.shape[1], w.shape[2]
         out = x.new_empty(x.shape[0], n)
-        cutlass_ext.load().run(cutlass_ext.launcher("fwd"), offs, x, w, out, k, n)
+        cutlass_ext.run("fwd", offs, x, w, out, k, n)
         ctx.save_for_backward(x, w, offs)
         return out
 
@@ -178,16 +178,15 @@ class _CutlassGroupedMM(torch.autograd.Function):
         from kernels import cutlass_ext
 
         x, w, offs = ctx.saved_tensors
-        ext = cutlass_ext.load()
         k, n = w.shape[1], w.shape[2]
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)  # dx_e = dy_e @ w_e^T: w_e read transposed in place (column-major B)
-            ext.run(cutlass_ext.launcher("dx"), offs, dy, w, dx, k, n)
+            cutlass_ext.run("dx", offs, dy, w, dx, k, n)
         if ctx.needs_input_grad[1]:
             dw = torch.empty_like(w)  # dw_e = x_e^T @ dy_e; experts without rows are zeroed on the device
-            ext.run(cutlass_ext.launcher("dw"), offs, x, dy, dw, k, n)
+            cutlass_ext.run("dw", offs, x, dy, dw, k, n)
         return dx, dw, None
 
 

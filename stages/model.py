@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import grouped_mm, resolve_backend
+from kernels.permute import permute, unpermute
 from kernels.swiglu import swiglu
 from stages.accounting import Architecture
 from stages.schema import RouterConfig
@@ -199,54 +200,6 @@ class Dispatch:
     offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
 
 
-class _Permute(torch.autograd.Function):
-    """x_perm = x[order // k]: each token row copied to its k expert slots.
-
-    Autograd's own backward of index_select is a scatter-add (atomics, and in bf16 a slow one);
-    since `inverse` is known, the gradient is a gather and a sum over the k slots instead.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (inverse,) = ctx.saved_tensors
-        gk = g.index_select(0, inverse).view(-1, ctx.k, g.shape[-1])
-        return gk.sum(dim=1, dtype=torch.float32).to(g.dtype), None, None, None
-
-
-class _Unpermute(torch.autograd.Function):
-    """y[t] = sum_j weights[t, j] * y_perm[inverse[t*k + j]], as one gather and one batched matvec;
-    the backward is a gather too (dy_perm = weight-scaled g[order // k]), again without atomics."""
-
-    @staticmethod
-    def forward(ctx: Any, y_perm: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-                inverse: torch.Tensor) -> torch.Tensor:
-        T, k = weights.shape
-        yk = y_perm.index_select(0, inverse).view(T, k, -1)
-        w = weights.to(yk.dtype)
-        ctx.save_for_backward(y_perm, w, order, inverse)
-        ctx.weights_dtype = weights.dtype
-        return torch.bmm(w.unsqueeze(1), yk).squeeze(1)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        y_perm, w, order, inverse = ctx.saved_tensors
-        T, k = w.shape
-        g = g.contiguous()
-        dy_perm = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_perm = g.index_select(0, order // k) * w.reshape(-1).index_select(0, order).unsqueeze(-1)
-        if ctx.needs_input_grad[1]:
-            yk = y_perm.index_select(0, inverse).view(T, k, -1)
-            dw = torch.bmm(yk, g.unsqueeze(-1)).squeeze(-1).to(ctx.weights_dtype)
-        return dy_perm, dw, None, None
-
-
 def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, Dispatch]:
     """Rows of x repeated once per routed slot and sorted by expert (stable, so deterministic).
 
@@ -259,12 +212,12 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torc
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=experts)
     offs = counts.cumsum(0).to(torch.int32)
-    return _Permute.apply(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
+    return permute(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
 
 
 def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
     """Inverse of dispatch: un-permute the expert outputs and sum the k slots with their weights."""
-    return _Unpermute.apply(y_perm, weights, d.order, d.inverse)
+    return unpermute(y_perm, weights, d.order, d.inverse)
 
 
 class GroupedExperts(nn.Module):
