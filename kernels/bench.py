@@ -3,7 +3,8 @@
 Part "op": one expert projection x (T*k, d) @ w (E, d, f) routed by `offs`, forward and forward +
 backward (dx and dw), TFLOP/s = 2*rows*d*f per product (3 products for fwd+bwd), for
 - cutlass:   kernels/cutlass_ext.py (SM90 CUTLASS grouped GEMM), with the tile config chosen per
-             product (kernels.cutlass_ext.DEFAULT_CHOICE, or every config with --sweep);
+             product (kernels.cutlass_ext.DEFAULT_CHOICE; --sweep adds "auto" and every config);
+             --parts kinds times each product (fwd, dx, dw) alone for every config;
 - torch:     torch._grouped_mm called directly (its own autograd);
 - loop:      the reference backend (one matmul per expert);
 - dense:     one ungrouped GEMM (rows, d) @ (d, f) of the same FLOPs: the ceiling.
@@ -109,10 +110,11 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
     if problem is not None:
         rows.append({"part": "op", "shape": shape_name(s), "backend": "cutlass", "note": problem})
     else:
-        configs = ["auto"] + (list(cutlass_ext.CONFIGS) if sweep else [])
+        configs = [None] + (["auto", *cutlass_ext.CONFIGS] if sweep else [])
         for cfg in configs:
-            prev = cutlass_ext.choose(**{kk: cfg for kk in cutlass_ext.KINDS})
-            rows.append(measure("cutlass", cfg, lambda: _CutlassGroupedMM.apply(x, w, offs)))
+            prev = cutlass_ext.choose(**({kk: cfg for kk in cutlass_ext.KINDS} if cfg else {}))
+            label = cfg or "default " + "+".join(f"{kk}:{cutlass_ext._choice[kk]}" for kk in cutlass_ext.KINDS)
+            rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs)))
             if cfg == "auto":
                 picked = {key[0]: c for key, c in cutlass_ext._tuned.items() if key[1:4] == (E, d, f)}
                 rows[-1]["note"] = "autotuned: " + ", ".join(f"{kk}={picked.get(kk)}" for kk in cutlass_ext.KINDS)

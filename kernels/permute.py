@@ -16,9 +16,12 @@ every row once (fp32 sums); elsewhere (CPU tests, no Triton) the same maths runs
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger("kernels.permute")
 
 
 @functools.cache
@@ -29,62 +32,74 @@ def _kernels() -> dict[str, Any] | None:
     except ImportError:
         return None
 
+    # one program per token; BD (a power of two >= d) covers the whole row, so no column loop
     @triton.jit
     def scatter_rows(x_ptr, inv_ptr, out_ptr, d, K: tl.constexpr, BD: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        for c0 in range(0, d, BD):
-            cols = c0 + tl.arange(0, BD)
-            mask = cols < d
-            row = tl.load(x_ptr + t * d + cols, mask=mask)
-            for j in tl.static_range(K):
-                dst = tl.load(inv_ptr + t * K + j).to(tl.int64)
-                tl.store(out_ptr + dst * d + cols, row, mask=mask)
+        cols = tl.arange(0, BD)
+        mask = cols < d
+        row = tl.load(x_ptr + t * d + cols, mask=mask)
+        for j in tl.static_range(K):
+            dst = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            tl.store(out_ptr + dst * d + cols, row, mask=mask)
 
     @triton.jit
     def gather_sum(g_ptr, inv_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BD: tl.constexpr,
                    WEIGHTED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        for c0 in range(0, d, BD):
-            cols = c0 + tl.arange(0, BD)
-            mask = cols < d
-            acc = tl.zeros([BD], dtype=tl.float32)
-            for j in tl.static_range(K):
-                src = tl.load(inv_ptr + t * K + j).to(tl.int64)
-                v = tl.load(g_ptr + src * d + cols, mask=mask, other=0.0).to(tl.float32)
-                if WEIGHTED:
-                    v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
-                acc += v
-            tl.store(out_ptr + t * d + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        cols = tl.arange(0, BD)
+        mask = cols < d
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for j in tl.static_range(K):
+            src = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            v = tl.load(g_ptr + src * d + cols, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t * d + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def unpermute_bwd(g_ptr, y_ptr, inv_ptr, w_ptr, dy_ptr, dw_ptr, d, K: tl.constexpr, BD: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BD)
+        mask = cols < d
+        g = tl.load(g_ptr + t * d + cols, mask=mask, other=0.0).to(tl.float32)
         for j in tl.static_range(K):
             src = tl.load(inv_ptr + t * K + j).to(tl.int64)
             wj = tl.load(w_ptr + t * K + j).to(tl.float32)
-            dot = tl.zeros([BD], dtype=tl.float32)
-            for c0 in range(0, d, BD):
-                cols = c0 + tl.arange(0, BD)
-                mask = cols < d
-                g = tl.load(g_ptr + t * d + cols, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_ptr + src * d + cols, mask=mask, other=0.0).to(tl.float32)
-                dot += g * y
-                tl.store(dy_ptr + src * d + cols, (wj * g).to(dy_ptr.dtype.element_ty), mask=mask)
-            tl.store(dw_ptr + t * K + j, tl.sum(dot, axis=0))
+            y = tl.load(y_ptr + src * d + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dw_ptr + t * K + j, tl.sum(g * y, axis=0))
+            tl.store(dy_ptr + src * d + cols, (wj * g).to(dy_ptr.dtype.element_ty), mask=mask)
 
     return {"triton": triton, "scatter_rows": scatter_rows, "gather_sum": gather_sum,
             "unpermute_bwd": unpermute_bwd}
 
 
+_disabled: list[str] = []  # set to the reason once a Triton launch has failed in this process
+
+
 def _fast(*ts: torch.Tensor) -> dict[str, Any] | None:
     """The Triton kernels when every tensor is on CUDA (and Triton is importable), else None."""
-    if not all(t.is_cuda for t in ts):
+    if _disabled or not all(t.is_cuda for t in ts):
         return None
     return _kernels()
 
 
+def _launch(kern: dict[str, Any], name: str, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
+    """Launch one kernel; on a compile/launch error log it once, use eager maths from then on, and
+    return False so the caller computes this call eagerly too (the ops' results never depend on
+    which path ran)."""
+    try:
+        kern[name][grid](*args, **meta)
+    except Exception as err:  # e.g. a Triton version that cannot compile these kernels
+        _disabled.append(f"{name}: {type(err).__name__}: {str(err).strip()[:200]}")
+        log.warning("kernels.permute: Triton path disabled, using eager gathers (%s)", _disabled[-1])
+        return False
+    return True
+
+
 def _bd(d: int) -> int:
-    return min(1024, 1 << max(4, (d - 1).bit_length()))
+    return 1 << max(4, (d - 1).bit_length())
 
 
 class _Permute(torch.autograd.Function):
@@ -93,12 +108,12 @@ class _Permute(torch.autograd.Function):
         ctx.save_for_backward(inverse)
         ctx.k = k
         kern = _fast(x, inverse)
-        if kern is None or x.shape[0] == 0:
-            return x.index_select(0, order // k)
-        x = x.contiguous()
-        out = x.new_empty(x.shape[0] * k, x.shape[1])
-        kern["scatter_rows"][(x.shape[0],)](x, inverse, out, x.shape[1], K=k, BD=_bd(x.shape[1]))
-        return out
+        if kern is not None and x.shape[0] > 0:
+            x = x.contiguous()
+            out = x.new_empty(x.shape[0] * k, x.shape[1])
+            if _launch(kern, "scatter_rows", (x.shape[0],), x, inverse, out, x.shape[1], K=k, BD=_bd(x.shape[1])):
+                return out
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
@@ -106,13 +121,13 @@ class _Permute(torch.autograd.Function):
         k, d = ctx.k, g.shape[-1]
         T = inverse.numel() // k
         kern = _fast(g, inverse)
-        if kern is None or T == 0:
-            gk = g.index_select(0, inverse).view(T, k, d)
-            return gk.sum(dim=1, dtype=torch.float32).to(g.dtype), None, None, None
-        g = g.contiguous()
-        dx = g.new_empty(T, d)
-        kern["gather_sum"][(T,)](g, inverse, g, dx, d, K=k, BD=_bd(d), WEIGHTED=False)
-        return dx, None, None, None
+        if kern is not None and T > 0:
+            g = g.contiguous()
+            dx = g.new_empty(T, d)
+            if _launch(kern, "gather_sum", (T,), g, inverse, g, dx, d, K=k, BD=_bd(d), WEIGHTED=False):
+                return dx, None, None, None
+        gk = g.index_select(0, inverse).view(T, k, d)
+        return gk.sum(dim=1, dtype=torch.float32).to(g.dtype), None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -123,13 +138,13 @@ class _Unpermute(torch.autograd.Function):
         d = y_perm.shape[1]
         ctx.save_for_backward(y_perm, weights, order, inverse)
         kern = _fast(y_perm, inverse)
-        if kern is None or T == 0:
-            yk = y_perm.index_select(0, inverse).view(T, k, d)
-            return (yk * weights.unsqueeze(-1).to(yk.dtype)).sum(dim=1)
-        y_perm = y_perm.contiguous()
-        y = y_perm.new_empty(T, d)
-        kern["gather_sum"][(T,)](y_perm, inverse, weights.contiguous(), y, d, K=k, BD=_bd(d), WEIGHTED=True)
-        return y
+        if kern is not None and T > 0:
+            y = y_perm.new_empty(T, d)
+            if _launch(kern, "gather_sum", (T,), y_perm.contiguous(), inverse, weights.contiguous(), y, d, K=k,
+                       BD=_bd(d), WEIGHTED=True):
+                return y
+        yk = y_perm.index_select(0, inverse).view(T, k, d)
+        return (yk * weights.unsqueeze(-1).to(yk.dtype)).sum(dim=1)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
@@ -138,17 +153,17 @@ class _Unpermute(torch.autograd.Function):
         d = y_perm.shape[1]
         g = g.contiguous()
         kern = _fast(g, inverse)
-        if kern is None or T == 0:
-            w = weights.to(g.dtype)
-            dy_perm = g.index_select(0, order // k) * w.reshape(-1).index_select(0, order).unsqueeze(-1)
-            yk = y_perm.index_select(0, inverse).view(T, k, d)
-            dw = (yk * g.unsqueeze(1)).sum(-1).to(weights.dtype)
-            return dy_perm, dw, None, None
-        dy_perm = torch.empty_like(y_perm)
-        dw = torch.empty(T, k, device=g.device, dtype=torch.float32)
-        kern["unpermute_bwd"][(T,)](g, y_perm.contiguous(), inverse, weights.contiguous(), dy_perm, dw, d,
-                                    K=k, BD=_bd(d))
-        return dy_perm, dw.to(weights.dtype), None, None
+        if kern is not None and T > 0:
+            dy_perm = torch.empty_like(y_perm)
+            dw = torch.empty(T, k, device=g.device, dtype=torch.float32)
+            if _launch(kern, "unpermute_bwd", (T,), g, y_perm.contiguous(), inverse, weights.contiguous(), dy_perm,
+                       dw, d, K=k, BD=_bd(d)):
+                return dy_perm, dw.to(weights.dtype), None, None
+        w = weights.to(g.dtype)
+        dy_perm = g.index_select(0, order // k) * w.reshape(-1).index_select(0, order).unsqueeze(-1)
+        yk = y_perm.index_select(0, inverse).view(T, k, d)
+        dw = (yk * g.unsqueeze(1)).sum(-1).to(weights.dtype)
+        return dy_perm, dw, None, None
 
 
 def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
