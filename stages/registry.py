@@ -148,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
             "kernels/",
         ),
         outs=("work/runs/{run}/model/",),
-        params=("train", "router", "runs.{run}"),
+        params=("train", "runs.{run}"),
         code=("stages/model.py", "stages/shards.py", "stages/accounting.py"),
         metrics=("work/runs/{run}/train.json",),
         plots=("work/runs/{run}/train_log.csv",),
