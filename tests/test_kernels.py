@@ -253,3 +253,22 @@ def test_gpu_auto_is_torch_grouped_in_bf16() -> None:
     _gpu_backend_or_skip("torch_grouped", torch.bfloat16)
     x, w, _ = make([8, 8], k=64, n=64, dtype=torch.bfloat16, device="cuda")
     assert resolve_backend("auto", x, w)[0] in ("torch_grouped", "cutlass")
+
+
+# ------------------------------------------------------------------------- cutlass extension (CPU)
+def test_cutlass_extension_says_why_it_cannot_run_and_generates_one_unit_per_config() -> None:
+    from kernels import cutlass_ext
+
+    if not CUDA:
+        with pytest.raises(cutlass_ext.CutlassUnavailable, match="CUDA GPU"):
+            cutlass_ext.load()
+        assert "CUDA GPU" in cutlass_ext.problem()
+    src = cutlass_ext.unit_source("dw", "c128x256c12")
+    assert "MOE_GG_REGISTER(DW, Tile_, Cluster_, Coop, \"dw_c128x256c12\")" in src
+    assert "cute::Shape<cute::_128, cute::_256, cute::_64>" in src and "cute::_1, cute::_2, cute::_1" in src
+    for kind, cfg in cutlass_ext.DEFAULT_CHOICE.items():
+        assert kind in cutlass_ext.KINDS and cfg in cutlass_ext.CONFIGS
+    with pytest.raises(ValueError, match="configs"):
+        cutlass_ext.choose(fwd="c1x1")
+    prev = cutlass_ext.choose(dx="auto")
+    assert cutlass_ext.choose(**prev)["dx"] == "auto"
