@@ -1,9 +1,11 @@
 """The decoder LM of the study: dense SwiGLU or top-k routed MoE, in one readable file.
 
 The architecture is fixed by stages/accounting.py (whose formulas the planner uses to equalise
-non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), bias-free
-causal attention (q, k, v, o) with rotary positions (no parameters), and a SwiGLU FFN, or an MoE
-layer of E SwiGLU experts behind a bias-free linear router. `count_nonvocab_params` counts the
+non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), causal
+attention (q, k, v, o; GQA, optional q/k/v biases and q/k norms) with rotary positions (no
+parameters), and a SwiGLU FFN, or an MoE layer of E SwiGLU experts behind a bias-free linear router
+plus optional always-active shared experts; MoE models may keep their first layers (or all but
+every n-th) dense. `count_nonvocab_params` counts the
 real module so a test can prove it equals `Architecture.nonvocab_total / nonvocab_active`.
 
 MoE layout (torchtitan style, kept as three parts so each can be tested alone):
@@ -68,32 +70,51 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, n_heads: int, seq_len: int) -> None:
+    """Causal self-attention: q (d -> H h), k, v (d -> KV h; GQA when KV < H), o (H h -> d), rotary
+    positions, optional q/k/v biases and q/k RMSNorms ("layer": over all q / k features, "head": per head)."""
+
+    def __init__(self, d: int, n_heads: int, seq_len: int, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = False, qk_norm: str = "none") -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.head_dim = d // n_heads
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, d, bias=False)
-        self.v = nn.Linear(d, d, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.head_dim = d // n_heads if head_dim is None else head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q = nn.Linear(d, q_dim, bias=qkv_bias)
+        self.k = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.v = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.o = nn.Linear(q_dim, d, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm == "layer":
+            self.q_norm, self.k_norm = RMSNorm(q_dim), RMSNorm(kv_dim)
+        elif qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         cos, sin = rotary_tables(seq_len, self.head_dim)
         # buffers, not parameters (RoPE has none), and not saved: they are a function of the arch
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, D = x.shape
+        B, S, _ = x.shape
         if self.cos.shape[0] < S:
             raise ValueError(f"sequence of {S} tokens exceeds the model's seq_len {self.cos.shape[0]}")
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.view(B, S, n, self.head_dim).transpose(1, 2)
 
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.qk_norm == "layer":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.cos[:S], self.sin[:S]
-        q = apply_rotary(heads(self.q(x)), cos, sin)
-        k = apply_rotary(heads(self.k(x)), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, S, D))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -286,22 +307,42 @@ class MoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
+class SharedExperts(nn.Module):
+    """S always-active SwiGLU experts of width f_s, as one SwiGLU of width S f_s (the same function and
+    parameters as S separate experts summed, as DeepSeekMoE implements it), optionally scaled by a
+    per-token sigmoid gate (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, d: int, f: int, count: int, gate: bool = False) -> None:
+        super().__init__()
+        self.mlp = SwiGLU(d, f * count)
+        self.gate = nn.Linear(d, 1, bias=False) if gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
 class Block(nn.Module):
-    def __init__(self, a: Architecture, backend: str, router: RouterConfig | None = None) -> None:
+    def __init__(self, a: Architecture, backend: str, layer: int = 0, router: RouterConfig | None = None) -> None:
         super().__init__()
         self.norm1 = RMSNorm(a.d_model)
-        self.attn = Attention(a.d_model, a.n_heads, a.seq_len)
+        self.attn = Attention(a.d_model, a.n_heads, a.seq_len, a.n_kv_heads, a.head_dim, a.qkv_bias, a.qk_norm)
         self.norm2 = RMSNorm(a.d_model)
+        moe = a.is_moe_layer(layer)
         self.ffn: nn.Module = (
-            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend, router) if a.kind == "moe"
-            else SwiGLU(a.d_model, a.ffn_hidden)
+            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend, router) if moe
+            else SwiGLU(a.d_model, a.dense_width)
         )
+        self.shared = (SharedExperts(a.d_model, a.shared_width, a.shared_experts, a.shared_gate)
+                       if moe and a.shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
         x = x + self.attn(self.norm1(x))
-        out = self.ffn(self.norm2(x))
+        h = self.norm2(x)
+        out = self.ffn(h)
         if isinstance(out, MoEOutput):
-            return x + out.y, out
+            y = out.y if self.shared is None else out.y + self.shared(h)
+            return x + y, out
         return x + out, None
 
 
@@ -321,7 +362,7 @@ class LM(nn.Module):
         self.router_config = router or RouterConfig()
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, arch.d_model)
-        self.blocks = nn.ModuleList(Block(arch, expert_backend, router) for _ in range(arch.n_layers))
+        self.blocks = nn.ModuleList(Block(arch, expert_backend, i, router) for i in range(arch.n_layers))
         self.norm = RMSNorm(arch.d_model)
         # Tied: the LM head is the embedding matrix (no extra module, so no shared-tensor aliasing)
         self.lm_head = None if arch.tie_embeddings else nn.Linear(arch.d_model, vocab_size, bias=False)
@@ -332,9 +373,11 @@ class LM(nn.Module):
         """GPT-2 init: N(0, 0.02); output projections of residual branches scaled by 1/sqrt(2L)."""
         resid = INIT_STD / math.sqrt(2 * self.arch.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                p.zero_()  # q/k/v biases
+            elif p.dim() == 1:
                 p.fill_(1.0)  # RMSNorm weights
-            elif name.endswith(("attn.o.weight", "ffn.w2.weight", "experts.w2")):
+            elif name.endswith(("attn.o.weight", "ffn.w2.weight", "experts.w2", "shared.mlp.w2.weight")):
                 p.normal_(0.0, resid)
             else:
                 p.normal_(0.0, INIT_STD)
@@ -388,14 +431,28 @@ def architecture(arch: dict[str, Any]) -> Architecture:
         raise ModelConfigError(f"arch is incomplete: {err}") from None
     if a.kind not in ("dense", "moe"):
         raise ModelConfigError(f"arch.kind={a.kind!r} must be 'dense' or 'moe'")
-    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k"):
-        if int(getattr(a, key)) < 1:
-            raise ModelConfigError(f"arch.{key}={getattr(a, key)} must be positive")
-    if a.d_model % a.n_heads or (a.d_model // a.n_heads) % 2:
+    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k", "moe_every",
+                "n_kv_heads", "head_dim", "shared_ffn_hidden", "dense_ffn_hidden"):
+        value = getattr(a, key)
+        if value is not None and int(value) < 1:
+            raise ModelConfigError(f"arch.{key}={value} must be positive")
+    if a.head_dim is None and a.d_model % a.n_heads or a.head_size % 2:
         raise ModelConfigError(
             f"arch.d_model={a.d_model} / n_heads={a.n_heads} must give an even head size (rotary pairs)")
+    if a.n_heads % a.kv_heads:
+        raise ModelConfigError(f"arch.n_heads={a.n_heads} is not divisible by n_kv_heads={a.n_kv_heads}")
+    if a.mla:
+        raise ModelConfigError("arch.kv_lora_rank: multi-head latent attention is counted by stages/accounting.py "
+                               "but not built by this model")
+    if a.qk_norm not in ("none", "layer", "head"):
+        raise ModelConfigError(f"arch.qk_norm={a.qk_norm!r} must be none, layer or head")
+    if a.shared_experts < 0 or a.first_dense_layers < 0:
+        raise ModelConfigError("arch.shared_experts and arch.first_dense_layers must be >= 0")
     if a.kind == "moe" and not 1 <= a.top_k < a.experts:
         raise ModelConfigError(f"arch.top_k={a.top_k} must be in [1, experts={a.experts})")
+    if a.kind == "moe" and a.moe_layers == 0:
+        raise ModelConfigError(f"arch.first_dense_layers={a.first_dense_layers} / moe_every={a.moe_every} leave "
+                               f"no MoE layer in {a.n_layers} layers")
     return a
 
 

@@ -18,7 +18,8 @@ from conftest import make_project, run
 pytestmark = pytest.mark.slow
 
 STUDY_OUTS = ["results/ci/results.md", "results/ci/results.csv", "results/ci/metrics.duckdb",
-              "results/ci/loss_vs_activation.png", "results/ci/metrics.json"]
+              "results/ci/loss_vs_activation.png", "results/ci/metrics.json", "results/ci/plan.md",
+              "results/ci/plan.parquet", "results/ci/plan_metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,11 @@ def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     set_lr(dvc_project, "moe_r50", 1e-3)
     status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
     # plan@moe_r50 reads runs.moe_r50 as a whole, so DVC lists it; its output stays identical
-    assert set(status) == {"plan@moe_r50", "train@moe_r50", "aggregate"}, status
+    # plan_table reads `runs` as a whole too (its table is unchanged)
+    assert set(status) == {"plan@moe_r50", "train@moe_r50", "plan_table", "aggregate"}, status
     out = run(["dvc", "repro"], dvc_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "plan_table", "aggregate"}, ran
 
 
 def test_snakemake_runs_the_study(smk_project: Path) -> None:
@@ -136,7 +138,7 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
     jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
     cmds = set(re.findall(r"python -m stages\.(\w+(?: --run \w+)?)", jobs))
     assert cmds == {"plan --run dense", "replay --run dense", "train --run dense", "evaluate --run dense",
-                    "aggregate"}, jobs
+                    "plan_table", "aggregate"}, jobs
 
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:
