@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import grouped_mm, resolve_backend
+from kernels.permute import permute, unpermute
+from kernels.swiglu import swiglu
 from stages.accounting import Architecture
+from stages.schema import RouterConfig
 
 INIT_STD = 0.02
 
@@ -146,34 +149,84 @@ def expert_counts(indices: torch.Tensor, experts: int) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Bias-free linear gate, softmax top-k with renormalised weights, and the balancing losses."""
+    """Bias-free linear gate, top-k over softmax or sigmoid scores, renormalised weights, and the
+    balancing losses; optionally DeepSeek-V3's aux-loss-free bias balancing.
 
-    def __init__(self, d: int, experts: int, top_k: int) -> None:
+    Bias balancing: `expert_bias` (a buffer: saved with the model, never touched by the optimizer)
+    is added to the scores for choosing the top-k experts only; the gate weights are the unbiased
+    scores. Each training forward adds its per-expert slot counts to `pending_load`; after the
+    optimizer step `update_bias()` moves every bias by rate * sign(mean load - load) (all-reduced
+    over data-parallel ranks when torch.distributed is up) and clears the counts, so an overloaded
+    expert gets picked less and an idle one more, without a gradient that fights the LM loss.
+    """
+
+    def __init__(self, d: int, experts: int, top_k: int, router: RouterConfig | None = None) -> None:
         super().__init__()
         if not 1 <= top_k < experts:
             raise ModelConfigError(f"top_k={top_k} must be in [1, experts={experts})")
+        cfg = router or RouterConfig()
         self.experts = experts
         self.top_k = top_k
+        self.score = cfg.score
+        self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d, experts, bias=False)
+        self.bias_balancing = cfg.bias_balancing
+        if cfg.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(experts))
+            self.register_buffer("pending_load", torch.zeros(experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.gate(x)  # (T, E); router maths in (at least) fp32, also under autocast
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        if self.score == "softmax":
+            scores = logits.softmax(dim=-1)
+            importance = scores.mean(dim=0)  # P_i: carries the gradient
+        else:
+            scores = logits.sigmoid()
+            importance = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # DeepSeek-V3 normalised affinity
+        if not self.bias_balancing:
+            top_w, top_i = scores.topk(self.top_k, dim=-1)
+        else:  # the bias steers the selection only; the weights are the unbiased scores
+            top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+            top_w = scores.gather(-1, top_i)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = expert_counts(top_i, self.experts).to(probs.dtype)
+        counts = expert_counts(top_i, self.experts).to(scores.dtype)
+        if self.bias_balancing and self.training:
+            self.pending_load += counts.detach()
         load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
-        importance = probs.mean(dim=0)  # P_i: carries the gradient
         aux = self.experts * (load * importance).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return RouterOutput(top_w, top_i, aux, z, load.detach())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        """Keep the balancing state in fp32 under model.to(bf16)/.half(): a bias step of 1e-3
+        would round away in bf16 once the bias is larger than about 0.25."""
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "pending_load"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One aux-loss-free balancing step from the loads counted since the last call (no-op when
+        bias balancing is off or nothing was routed)."""
+        if not self.bias_balancing:
+            return
+        load = self.pending_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        if float(load.sum()) > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 @dataclass
 class Dispatch:
     order: torch.Tensor  # (T*k,) flat (token, slot) index of each permuted row
+    inverse: torch.Tensor  # (T*k,) permuted row of each flat (token, slot): order[inverse] = arange
     counts: torch.Tensor  # (E,) rows per expert
     offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
 
@@ -186,43 +239,55 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torc
     k = indices.shape[1]
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    x_perm = x.index_select(0, order // k)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = expert_counts(flat, experts)
     offs = counts.cumsum(0).to(torch.int32)
-    return x_perm, Dispatch(order, counts, offs)
+    return permute(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
 
 
 def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
     """Inverse of dispatch: un-permute the expert outputs and sum the k slots with their weights."""
-    T, k = weights.shape
-    inverse = torch.empty_like(d.order)
-    inverse[d.order] = torch.arange(d.order.numel(), device=d.order.device)
-    y = y_perm.index_select(0, inverse).view(T, k, -1)
-    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    return unpermute(y_perm, weights, d.order, d.inverse)
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights; one grouped GEMM per projection for all experts."""
+    """E SwiGLU experts as stacked weights: two grouped GEMMs for all experts.
+
+    The gate and up projections are one (E, d, 2f) weight `w13` = [w1 | w3] along its last dim, so
+    they are one grouped GEMM of N = 2f (x_perm is read once, and the backward's dx is one GEMM
+    over K = 2f instead of two GEMMs and an add); `w1` and `w3` are views of its halves.
+    """
 
     def __init__(self, d: int, f: int, experts: int, backend: str = "auto") -> None:
         super().__init__()
         self.experts = experts
+        self.f = f
         self.backend = backend
-        self.w1 = nn.Parameter(torch.empty(experts, d, f))
-        self.w3 = nn.Parameter(torch.empty(experts, d, f))
+        self.w13 = nn.Parameter(torch.empty(experts, d, 2 * f))
         self.w2 = nn.Parameter(torch.empty(experts, f, d))
         self.last_backend: str | None = None  # what actually ran (after any fallback)
         self.last_fallback: str | None = None
+
+    @property
+    def w1(self) -> torch.Tensor:
+        return self.w13[..., : self.f]
+
+    @property
+    def w3(self) -> torch.Tensor:
+        return self.w13[..., self.f :]
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         probe = x.new_empty(0, x.shape[1], dtype=dtype)  # backends are chosen by device, dtype, shape
-        # w1 (d, f) and w2 (f, d) have the same dims, so one check covers all three products
-        self.last_backend, self.last_fallback = resolve_backend(self.backend, probe, self.w1)
-        b = self.last_backend
-        h = F.silu(grouped_mm(x, self.w1, offs, b)) * grouped_mm(x, self.w3, offs, b)
-        return grouped_mm(h, self.w2, offs, b)
+        b, why = resolve_backend(self.backend, probe, self.w13)
+        if why is None:  # w2 (f, d) must suit the same backend, else both use the fallback
+            b2, why = resolve_backend(self.backend, probe.new_empty(0, self.f), self.w2)
+            b = b2 if why is not None else b
+        self.last_backend, self.last_fallback = b, why
+        h13 = grouped_mm(x, self.w13, offs, b)
+        return grouped_mm(swiglu(h13, self.f), self.w2, offs, b)
 
 
 @dataclass
@@ -234,11 +299,12 @@ class MoEOutput:
 
 
 class MoE(nn.Module):
-    def __init__(self, d: int, f: int, experts: int, top_k: int, backend: str = "auto") -> None:
+    def __init__(self, d: int, f: int, experts: int, top_k: int, backend: str = "auto",
+                 router: RouterConfig | None = None) -> None:
         super().__init__()
         self.experts_n = experts
         self.top_k = top_k
-        self.router = Router(d, experts, top_k)
+        self.router = Router(d, experts, top_k, router)
         self.experts = GroupedExperts(d, f, experts, backend)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -267,14 +333,14 @@ class SharedExperts(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a: Architecture, backend: str, layer: int = 0) -> None:
+    def __init__(self, a: Architecture, backend: str, layer: int = 0, router: RouterConfig | None = None) -> None:
         super().__init__()
         self.norm1 = RMSNorm(a.d_model)
         self.attn = Attention(a.d_model, a.n_heads, a.seq_len, a.n_kv_heads, a.head_dim, a.qkv_bias, a.qk_norm)
         self.norm2 = RMSNorm(a.d_model)
         moe = a.is_moe_layer(layer)
         self.ffn: nn.Module = (
-            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend) if moe
+            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend, router) if moe
             else SwiGLU(a.d_model, a.dense_width)
         )
         self.shared = (SharedExperts(a.d_model, a.shared_width, a.shared_experts, a.shared_gate)
@@ -299,12 +365,14 @@ class ModelOutput:
 
 
 class LM(nn.Module):
-    def __init__(self, arch: Architecture, vocab_size: int, expert_backend: str = "auto") -> None:
+    def __init__(self, arch: Architecture, vocab_size: int, expert_backend: str = "auto",
+                 router: RouterConfig | None = None) -> None:
         super().__init__()
         self.arch = arch
+        self.router_config = router or RouterConfig()
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, arch.d_model)
-        self.blocks = nn.ModuleList(Block(arch, expert_backend, i) for i in range(arch.n_layers))
+        self.blocks = nn.ModuleList(Block(arch, expert_backend, i, router) for i in range(arch.n_layers))
         self.norm = RMSNorm(arch.d_model)
         # Tied: the LM head is the embedding matrix (no extra module, so no shared-tensor aliasing)
         self.lm_head = None if arch.tie_embeddings else nn.Linear(arch.d_model, vocab_size, bias=False)
@@ -340,6 +408,13 @@ class LM(nn.Module):
         aux = torch.stack([m.aux_loss for m in moe]).mean()
         z = torch.stack([m.z_loss for m in moe]).mean()
         return ModelOutput(logits, aux, z, torch.stack([m.load for m in moe]))
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing step of every MoE router (RouterConfig.bias_balancing); call it once
+        after each optimizer step. A no-op for dense models and routers without bias balancing."""
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.update_bias()
 
     def expert_backends(self) -> dict[str, str | None]:
         """Backend that ran in the last forward of each MoE layer, and the fallback reason if any."""
@@ -391,12 +466,27 @@ def architecture(arch: dict[str, Any]) -> Architecture:
     return a
 
 
-def build_model(arch: dict[str, Any] | Architecture, vocab_size: int, expert_backend: str = "auto") -> LM:
-    """The LM of a plan's "arch" dict (keys of accounting.Architecture) and the tokenizer's vocab."""
+def router_config(router: RouterConfig | dict[str, Any] | None) -> RouterConfig | None:
+    """A RouterConfig from the params section, its dict form (config.json), or None (the default)."""
+    if router is None or isinstance(router, RouterConfig):
+        return router
+    try:
+        return RouterConfig(**router)
+    except Exception as err:
+        raise ModelConfigError(f"bad router config {router!r}: {err}") from None
+
+
+def build_model(arch: dict[str, Any] | Architecture, vocab_size: int, expert_backend: str = "auto",
+                router: RouterConfig | dict[str, Any] | None = None) -> LM:
+    """The LM of a plan's "arch" dict (keys of accounting.Architecture) and the tokenizer's vocab.
+
+    `router` (params.yaml `router:`; None = softmax top-k) only matters for MoE archs. Save it in
+    the checkpoint's config.json under "router" so `load_model` rebuilds the same routing.
+    """
     a = arch if isinstance(arch, Architecture) else architecture(arch)
     if vocab_size < 2:
         raise ModelConfigError(f"vocab_size={vocab_size} must be at least 2")
-    return LM(a, int(vocab_size), expert_backend)
+    return LM(a, int(vocab_size), expert_backend, router_config(router))
 
 
 def count_nonvocab_params(model: LM) -> tuple[int, int]:
@@ -446,7 +536,7 @@ def load_model(directory: Path | str, expert_backend: str = "auto",
     for key in ("arch", "vocab_size"):
         if key not in config:
             raise ModelConfigError(f"{cfg_path}: missing key {key!r}")
-    model = build_model(config["arch"], config["vocab_size"], expert_backend)
+    model = build_model(config["arch"], config["vocab_size"], expert_backend, config.get("router"))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

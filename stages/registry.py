@@ -162,7 +162,7 @@ STAGES: tuple[Stage, ...] = (
             "kernels/",
         ),
         outs=("work/runs/{run}/model/", "work/runs/{run}/steps.parquet"),
-        params=("train", "runs.{run}"),
+        params=("train", "router", "runs.{run}"),
         code=("stages/model.py", "stages/shards.py", "stages/accounting.py", "stages/audit.py", "stages/engine.py",
               "stages/checkpoint.py", "stages/trainlog.py"),
         metrics=("work/runs/{run}/train.json",),

@@ -214,6 +214,25 @@ class RunConfig(Strict):
         return ["expert_width", "top_k"] if self.experts is not None else ["expert_width", "experts"]
 
 
+# ----------------------------------------------------------------------------------------- router
+class RouterConfig(Strict):
+    """How MoE layers pick experts (stages/model.py `Router`); the default is today's softmax top-k.
+
+    `score`: softmax over the E logits (Switch/Mixtral) or an independent sigmoid per expert
+    (DeepSeek-V3). Either way the top-k weights are renormalised to sum to 1. `bias_balancing`
+    turns on DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, not trained by
+    gradients, is added to the scores for the top-k *selection only* (the gate weights stay the
+    unbiased scores) and, after every optimizer step, moves by `bias_update_rate` * sign(mean load -
+    expert load) (`LM.update_router_bias()`, which the trainer calls). The load-balancing aux loss
+    stays available through train.aux_loss_coef (set it to 0, or small, with bias balancing).
+    """
+
+    score: Literal["softmax", "sigmoid"] = Field(default="softmax", description="expert scoring function")
+    bias_balancing: bool = Field(default=False, description="aux-loss-free per-expert selection bias")
+    bias_update_rate: float = Field(default=1e-3, ge=0, le=1,
+                                    description="bias step per optimizer step (DeepSeek-V3 uses 1e-3)")
+
+
 # ------------------------------------------------------------------------------------ train, eval
 class TrainConfig(Strict):
     """How every run trains (stages/train.py; the engines and DeepSpeed config: stages/engine.py).
@@ -297,6 +316,7 @@ class Params(Strict):
     budget: BudgetConfig
     model: ModelConfig = ModelConfig()
     runs: dict[str, RunConfig] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -447,6 +447,9 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
                          f"N={plan['nonvocab_params']}, N_active={plan['nonvocab_active']}")
     inputs = {"plan": sha256_file(plan_path), "replay": sha256_file(replay_path), "tokens": tm["sha256"]}
     section = {"train": cfg.model_dump(), f"runs.{run}": p.run(run).model_dump(), "lr": lr, "seed": seed}
+    router = getattr(p, "router", None)
+    if router is not None:  # part of provenance and of the checkpoint key: another router never resumes
+        section["router"] = router.model_dump()
     prov = provenance("train", inputs, section, CODE_MODULES)
     key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), section, prov["code_sha256"])
     ckpt_dir = checkpoint.checkpoint_dir(run, key, work)
@@ -466,7 +469,8 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
         return metrics
     config = {"arch": plan["arch"], "vocab_size": tm["vocab_size"], "eos_id": tm["eos_id"],
               "nonvocab_params": total, "nonvocab_active": active, "run": run, "provenance": prov,
-              **hf_config(plan["arch"], tm["vocab_size"], tm["eos_id"])}
+              **hf_config(plan["arch"], tm["vocab_size"], tm["eos_id"]),
+              **({"router": router.model_dump()} if router is not None else {})}
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
