@@ -483,3 +483,21 @@ def test_deepspeed_zero2_with_accumulation_follows_the_torch_engine(params: Para
     assert metrics["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert metrics["deepspeed_config"]["gradient_accumulation_steps"] == 2
     np.testing.assert_allclose(curves["deepspeed"], curves["torch"], rtol=1e-4)
+
+
+def test_router_bias_balancing_is_stepped_and_saved(tmp_path: Path) -> None:
+    """params.yaml router: reaches the model; the trainer steps the aux-loss-free bias after each update."""
+    from safetensors.torch import load_file
+
+    raw = copy.deepcopy(PARAMS)
+    raw["router"] = {"score": "sigmoid", "bias_balancing": True, "bias_update_rate": 0.01}
+    raw["train"]["aux_loss_coef"] = 0.0
+    p = parse_params(raw)
+    work = make_work(tmp_path, p, ["moe"])
+    res = run_train(p, "moe", work=work)
+    cfg = read_json(work / "runs/moe/model/config.json")
+    assert cfg["router"]["bias_balancing"] and res["provenance"]["params"]["router"]["score"] == "sigmoid"
+    bias = load_file(str(work / "runs/moe/model/model.safetensors"))["blocks.0.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0  # stepped by the trainer (it starts at zero)
+    model, _ = load_model(work / "runs/moe/model")
+    assert torch.equal(model.blocks[0].ffn.router.expert_bias, bias)
