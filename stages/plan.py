@@ -74,9 +74,11 @@ def count_main(argv: list[str]) -> int:
     ap.add_argument("--seq-len", type=int, default=None,
                     help="context for the FLOPs' attention term (default: the config's max_position_embeddings)")
     a = ap.parse_args(argv)
+    if not Path(a.config).is_file():
+        fail(f"{a.config}: no such file (give a Hugging Face config.json)")
     try:
         arch, vocab = from_hf_config(read_json(a.config))
-    except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
         fail(f"{a.config}: {err}")
     if a.seq_len:
         arch = dataclasses.replace(arch, seq_len=a.seq_len)
