@@ -30,7 +30,7 @@ TINY = {
         "moe_r50": {"kind": "moe", "activation_rate": 0.5, "top_k": 1},
     },
     "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5, "threads": 1},
-    "eval": {"batch_size": 16, "bootstrap": 100},
+    "eval": {"batch_size": 16, "bootstrap": 100, "task_items": 64, "choice_words": 3},
 }
 
 

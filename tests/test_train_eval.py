@@ -48,7 +48,7 @@ PARAMS: dict[str, Any] = {
         "moe": {"kind": "moe", "experts": 4, "top_k": 1},
     },
     "train": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 5, "log_every": 20, "threads": 1},
-    "eval": {"batch_size": 8, "bootstrap": 200},
+    "eval": {"batch_size": 8, "bootstrap": 200, "task_items": 0},
 }
 
 
