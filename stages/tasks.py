@@ -187,12 +187,15 @@ def build_tasks(p: Params, work: Path = WORK, out: Path | None = None) -> dict[s
 
 # -------------------------------------------------------------------------------------- scoring
 def score_continuations(model: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]], eos_id: int,
-                        batch_size: int, device: Any = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                        batch_size: int, device: Any = "cpu",
+                        prepend_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """log p(continuation | EOS + context) and whether it is the greedy argmax, per request.
 
-    Each request is scored alone (no other text in its rows); a context longer than the model's
-    seq_len loses its oldest tokens. Requests are sorted longest first into batches of similar
-    length, so padding costs little and the order (and so every float) is fixed.
+    Each request is scored alone (no other text in its rows), after an EOS as a document starts in
+    training (`prepend_eos=False` for contexts that carry their own prefix, e.g. rolling windows);
+    a context longer than the model's seq_len loses its oldest tokens. Requests are sorted longest
+    first into batches of similar length, so padding costs little and the order (so every float)
+    is fixed.
     """
     import torch
 
@@ -201,7 +204,10 @@ def score_continuations(model: Any, requests: Sequence[tuple[Sequence[int], Sequ
     for i, (ctx, cont) in enumerate(requests):
         if not 1 <= len(cont) <= seq_len:
             raise TaskError(f"request {i}: continuation of {len(cont)} tokens (must be 1..seq_len={seq_len})")
-        prepared.append((i, [eos_id, *ctx, *cont][-(seq_len + 1):], len(cont)))
+        seq = [eos_id, *ctx, *cont] if prepend_eos else [*ctx, *cont]
+        if len(seq) < 2:
+            raise TaskError(f"request {i}: nothing to condition on (empty context and prepend_eos=False)")
+        prepared.append((i, seq[-(seq_len + 1):], len(cont)))
     prepared.sort(key=lambda t: (-len(t[1]), t[0]))
     logprob = np.zeros(len(prepared), dtype=np.float64)
     greedy = np.zeros(len(prepared), dtype=bool)
