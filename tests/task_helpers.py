@@ -20,8 +20,11 @@ from stages.model import build_model, save_model
 from stages.tokenize import for_documents, new_tokenizer
 
 EOS = 0
-WORDS = ("the cat dog sat ran over under quick lazy brown fox jumps house garden river stone bright dark "
-         "morning evening silver window table candle winter summer").split(" ")
+WORDS = [
+    "the", "cat", "dog", "sat", "ran", "over", "under", "quick", "lazy", "brown", "fox", "jumps", "house",
+    "garden", "river", "stone", "bright", "dark", "morning", "evening", "silver", "window", "table",
+    "candle", "winter", "summer",
+]
 
 
 def make_texts(n: int = 40, seed: int = 0) -> list[tuple[int, str]]:
