@@ -1,14 +1,18 @@
 """The DAG replayed end to end by both engines on the tiny configuration.
 
 Checks the spine's promises: `dvc repro` and `snakemake` both run the whole study; a second run
-does nothing; editing one run's learning rate re-runs only that run's stages; `dvc dag` and
-`snakemake --dag` have the same nodes and edges; both engines produce byte-identical artefacts.
+does nothing; editing one run's learning rate re-runs only that run's stages, adding a run adds
+only its own stages; `dvc dag` and `snakemake --dag` have the same nodes and edges; both engines
+produce byte-identical artefacts; `dvc exp run -S` and a `--queue`d sweep run, and `dvc exp show`
+lists every run's metrics.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +21,9 @@ from conftest import make_project, run
 
 pytestmark = pytest.mark.slow
 
-STUDY_OUTS = ["results/ci/results.md", "results/ci/results.csv", "results/ci/metrics.duckdb",
-              "results/ci/loss_vs_activation.png", "results/ci/metrics.json"]
+STUDY_OUTS = ["results/ci/summary.md", "results/ci/results.csv", "results/ci/metrics.duckdb", "results/metrics.duckdb",
+              "results/ci/loss_vs_activation.png", "results/ci/training_curves.png", "results/ci/expert_load.png",
+              "results/ci/metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +98,22 @@ def snakemake_nodes_edges(project: Path) -> tuple[set[str], set[tuple[str, str]]
 def test_dvc_repro_runs_the_study(dvc_project: Path) -> None:
     for f in STUDY_OUTS:
         assert (dvc_project / f).stat().st_size > 0, f
-    table = (dvc_project / "results/ci/results.md").read_text()
+    table = (dvc_project / "results/ci/summary.md").read_text()
     assert "| dense |" in table and "| moe_r50 |" in table
     import duckdb
 
     con = duckdb.connect(str(dvc_project / "results/ci/metrics.duckdb"), read_only=True)
-    rows = con.execute("SELECT run, kind, bpb, tokens, nonvocab_params FROM runs ORDER BY run").fetchall()
+    rows = con.execute("SELECT run_id, kind, val_bpb, tokens_seen, total_params, cloze_items, choice_acc "
+                       "FROM runs ORDER BY run_id").fetchall()
     assert [r[0] for r in rows] == ["dense", "moe_r50"]
     assert all(0 < r[2] < 16 for r in rows)  # bits per byte of a real model on English-like text
     assert rows[1][3] > rows[0][3]  # the MoE run reads more tokens at equal compute
+    for r in rows:
+        e = json.loads((dvc_project / f"work/eval/{r[0]}.json").read_text())
+        assert r[2] == e["bpb"] and r[5] == e["tasks"]["cloze"]["items"] == 64 and r[6] == e["tasks"]["choice"]["acc"]
+    assert con.execute("SELECT count(*) FROM steps").fetchone()[0] == sum(
+        json.loads((dvc_project / f"work/runs/{r}/plan.json").read_text())["steps"] for r in ("dense", "moe_r50"))
+    assert con.execute("SELECT run_id FROM moe_vs_dense").fetchall() == [("moe_r50",)]
 
 
 def test_dvc_second_run_is_a_noop(dvc_project: Path) -> None:
@@ -115,10 +127,24 @@ def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     set_lr(dvc_project, "moe_r50", 1e-3)
     status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
     # plan@moe_r50 reads runs.moe_r50 as a whole, so DVC lists it; its output stays identical
-    assert set(status) == {"plan@moe_r50", "train@moe_r50", "aggregate"}, status
+    assert set(status) == {"plan@moe_r50", "train@moe_r50", "collect@moe_r50", "aggregate"}, status
     out = run(["dvc", "repro"], dvc_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "aggregate"}, ran
+
+
+def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None:
+    """Incremental aggregation: a new run brings its own stages and the union, nothing of the others."""
+    before = (dvc_project / "params.yaml").read_text()
+    p = yaml.safe_load(before)
+    p["runs"]["dense_b"] = {"kind": "dense", "seed": 9}
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
+    finally:
+        (dvc_project / "params.yaml").write_text(before)
+    assert set(status) == {f"{s}@dense_b" for s in ("plan", "replay", "train", "evaluate", "collect")} | {
+        "aggregate"}, status
 
 
 def test_snakemake_runs_the_study(smk_project: Path) -> None:
@@ -136,7 +162,7 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
     jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
     cmds = set(re.findall(r"python -m stages\.(\w+(?: --run \w+)?)", jobs))
     assert cmds == {"plan --run dense", "replay --run dense", "train --run dense", "evaluate --run dense",
-                    "aggregate"}, jobs
+                    "collect --run dense", "aggregate"}, jobs
 
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:
@@ -156,4 +182,49 @@ def test_dvc_and_snakemake_dags_are_equal(tmp_path: Path) -> None:
     smk_nodes, smk_edges = snakemake_nodes_edges(d)
     assert dvc_nodes == smk_nodes
     assert dvc_edges == smk_edges
-    assert "train@moe_r50" in dvc_nodes and ("evaluate@dense", "aggregate") in dvc_edges
+    assert "train@moe_r50" in dvc_nodes and ("collect@dense", "aggregate") in dvc_edges
+    assert {("tasks", "evaluate@moe_r50"), ("evaluate@dense", "collect@dense")} <= dvc_edges
+
+
+# ------------------------------------------------------------------------------------------ dvc exp
+@pytest.fixture(scope="module")
+def exp_project(dvc_project: Path, tmp_path_factory) -> Path:
+    """A copy of the built DVC project with its results committed: the baseline of the experiments."""
+    d = tmp_path_factory.mktemp("exp") / "project"
+    shutil.copytree(dvc_project, d, symlinks=True)
+    run(["dvc", "repro"], d)  # nothing to do: the copy is up to date
+    run(["git", "add", "-A"], d)
+    run(["git", "-c", "user.email=ci@example", "-c", "user.name=ci", "commit", "-qm", "baseline"], d)
+    return d
+
+
+def exp_show(project: Path) -> list[dict[str, str]]:
+    out = run(["dvc", "exp", "show", "--csv", "--drop", r"work/.*|stages/.*|data/.*|kernels"], project).stdout
+    return list(csv.DictReader(out.splitlines()))
+
+
+def test_dvc_exp_run_set_param_shows_every_runs_metrics(exp_project: Path) -> None:
+    out = run(["dvc", "exp", "run", "-S", "++runs.dense.lr=0.002"], exp_project)
+    ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
+    assert ran == {"plan@dense", "train@dense", "evaluate@dense", "collect@dense", "aggregate"}, ran
+    rows = exp_show(exp_project)
+    base = next(r for r in rows if r["rev"] not in ("workspace",) and r["typ"] == "baseline")
+    exp = next(r for r in rows if r["typ"].startswith("branch") and r.get("runs.dense.lr") == "0.002")
+    for run_name in ("dense", "moe_r50"):  # every run's final metrics are columns
+        for m in ("val_loss", "val_bpb", "cloze_acc", "choice_acc", "final_train_loss", "tokens_seen"):
+            assert exp[f"{run_name}.{m}"] != "", (run_name, m)
+    assert exp["dense.val_bpb"] != base["dense.val_bpb"]  # the edited run changed
+    assert exp["moe_r50.val_bpb"] == base["moe_r50.val_bpb"]  # the other one did not re-run
+    assert exp["_study.status"] == "ok" and exp["runs.moe_r50.activation_rate"] == "0.5"
+
+
+def test_dvc_exp_queue_and_run_all(exp_project: Path) -> None:
+    """A queued experiment runs in its own temporary workspace (the whole DAG there: work/ is not in git)."""
+    run(["dvc", "exp", "run", "--queue", "-S", "++runs.moe_r50.lr=0.005"], exp_project)
+    run(["dvc", "exp", "run", "--run-all"], exp_project)
+    rows = exp_show(exp_project)
+    queued = [r for r in rows if r.get("runs.moe_r50.lr") == "0.005"]
+    assert len(queued) == 1 and queued[0]["State"] == "Success", rows
+    others = {r["moe_r50.val_bpb"] for r in rows if r not in queued}
+    assert queued[0]["moe_r50.val_bpb"] not in others  # its own result, not a copy of another experiment's
+    assert float(queued[0]["dense.val_bpb"]) > 0 and queued[0]["moe_r50.choice_acc"] != ""
