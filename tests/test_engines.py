@@ -3,16 +3,13 @@
 Checks the spine's promises: `dvc repro` and `snakemake` both run the whole study; a second run
 does nothing; editing one run's learning rate re-runs only that run's stages, adding a run adds
 only its own stages; `dvc dag` and `snakemake --dag` have the same nodes and edges; both engines
-produce byte-identical artefacts; `dvc exp run -S` and a `--queue`d sweep run, and `dvc exp show`
-lists every run's metrics.
+produce byte-identical artefacts. `dvc exp` is checked in tests/test_dvc_exp.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -185,46 +182,3 @@ def test_dvc_and_snakemake_dags_are_equal(tmp_path: Path) -> None:
     assert "train@moe_r50" in dvc_nodes and ("collect@dense", "aggregate") in dvc_edges
     assert {("tasks", "evaluate@moe_r50"), ("evaluate@dense", "collect@dense")} <= dvc_edges
 
-
-# ------------------------------------------------------------------------------------------ dvc exp
-@pytest.fixture(scope="module")
-def exp_project(dvc_project: Path, tmp_path_factory) -> Path:
-    """A copy of the built DVC project with its results committed: the baseline of the experiments."""
-    d = tmp_path_factory.mktemp("exp") / "project"
-    shutil.copytree(dvc_project, d, symlinks=True)
-    run(["dvc", "repro"], d)  # nothing to do: the copy is up to date
-    run(["git", "add", "-A"], d)
-    run(["git", "-c", "user.email=ci@example", "-c", "user.name=ci", "commit", "-qm", "baseline"], d)
-    return d
-
-
-def exp_show(project: Path) -> list[dict[str, str]]:
-    out = run(["dvc", "exp", "show", "--csv", "--drop", r"work/.*|stages/.*|data/.*|kernels"], project).stdout
-    return list(csv.DictReader(out.splitlines()))
-
-
-def test_dvc_exp_run_set_param_shows_every_runs_metrics(exp_project: Path) -> None:
-    out = run(["dvc", "exp", "run", "-S", "++runs.dense.lr=0.002"], exp_project)
-    ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@dense", "train@dense", "evaluate@dense", "collect@dense", "aggregate"}, ran
-    rows = exp_show(exp_project)
-    base = next(r for r in rows if r["rev"] not in ("workspace",) and r["typ"] == "baseline")
-    exp = next(r for r in rows if r["typ"].startswith("branch") and r.get("runs.dense.lr") == "0.002")
-    for run_name in ("dense", "moe_r50"):  # every run's final metrics are columns
-        for m in ("val_loss", "val_bpb", "cloze_acc", "choice_acc", "final_train_loss", "tokens_seen"):
-            assert exp[f"{run_name}.{m}"] != "", (run_name, m)
-    assert exp["dense.val_bpb"] != base["dense.val_bpb"]  # the edited run changed
-    assert exp["moe_r50.val_bpb"] == base["moe_r50.val_bpb"]  # the other one did not re-run
-    assert exp["_study.status"] == "ok" and exp["runs.moe_r50.activation_rate"] == "0.5"
-
-
-def test_dvc_exp_queue_and_run_all(exp_project: Path) -> None:
-    """A queued experiment runs in its own temporary workspace (the whole DAG there: work/ is not in git)."""
-    run(["dvc", "exp", "run", "--queue", "-S", "++runs.moe_r50.lr=0.005"], exp_project)
-    run(["dvc", "exp", "run", "--run-all"], exp_project)
-    rows = exp_show(exp_project)
-    queued = [r for r in rows if r.get("runs.moe_r50.lr") == "0.005"]
-    assert len(queued) == 1 and queued[0]["State"] == "Success", rows
-    others = {r["moe_r50.val_bpb"] for r in rows if r not in queued}
-    assert queued[0]["moe_r50.val_bpb"] not in others  # its own result, not a copy of another experiment's
-    assert float(queued[0]["dense.val_bpb"]) > 0 and queued[0]["moe_r50.choice_acc"] != ""
