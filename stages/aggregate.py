@@ -17,8 +17,9 @@ the views and writes the exports, so adding a run re-collects that run alone.
 Exports (stages/report.py): summary.md, results.csv, metrics.json (`dvc exp show`) and the plots.
 
 The unit of comparison in the summary is a *group* (a run name, or `runs.<name>.group` for seeds of
-one point): its mean with a 95% interval, the bootstrap interval of a single run or a Student-t
-interval over seeds when a group has several.
+one point): its mean with a 95% interval, the run's own interval (bootstrap for losses, Wilson for
+accuracies) for a single seed, a Student-t interval over seeds when a group has several (for an
+accuracy, the wider of that and the Wilson interval of all the seeds' items pooled, clipped to [0, 1]).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from typing import Any
 from stages.common import WORK, atomic_path, fail, setup_logging, write_bytes, write_json
 from stages.report import csv_text, plot_expert_load, plot_loss_vs_activation, plot_training_curves, summary_markdown
 from stages.schema import Params, ParamsError, load_params
+from stages.stats import t95, wilson
 
 COLLECT_DIR = WORK / "collect"
 AUDIT_TOLERANCE = 0.01  # a run whose measured N, N_active, tokens or FLOPs deviate more fails the study
 METRIC_KEYS = ("val_loss", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "choice_acc", "final_train_loss",
                "activation_rate", "tokens_seen", "epochs", "audit_max_dev")  # per run, for `dvc exp show`
 TABLES = ("runs", "steps", "expert_load")
+ACCURACIES = {"cloze_acc": "cloze_items", "choice_acc": "choice_items"}
 INTERVALS = (("val_loss", "val_loss_lo", "val_loss_hi"), ("val_bpb", "val_bpb_lo", "val_bpb_hi"),
              ("cloze_acc", "cloze_lo", "cloze_hi"), ("choice_acc", "choice_lo", "choice_hi"))
 
@@ -80,20 +83,6 @@ class AggregateError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- groups
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n-1 degrees of freedom.
-
-    Exact table up to 10 samples; beyond, the Cornish-Fisher expansion around z = 1.95996 (error
-    < 1e-3 from 10 degrees of freedom on), so 11-30 seeds do not get the too-narrow normal interval.
-    """
-    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    if n in table:
-        return table[n]
-    z, v = 1.959964, n - 1
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
-
-
 def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per group: mean of its seeds, interval over seeds (or the run's own interval if alone)."""
     groups: dict[str, list[dict]] = {}
@@ -109,8 +98,12 @@ def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             g[m] = statistics.fmean(vals)
             if len(rs) > 1:
-                half = _t95(len(rs)) * statistics.stdev(vals) / math.sqrt(len(rs))
+                half = t95(len(rs)) * statistics.stdev(vals) / math.sqrt(len(rs))
                 g[lo], g[hi] = g[m] - half, g[m] + half
+                if m in ACCURACIES:  # seeds that agree must not hide the item sampling: the wider interval
+                    items = sum(r[ACCURACIES[m]] for r in rs)
+                    w = wilson(round(sum(r[m] * r[ACCURACIES[m]] for r in rs)), items) or [g[lo], g[hi]]
+                    g[lo], g[hi] = max(0.0, min(g[lo], w[0])), min(1.0, max(g[hi], w[1]))
         g["tokens_seen"] = statistics.fmean(r["tokens_seen"] for r in rs)
         g["epochs"] = statistics.fmean(r["epochs"] for r in rs)
         out.append(g)

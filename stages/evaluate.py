@@ -58,8 +58,8 @@ from stages.tasks import TaskError, evaluate_tasks
 
 PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
              "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
-CODE_MODULES = ["stages.model", "stages.artefacts", "stages.heldout", "stages.tasks", "kernels.grouped_gemm",
-                "kernels"]
+CODE_MODULES = ["stages.model", "stages.artefacts", "stages.heldout", "stages.tasks", "stages.stats",
+                "kernels.grouped_gemm", "kernels"]
 
 log = logging.getLogger("stages.evaluate")
 

@@ -124,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/tokens/", "work/split/"),
         outs=("work/tasks/",),
         params=("eval", "model"),  # whole sections: DVC wants listed keys present in params.yaml
-        code=("stages/heldout.py", "stages/tokenize.py"),
+        code=("stages/heldout.py", "stages/tokenize.py", "stages/stats.py"),
         resources=Resources(cpus=1, mem_mb=2000, time_min=30),
     ),
     Stage(
@@ -171,7 +171,8 @@ STAGES: tuple[Stage, ...] = (
               "kernels/"),
         outs=(),
         params=("eval",),
-        code=("stages/model.py", "stages/accounting.py", "stages/heldout.py", "stages/tasks.py", "stages/tokenize.py"),
+        code=("stages/model.py", "stages/accounting.py", "stages/heldout.py", "stages/tasks.py", "stages/tokenize.py",
+              "stages/stats.py"),
         metrics=("work/eval/{run}.json",),
         per_run=True,
         resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120),
@@ -201,7 +202,7 @@ STAGES: tuple[Stage, ...] = (
         ),
         metrics=("results/{study}/metrics.json",),  # git-tracked, so `dvc exp show` sees it per experiment
         params=("study", "runs"),
-        code=("stages/report.py",),
+        code=("stages/report.py", "stages/stats.py"),
         uncached=True,
         resources=Resources(cpus=1, mem_mb=2000, time_min=10),
     ),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from stages.common import WORK, fail, provenance, setup_logging, sha256_file, write_bytes, write_json
 from stages.heldout import HeldoutError, load_heldout
 from stages.schema import EvalConfig, Params, ParamsError, load_params
+from stages.stats import wilson
 
 TASKS = ("cloze", "choice")
 CHOICES = 4
@@ -178,7 +178,7 @@ def build_tasks(p: Params, work: Path = WORK, out: Path | None = None) -> dict[s
     params = {k: v for k, v in cfg.model_dump().items() if k.startswith(("task_", "choice_", "min_context"))}
     params["max_continuation_tokens"] = room
     manifest["provenance"] = provenance("tasks", {"tokens": tm["sha256"], "split": sha256_file(split_path)}, params,
-                                        ["stages.heldout", "stages.tokenize"])
+                                        ["stages.heldout", "stages.tokenize", "stages.stats"])
     write_json(out / "manifest.json", manifest)
     log.info("tasks: %s from %d held-out docs", ", ".join(f"{k} {v['items']} items" for k, v in
                                                           manifest["tasks"].items()), len(docs))
@@ -227,17 +227,6 @@ def score_continuations(model: Any, requests: Sequence[tuple[Sequence[int], Sequ
                 logprob[i] = float(rows.gather(1, tgt[:, None]).double().sum())
                 greedy[i] = bool((rows.argmax(-1) == tgt).all())
     return logprob, greedy
-
-
-def wilson(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """Wilson score 95% interval of a proportion (sound near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return None
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _result(correct: np.ndarray, chance: float, **extra: Any) -> dict[str, Any]:

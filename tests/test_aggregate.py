@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.accounting import plan_run
-from stages.aggregate import _t95, aggregate, group_rows
+from stages.aggregate import aggregate, group_rows
 from stages.collect import RUN_COLUMNS, run_collect
 from stages.common import write_json
 from stages.schema import Params, parse_params
+from stages.stats import t95, wilson
 
 RAW: dict[str, Any] = {
     "study": "agg",
@@ -205,7 +206,7 @@ def test_summary_csv_metrics_and_plots(study) -> None:
     assert "Status: **ok** (5 of 5 runs audited" in summary and "| moe_r25 |" in summary
     g = {x["grp"]: x for x in group_rows(rows(results / "metrics.duckdb", "SELECT * FROM runs"))}
     loss = [runs[r]["eval"]["loss"] for r in ("dense_s0", "dense_s1")]
-    half = _t95(2) * statistics.stdev(loss) / 2 ** 0.5
+    half = t95(2) * statistics.stdev(loss) / 2 ** 0.5
     assert g["dense"]["val_loss_lo"] == pytest.approx(statistics.fmean(loss) - half)
     assert f"{statistics.fmean(loss):.4f} [{statistics.fmean(loss) - half:.4f}" in summary
     metrics = json.loads((results / "metrics.json").read_text())
@@ -258,6 +259,17 @@ def test_aggregate_reads_only_the_runs_in_params(tmp_path: Path) -> None:
         aggregate(parse_params(raw), collect_dir=tmp_path / "work/collect", results=results, current_copy=None)
 
 
+def test_accuracy_interval_over_seeds_keeps_the_item_sampling() -> None:
+    """Two seeds with the same accuracy: the t-interval has width 0, the pooled Wilson one does not."""
+    base = {"grp": "g", "kind": "moe", "size": 1.0, "activation_rate": 0.5, "tokens_seen": 10, "epochs": 1.0,
+            "val_loss": 1.0, "val_bpb": 1.0, "cloze_items": 500, "choice_items": 500}
+    rs = [base | {"cloze_acc": 0.04, "choice_acc": 0.30}, base | {"cloze_acc": 0.04, "choice_acc": 0.40}]
+    g = group_rows(rs)[0]
+    assert (g["cloze_lo"], g["cloze_hi"]) == pytest.approx(wilson(40, 1000))
+    half = t95(2) * statistics.stdev([0.3, 0.4]) / 2 ** 0.5  # wider than Wilson, clipped to [0, 1]
+    assert (g["choice_lo"], g["choice_hi"]) == pytest.approx((max(0.0, 0.35 - half), min(1.0, 0.35 + half)))
+
+
 @pytest.mark.parametrize(("n", "t"), [(2, 12.706), (5, 2.776), (11, 2.228), (16, 2.131), (31, 2.042), (121, 1.980)])
 def test_t_quantiles(n: int, t: float) -> None:
-    assert _t95(n) == pytest.approx(t, abs=2e-3)
+    assert t95(n) == pytest.approx(t, abs=2e-3)

@@ -12,6 +12,7 @@ import torch
 from task_helpers import EOS, PrefixOracle, make_texts, make_tokenizer, random_model
 
 from stages.schema import EvalConfig
+from stages.stats import wilson
 from stages.tasks import (
     CHOICES,
     choice_items,
@@ -20,7 +21,6 @@ from stages.tasks import (
     evaluate_tasks,
     jsonl,
     score_continuations,
-    wilson,
 )
 
 TEXTS = make_texts()
