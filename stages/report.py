@@ -133,12 +133,12 @@ def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str
             if moe:
                 ax.errorbar([g["activation_rate"] for g in moe], [g[m] for g in moe],
                             yerr=[[g[m] - g[lo] for g in moe], [g[hi] - g[m] for g in moe]], color=c, marker="o",
-                            capsize=3, label=f"MoE, N = {size:.3g}")
+                            capsize=3, label=f"MoE, N = {size:,.0f}")
                 for g in moe:
                     ax.annotate(g["grp"], (g["activation_rate"], g[m]), textcoords="offset points", xytext=(5, 5),
                                 fontsize=7)
             for d in dense:
-                ax.axhline(d[m], color=c, ls="--", lw=1, label=f"dense, N = {size:.3g} ({d['grp']})")
+                ax.axhline(d[m], color=c, ls="--", lw=1, label=f"dense, N = {size:,.0f} ({d['grp']})")
                 ax.axhspan(d[lo], d[hi], color=c, alpha=0.1)
                 ax.plot([1.0], [d[m]], marker="s", color=c)
         ax.set_xscale("log")
