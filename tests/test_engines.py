@@ -166,7 +166,7 @@ def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path)
     """Same inputs and seed: both engines' work/ outputs agree byte for byte (runs not edited above)."""
     from stages.common import sha256_tree
 
-    for rel in ["work/corpus", "work/tokens", "work/dedupe", "work/split", "work/runs/dense/plan.json",
+    for rel in ["work/corpus", "work/tokens", "work/dedupe", "work/split", "work/tasks", "work/runs/dense/plan.json",
                 "work/runs/dense/replay.json", "work/runs/moe_r50/plan.json"]:
         assert sha256_tree(dvc_project / rel) == sha256_tree(smk_project / rel), rel
 
