@@ -85,4 +85,5 @@ for _s in STAGES:
 
 rule all:
     default_target: True
-    input: [_out(o) for o in STAGES[-1].all_outs]
+    # every study-level output committed under results/ (the aggregate's and the plan table)
+    input: [_out(o) for s in STAGES if s.uncached for o in s.all_outs]

@@ -11,8 +11,8 @@ train_log.csv) and work/eval/<run>.json. Outputs in work/collect/<run>/:
 - `steps.parquet`: the training curve (STEP_COLUMNS; a column the trainer did not log is null);
 - `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
 
-`train_flops` is C = 6 N_active T with N_active counted on the trained module and T the tokens
-the loader served (train.json), the convention the budget is set in; `audit_*` are the relative
+`train_flops` is the plan's training FLOPs per token (in the budget's `compute_convention`; 6 N_active
+for plans that predate conventions) times the tokens the loader served (train.json); `audit_*` are the relative
 deviations the trainer's audit measured (null without an audit). `params_sha256` hashes the
 params hashes of plan, train and evaluate provenance: two runs share it only when every setting
 that made them is the same.
@@ -40,7 +40,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("size", pa.float64()),  # the budget's target N: runs of one size are compared
     ("total_params", pa.int64()), ("active_params", pa.int64()), ("activation_rate", pa.float64()),
     ("experts", pa.int64()), ("top_k", pa.int64()), ("shared_experts", pa.int64()), ("ffn_hidden", pa.int64()),
-    ("compute_budget", pa.float64()), ("train_flops", pa.float64()), ("tokens_seen", pa.int64()),
+    ("compute_budget", pa.float64()), ("compute_convention", pa.string()), ("train_flops", pa.float64()),
+    ("tokens_seen", pa.int64()),
     ("unique_tokens", pa.int64()), ("epochs", pa.float64()), ("steps", pa.int64()),
     ("final_train_loss", pa.float64()),
     ("val_loss", pa.float64()), ("val_loss_lo", pa.float64()), ("val_loss_hi", pa.float64()),
@@ -113,7 +114,8 @@ def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e:
             raise CollectError(f"{paths['train']} / {paths['eval']}: {key} differs from {paths['plan']} "
                                "(stale outputs: re-run train and evaluate)")
     prov = [d.get("provenance", {}).get("params_sha256") for d in (plan, train, e)]
-    size = (plan.get("provenance", {}).get("params", {}).get("budget", {}) or {}).get("params", p.budget.params)
+    size = plan.get("target_params") or (plan.get("provenance", {}).get("params", {}).get("budget", {}) or {}).get(
+        "params", p.budget.params)
     active = train.get("nonvocab_active", plan["nonvocab_active"])
     tokens_seen = train.get("tokens_seen", plan["tokens"])
     loss_ci, bpb_ci = _ci(e, "loss"), _ci(e, "bpb")
@@ -124,7 +126,8 @@ def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e:
         "total_params": train.get("nonvocab_params", plan["nonvocab_params"]), "active_params": active,
         "activation_rate": plan["activation_rate"], "experts": arch.get("experts", 1), "top_k": arch.get("top_k", 1),
         "shared_experts": arch.get("shared_experts", 0), "ffn_hidden": arch.get("ffn_hidden"),
-        "compute_budget": float(plan["compute"]), "train_flops": 6.0 * active * tokens_seen,
+        "compute_budget": float(plan["compute"]), "compute_convention": plan.get("compute_convention", "6n"),
+        "train_flops": float(plan.get("flops_per_token", 6.0 * active)) * tokens_seen,
         "tokens_seen": tokens_seen, "unique_tokens": plan["unique_tokens"],
         "epochs": tokens_seen / plan["unique_tokens"],
         "steps": train.get("steps", plan["steps"]), "final_train_loss": train.get("final_train_loss"),

@@ -1,9 +1,11 @@
 """The decoder LM of the study: dense SwiGLU or top-k routed MoE, in one readable file.
 
 The architecture is fixed by stages/accounting.py (whose formulas the planner uses to equalise
-non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), bias-free
-causal attention (q, k, v, o) with rotary positions (no parameters), and a SwiGLU FFN, or an MoE
-layer of E SwiGLU experts behind a bias-free linear router. `count_nonvocab_params` counts the
+non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), causal
+attention (q, k, v, o; GQA, optional q/k/v biases and q/k norms) with rotary positions (no
+parameters), and a SwiGLU FFN, or an MoE layer of E SwiGLU experts behind a bias-free linear router
+plus optional always-active shared experts; MoE models may keep their first layers (or all but
+every n-th) dense. `count_nonvocab_params` counts the
 real module so a test can prove it equals `Architecture.nonvocab_total / nonvocab_active`.
 
 MoE layout (torchtitan style, kept as three parts so each can be tested alone):
@@ -29,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import grouped_mm, resolve_backend
+from kernels.permute import permute, unpermute
+from kernels.swiglu import swiglu
 from stages.accounting import Architecture
+from stages.schema import RouterConfig
 
 INIT_STD = 0.02
 
@@ -65,32 +70,51 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, n_heads: int, seq_len: int) -> None:
+    """Causal self-attention: q (d -> H h), k, v (d -> KV h; GQA when KV < H), o (H h -> d), rotary
+    positions, optional q/k/v biases and q/k RMSNorms ("layer": over all q / k features, "head": per head)."""
+
+    def __init__(self, d: int, n_heads: int, seq_len: int, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = False, qk_norm: str = "none") -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.head_dim = d // n_heads
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, d, bias=False)
-        self.v = nn.Linear(d, d, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.head_dim = d // n_heads if head_dim is None else head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q = nn.Linear(d, q_dim, bias=qkv_bias)
+        self.k = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.v = nn.Linear(d, kv_dim, bias=qkv_bias)
+        self.o = nn.Linear(q_dim, d, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm == "layer":
+            self.q_norm, self.k_norm = RMSNorm(q_dim), RMSNorm(kv_dim)
+        elif qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         cos, sin = rotary_tables(seq_len, self.head_dim)
         # buffers, not parameters (RoPE has none), and not saved: they are a function of the arch
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, D = x.shape
+        B, S, _ = x.shape
         if self.cos.shape[0] < S:
             raise ValueError(f"sequence of {S} tokens exceeds the model's seq_len {self.cos.shape[0]}")
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.view(B, S, n, self.head_dim).transpose(1, 2)
 
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.qk_norm == "layer":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.cos[:S], self.sin[:S]
-        q = apply_rotary(heads(self.q(x)), cos, sin)
-        k = apply_rotary(heads(self.k(x)), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, S, D))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -115,34 +139,84 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Bias-free linear gate, softmax top-k with renormalised weights, and the balancing losses."""
+    """Bias-free linear gate, top-k over softmax or sigmoid scores, renormalised weights, and the
+    balancing losses; optionally DeepSeek-V3's aux-loss-free bias balancing.
 
-    def __init__(self, d: int, experts: int, top_k: int) -> None:
+    Bias balancing: `expert_bias` (a buffer: saved with the model, never touched by the optimizer)
+    is added to the scores for choosing the top-k experts only; the gate weights are the unbiased
+    scores. Each training forward adds its per-expert slot counts to `pending_load`; after the
+    optimizer step `update_bias()` moves every bias by rate * sign(mean load - load) (all-reduced
+    over data-parallel ranks when torch.distributed is up) and clears the counts, so an overloaded
+    expert gets picked less and an idle one more, without a gradient that fights the LM loss.
+    """
+
+    def __init__(self, d: int, experts: int, top_k: int, router: RouterConfig | None = None) -> None:
         super().__init__()
         if not 1 <= top_k < experts:
             raise ModelConfigError(f"top_k={top_k} must be in [1, experts={experts})")
+        cfg = router or RouterConfig()
         self.experts = experts
         self.top_k = top_k
+        self.score = cfg.score
+        self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d, experts, bias=False)
+        self.bias_balancing = cfg.bias_balancing
+        if cfg.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(experts))
+            self.register_buffer("pending_load", torch.zeros(experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.gate(x)  # (T, E); router maths in (at least) fp32, also under autocast
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        if self.score == "softmax":
+            scores = logits.softmax(dim=-1)
+            importance = scores.mean(dim=0)  # P_i: carries the gradient
+        else:
+            scores = logits.sigmoid()
+            importance = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # DeepSeek-V3 normalised affinity
+        if not self.bias_balancing:
+            top_w, top_i = scores.topk(self.top_k, dim=-1)
+        else:  # the bias steers the selection only; the weights are the unbiased scores
+            top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+            top_w = scores.gather(-1, top_i)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(top_i.reshape(-1), minlength=self.experts).to(probs.dtype)
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.experts).to(scores.dtype)
+        if self.bias_balancing and self.training:
+            self.pending_load += counts.detach()
         load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
-        importance = probs.mean(dim=0)  # P_i: carries the gradient
         aux = self.experts * (load * importance).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return RouterOutput(top_w, top_i, aux, z, load.detach())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        """Keep the balancing state in fp32 under model.to(bf16)/.half(): a bias step of 1e-3
+        would round away in bf16 once the bias is larger than about 0.25."""
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "pending_load"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One aux-loss-free balancing step from the loads counted since the last call (no-op when
+        bias balancing is off or nothing was routed)."""
+        if not self.bias_balancing:
+            return
+        load = self.pending_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        if float(load.sum()) > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 @dataclass
 class Dispatch:
     order: torch.Tensor  # (T*k,) flat (token, slot) index of each permuted row
+    inverse: torch.Tensor  # (T*k,) permuted row of each flat (token, slot): order[inverse] = arange
     counts: torch.Tensor  # (E,) rows per expert
     offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
 
@@ -155,43 +229,55 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torc
     k = indices.shape[1]
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    x_perm = x.index_select(0, order // k)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=experts)
     offs = counts.cumsum(0).to(torch.int32)
-    return x_perm, Dispatch(order, counts, offs)
+    return permute(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
 
 
 def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
     """Inverse of dispatch: un-permute the expert outputs and sum the k slots with their weights."""
-    T, k = weights.shape
-    inverse = torch.empty_like(d.order)
-    inverse[d.order] = torch.arange(d.order.numel(), device=d.order.device)
-    y = y_perm.index_select(0, inverse).view(T, k, -1)
-    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    return unpermute(y_perm, weights, d.order, d.inverse)
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights; one grouped GEMM per projection for all experts."""
+    """E SwiGLU experts as stacked weights: two grouped GEMMs for all experts.
+
+    The gate and up projections are one (E, d, 2f) weight `w13` = [w1 | w3] along its last dim, so
+    they are one grouped GEMM of N = 2f (x_perm is read once, and the backward's dx is one GEMM
+    over K = 2f instead of two GEMMs and an add); `w1` and `w3` are views of its halves.
+    """
 
     def __init__(self, d: int, f: int, experts: int, backend: str = "auto") -> None:
         super().__init__()
         self.experts = experts
+        self.f = f
         self.backend = backend
-        self.w1 = nn.Parameter(torch.empty(experts, d, f))
-        self.w3 = nn.Parameter(torch.empty(experts, d, f))
+        self.w13 = nn.Parameter(torch.empty(experts, d, 2 * f))
         self.w2 = nn.Parameter(torch.empty(experts, f, d))
         self.last_backend: str | None = None  # what actually ran (after any fallback)
         self.last_fallback: str | None = None
+
+    @property
+    def w1(self) -> torch.Tensor:
+        return self.w13[..., : self.f]
+
+    @property
+    def w3(self) -> torch.Tensor:
+        return self.w13[..., self.f :]
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         probe = x.new_empty(0, x.shape[1], dtype=dtype)  # backends are chosen by device, dtype, shape
-        # w1 (d, f) and w2 (f, d) have the same dims, so one check covers all three products
-        self.last_backend, self.last_fallback = resolve_backend(self.backend, probe, self.w1)
-        b = self.last_backend
-        h = F.silu(grouped_mm(x, self.w1, offs, b)) * grouped_mm(x, self.w3, offs, b)
-        return grouped_mm(h, self.w2, offs, b)
+        b, why = resolve_backend(self.backend, probe, self.w13)
+        if why is None:  # w2 (f, d) must suit the same backend, else both use the fallback
+            b2, why = resolve_backend(self.backend, probe.new_empty(0, self.f), self.w2)
+            b = b2 if why is not None else b
+        self.last_backend, self.last_fallback = b, why
+        h13 = grouped_mm(x, self.w13, offs, b)
+        return grouped_mm(swiglu(h13, self.f), self.w2, offs, b)
 
 
 @dataclass
@@ -203,11 +289,12 @@ class MoEOutput:
 
 
 class MoE(nn.Module):
-    def __init__(self, d: int, f: int, experts: int, top_k: int, backend: str = "auto") -> None:
+    def __init__(self, d: int, f: int, experts: int, top_k: int, backend: str = "auto",
+                 router: RouterConfig | None = None) -> None:
         super().__init__()
         self.experts_n = experts
         self.top_k = top_k
-        self.router = Router(d, experts, top_k)
+        self.router = Router(d, experts, top_k, router)
         self.experts = GroupedExperts(d, f, experts, backend)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -220,22 +307,42 @@ class MoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
+class SharedExperts(nn.Module):
+    """S always-active SwiGLU experts of width f_s, as one SwiGLU of width S f_s (the same function and
+    parameters as S separate experts summed, as DeepSeekMoE implements it), optionally scaled by a
+    per-token sigmoid gate (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, d: int, f: int, count: int, gate: bool = False) -> None:
+        super().__init__()
+        self.mlp = SwiGLU(d, f * count)
+        self.gate = nn.Linear(d, 1, bias=False) if gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
 class Block(nn.Module):
-    def __init__(self, a: Architecture, backend: str) -> None:
+    def __init__(self, a: Architecture, backend: str, layer: int = 0, router: RouterConfig | None = None) -> None:
         super().__init__()
         self.norm1 = RMSNorm(a.d_model)
-        self.attn = Attention(a.d_model, a.n_heads, a.seq_len)
+        self.attn = Attention(a.d_model, a.n_heads, a.seq_len, a.n_kv_heads, a.head_dim, a.qkv_bias, a.qk_norm)
         self.norm2 = RMSNorm(a.d_model)
+        moe = a.is_moe_layer(layer)
         self.ffn: nn.Module = (
-            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend) if a.kind == "moe"
-            else SwiGLU(a.d_model, a.ffn_hidden)
+            MoE(a.d_model, a.ffn_hidden, a.experts, a.top_k, backend, router) if moe
+            else SwiGLU(a.d_model, a.dense_width)
         )
+        self.shared = (SharedExperts(a.d_model, a.shared_width, a.shared_experts, a.shared_gate)
+                       if moe and a.shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput | None]:
         x = x + self.attn(self.norm1(x))
-        out = self.ffn(self.norm2(x))
+        h = self.norm2(x)
+        out = self.ffn(h)
         if isinstance(out, MoEOutput):
-            return x + out.y, out
+            y = out.y if self.shared is None else out.y + self.shared(h)
+            return x + y, out
         return x + out, None
 
 
@@ -248,12 +355,14 @@ class ModelOutput:
 
 
 class LM(nn.Module):
-    def __init__(self, arch: Architecture, vocab_size: int, expert_backend: str = "auto") -> None:
+    def __init__(self, arch: Architecture, vocab_size: int, expert_backend: str = "auto",
+                 router: RouterConfig | None = None) -> None:
         super().__init__()
         self.arch = arch
+        self.router_config = router or RouterConfig()
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, arch.d_model)
-        self.blocks = nn.ModuleList(Block(arch, expert_backend) for _ in range(arch.n_layers))
+        self.blocks = nn.ModuleList(Block(arch, expert_backend, i, router) for i in range(arch.n_layers))
         self.norm = RMSNorm(arch.d_model)
         # Tied: the LM head is the embedding matrix (no extra module, so no shared-tensor aliasing)
         self.lm_head = None if arch.tie_embeddings else nn.Linear(arch.d_model, vocab_size, bias=False)
@@ -264,9 +373,11 @@ class LM(nn.Module):
         """GPT-2 init: N(0, 0.02); output projections of residual branches scaled by 1/sqrt(2L)."""
         resid = INIT_STD / math.sqrt(2 * self.arch.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                p.zero_()  # q/k/v biases
+            elif p.dim() == 1:
                 p.fill_(1.0)  # RMSNorm weights
-            elif name.endswith(("attn.o.weight", "ffn.w2.weight", "experts.w2")):
+            elif name.endswith(("attn.o.weight", "ffn.w2.weight", "experts.w2", "shared.mlp.w2.weight")):
                 p.normal_(0.0, resid)
             else:
                 p.normal_(0.0, INIT_STD)
@@ -287,6 +398,13 @@ class LM(nn.Module):
         aux = torch.stack([m.aux_loss for m in moe]).mean()
         z = torch.stack([m.z_loss for m in moe]).mean()
         return ModelOutput(logits, aux, z, torch.stack([m.load for m in moe]))
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing step of every MoE router (RouterConfig.bias_balancing); call it once
+        after each optimizer step. A no-op for dense models and routers without bias balancing."""
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.update_bias()
 
     def expert_backends(self) -> dict[str, str | None]:
         """Backend that ran in the last forward of each MoE layer, and the fallback reason if any."""
@@ -313,23 +431,52 @@ def architecture(arch: dict[str, Any]) -> Architecture:
         raise ModelConfigError(f"arch is incomplete: {err}") from None
     if a.kind not in ("dense", "moe"):
         raise ModelConfigError(f"arch.kind={a.kind!r} must be 'dense' or 'moe'")
-    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k"):
-        if int(getattr(a, key)) < 1:
-            raise ModelConfigError(f"arch.{key}={getattr(a, key)} must be positive")
-    if a.d_model % a.n_heads or (a.d_model // a.n_heads) % 2:
+    for key in ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k", "moe_every",
+                "n_kv_heads", "head_dim", "shared_ffn_hidden", "dense_ffn_hidden"):
+        value = getattr(a, key)
+        if value is not None and int(value) < 1:
+            raise ModelConfigError(f"arch.{key}={value} must be positive")
+    if a.head_dim is None and a.d_model % a.n_heads or a.head_size % 2:
         raise ModelConfigError(
             f"arch.d_model={a.d_model} / n_heads={a.n_heads} must give an even head size (rotary pairs)")
+    if a.n_heads % a.kv_heads:
+        raise ModelConfigError(f"arch.n_heads={a.n_heads} is not divisible by n_kv_heads={a.n_kv_heads}")
+    if a.mla:
+        raise ModelConfigError("arch.kv_lora_rank: multi-head latent attention is counted by stages/accounting.py "
+                               "but not built by this model")
+    if a.qk_norm not in ("none", "layer", "head"):
+        raise ModelConfigError(f"arch.qk_norm={a.qk_norm!r} must be none, layer or head")
+    if a.shared_experts < 0 or a.first_dense_layers < 0:
+        raise ModelConfigError("arch.shared_experts and arch.first_dense_layers must be >= 0")
     if a.kind == "moe" and not 1 <= a.top_k < a.experts:
         raise ModelConfigError(f"arch.top_k={a.top_k} must be in [1, experts={a.experts})")
+    if a.kind == "moe" and a.moe_layers == 0:
+        raise ModelConfigError(f"arch.first_dense_layers={a.first_dense_layers} / moe_every={a.moe_every} leave "
+                               f"no MoE layer in {a.n_layers} layers")
     return a
 
 
-def build_model(arch: dict[str, Any] | Architecture, vocab_size: int, expert_backend: str = "auto") -> LM:
-    """The LM of a plan's "arch" dict (keys of accounting.Architecture) and the tokenizer's vocab."""
+def router_config(router: RouterConfig | dict[str, Any] | None) -> RouterConfig | None:
+    """A RouterConfig from the params section, its dict form (config.json), or None (the default)."""
+    if router is None or isinstance(router, RouterConfig):
+        return router
+    try:
+        return RouterConfig(**router)
+    except Exception as err:
+        raise ModelConfigError(f"bad router config {router!r}: {err}") from None
+
+
+def build_model(arch: dict[str, Any] | Architecture, vocab_size: int, expert_backend: str = "auto",
+                router: RouterConfig | dict[str, Any] | None = None) -> LM:
+    """The LM of a plan's "arch" dict (keys of accounting.Architecture) and the tokenizer's vocab.
+
+    `router` (params.yaml `router:`; None = softmax top-k) only matters for MoE archs. Save it in
+    the checkpoint's config.json under "router" so `load_model` rebuilds the same routing.
+    """
     a = arch if isinstance(arch, Architecture) else architecture(arch)
     if vocab_size < 2:
         raise ModelConfigError(f"vocab_size={vocab_size} must be at least 2")
-    return LM(a, int(vocab_size), expert_backend)
+    return LM(a, int(vocab_size), expert_backend, router_config(router))
 
 
 def count_nonvocab_params(model: LM) -> tuple[int, int]:
@@ -379,7 +526,7 @@ def load_model(directory: Path | str, expert_backend: str = "auto",
     for key in ("arch", "vocab_size"):
         if key not in config:
             raise ModelConfigError(f"{cfg_path}: missing key {key!r}")
-    model = build_model(config["arch"], config["vocab_size"], expert_backend)
+    model = build_model(config["arch"], config["vocab_size"], expert_backend, config.get("router"))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

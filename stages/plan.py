@@ -1,9 +1,15 @@
 """plan@run: the equal-resource configuration of one run.
 
 Every run gets the same budget (non-vocab params N, compute C, unique tokens U); the planner
-(stages/accounting.py) solves the run's FFN widths to hit N (and its activation rate, for MoE)
-and gives it T = C / (6 N_active) training tokens, rounded down to whole optimizer steps. The plan
-is per run so that editing one run re-plans only that run.
+(stages/accounting.py) solves the run's expert count, top-k and widths to hit N within
+budget.params_tol (and its activation rate within budget.rate_tol, for MoE) and gives it
+T_i = C / F_i training tokens (F_i its FLOPs per token under budget.compute_convention), rounded
+down to whole optimizer steps. The plan is per run so that editing one run re-plans only that run.
+
+Also: `python -m stages.plan count CONFIG.json` prints one JSON line of parameter and FLOP counts
+of a Hugging Face config.json (Llama, Mistral, Mixtral, Qwen2(-MoE), DeepSeek-MoE, OLMoE) or of a
+trained run's model/config.json; `python -m stages.plan table [params.yaml]` writes the study's
+plan table (results/<study>/plan.parquet and plan.md, stages/plan_table.py) without running anything.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 from pathlib import Path
 
 from stages.accounting import PlanError, plan_run
-from stages.common import WORK, per_run_main, provenance, read_json, sha256_file, write_json
+from stages.common import WORK, fail, per_run_main, provenance, read_json, sha256_file, write_json
 from stages.schema import Params
 
 SPLIT_MANIFEST = WORK / "split" / "manifest.json"
@@ -38,7 +44,8 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
     # byte-identical, so DVC re-runs no replay for it (Snakemake re-plans, then re-trains that run).
     arch_fields = p.run(run).model_dump(exclude={"lr", "seed", "group"})
     section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
-               "train.batch_size": p.train.batch_size, f"runs.{run}": arch_fields}
+               "tokenizer.vocab_size": p.tokenizer.vocab_size, "train.batch_size": p.train.batch_size,
+               f"runs.{run}": arch_fields}
     plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section,
                                     ["stages.accounting"])
     return plan
@@ -54,7 +61,39 @@ def write_plan(p: Params, run: str) -> None:
     )
 
 
+def count_main(argv: list[str]) -> int:
+    """`python -m stages.plan count CONFIG.json [--seq-len S]`: one JSON line of counts (published convention)."""
+    import argparse
+    import dataclasses
+    import json
+
+    from stages.accounting import ConfigError, count_summary, from_hf_config
+
+    ap = argparse.ArgumentParser(prog="python -m stages.plan count", description="parameter and FLOP counts")
+    ap.add_argument("config", help="a Hugging Face config.json, or work/runs/<run>/model/config.json")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="context for the FLOPs' attention term (default: the config's max_position_embeddings)")
+    a = ap.parse_args(argv)
+    try:
+        arch, vocab = from_hf_config(read_json(a.config))
+    except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        fail(f"{a.config}: {err}")
+    if a.seq_len:
+        arch = dataclasses.replace(arch, seq_len=a.seq_len)
+    print(json.dumps({"config": a.config, **count_summary(arch, vocab)}, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "count":
+        return count_main(args[1:])
+    if args and args[0] == "table":
+        # imported by name: the per-run plan stage's outputs do not depend on the table writer
+        return importlib.import_module("stages.plan_table").main(args[1:])
     return per_run_main("plan", __doc__, write_plan, (PlanError,), argv)
 
 

@@ -15,10 +15,10 @@ from typing import Any
 from stages.common import atomic_path
 
 CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
-               "activation_rate", "experts", "top_k", "shared_experts", "compute_budget", "train_flops", "tokens_seen",
-               "unique_tokens", "epochs", "final_train_loss", "val_loss", "val_loss_lo", "val_loss_hi", "val_bpb",
-               "val_bpb_lo", "val_bpb_hi", "cloze_acc", "cloze_lo", "cloze_hi", "choice_acc", "choice_lo",
-               "choice_hi", "audit_max_dev", "audit_ok", "params_sha256")
+               "activation_rate", "experts", "top_k", "shared_experts", "compute_budget", "compute_convention",
+               "train_flops", "tokens_seen", "unique_tokens", "epochs", "final_train_loss", "val_loss", "val_loss_lo",
+               "val_loss_hi", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "cloze_lo", "cloze_hi", "choice_acc",
+               "choice_lo", "choice_hi", "audit_max_dev", "audit_ok", "params_sha256")
 
 
 # ----------------------------------------------------------------------------------------- tables

@@ -106,11 +106,31 @@ class SplitConfig(Strict):
 
 
 # ----------------------------------------------------------------------------------------- budget
-class BudgetConfig(Strict):
-    """The equal-resource contract of 2506.12119: every run gets the same three numbers."""
+class PlannerConfig(Strict):
+    """How the planner equalises runs: conventions, tolerances and the bounds of its search (the
+    `budget:` section holds these keys too, so every stage that reads the budget sees them)."""
 
-    params: float = Field(gt=0, description="target total non-vocabulary parameters N")
-    compute: float = Field(gt=0, description="training FLOPs C = 6 * N_active * tokens")
+    compute_convention: Literal["6n", "nonvocab", "exact"] = Field(
+        default="nonvocab", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
+        "nonvocab = 3 M, M the forward FLOPs with attention's sequence term, no LM head (the paper's); "
+        "exact = 3 (M + 2 d V), every matmul (tokenizer.vocab_size as V)")
+    count_embeddings: Literal["nonvocab", "with_embeddings"] = Field(
+        default="nonvocab", description="whether budget.params and activation rates count the token embedding "
+        "and LM head (the study's N, like the paper's, does not)")
+    params_tol: float = Field(default=0.01, gt=0, lt=1, description="allowed |N_i / N - 1| of every run")
+    rate_tol: float = Field(default=0.02, gt=0, lt=1, description="allowed |r_a,i / r_a - 1| of every MoE run")
+    max_experts: int = Field(default=256, ge=2, description="largest expert count the search tries")
+    max_top_k: int = Field(default=16, ge=1, description="largest top_k the search tries (when top_k varies)")
+
+
+class BudgetConfig(PlannerConfig):
+    """The equal-resource contract of 2506.12119: every run gets the same three numbers (params, compute,
+    unique_tokens), equalised under the conventions and tolerances of PlannerConfig (same section)."""
+
+    params: float = Field(gt=0, description="target total parameters N (non-vocabulary unless "
+                          "budget.count_embeddings=with_embeddings)")
+    compute: float = Field(gt=0, description="training FLOPs C of every run; a run reads C / its FLOPs per token "
+                           "(budget.compute_convention)")
     unique_tokens: int = Field(gt=0, description="unique training tokens U shared by every run")
 
 
@@ -124,11 +144,25 @@ class ModelConfig(Strict):
     seq_len: int = Field(default=128, ge=8)
     multiple_of: int = Field(default=8, ge=1, description="FFN widths are rounded to this multiple")
     tie_embeddings: bool = True
+    ffn_hidden: int | None = Field(default=None, gt=0, description="dense reference FFN width (also the dense "
+                                   "layers of MoE runs); null = solved from budget.params")
+    n_kv_heads: int | None = Field(default=None, gt=0, description="key/value heads (GQA); null = n_heads")
+    qkv_bias: bool = Field(default=False, description="biases on the q, k, v projections")
+    qk_norm: Literal["none", "layer", "head"] = Field(
+        default="none", description="RMSNorm of queries and keys: over all their features (OLMoE) or per head")
+    first_dense_layers: int = Field(default=0, ge=0, description="MoE runs: the first k layers stay dense")
+    moe_every: int = Field(default=1, ge=1, description="MoE runs: layer i is MoE iff (i + 1) % moe_every == 0")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary pairs)")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.first_dense_layers >= self.n_layers:
+            raise ValueError(f"first_dense_layers={self.first_dense_layers} leaves no MoE layer of {self.n_layers}")
         return self
 
 
@@ -145,6 +179,16 @@ class RunConfig(Strict):
     activation_rate: float | None = Field(default=None, gt=0, le=1)
     top_k: int = Field(default=2, ge=1)
     experts: int | None = Field(default=None, ge=2)
+    granularity: float | None = Field(default=None, gt=0, description="fine-grained MoE: prefer the shape "
+                                      "whose expert width is nearest dense FFN width / granularity (the exact "
+                                      "width if expert_width is not in vary)")
+    shared_experts: int = Field(default=0, ge=0, description="always-active experts (DeepSeekMoE)")
+    shared_expert_width: int | None = Field(default=None, gt=0, description="width of one shared expert; "
+                                            "null = the routed expert width")
+    shared_gate: bool = Field(default=False, description="sigmoid gate on the shared experts (Qwen2-MoE)")
+    vary: list[Literal["experts", "top_k", "expert_width"]] | None = Field(
+        default=None, description="dims the planner may choose; null = expert_width and experts (expert_width "
+        "and top_k when experts is given)")
     lr: float | None = Field(default=None, gt=0)
     seed: int | None = None
     group: str | None = Field(default=None, description="runs of one group are seeds of one point")
@@ -153,11 +197,40 @@ class RunConfig(Strict):
     def _moe_needs_rate(self) -> RunConfig:
         if self.kind == "moe" and self.activation_rate is None and self.experts is None:
             raise ValueError("an moe run needs activation_rate (or experts)")
-        if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None):
-            raise ValueError("a dense run has activation_rate 1 and no experts")
+        if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None
+                                     or self.shared_experts or self.granularity is not None or self.vary):
+            raise ValueError("a dense run has activation_rate 1 and no experts, granularity, shared experts or vary")
         if self.experts is not None and self.top_k >= self.experts:
             raise ValueError(f"top_k={self.top_k} must be below experts={self.experts}")
+        vary = set(self.vary_dims())
+        if "experts" not in vary and self.experts is None and self.kind == "moe":
+            raise ValueError("give experts or add experts to vary")
         return self
+
+    def vary_dims(self) -> list[str]:
+        """The dims the planner searches (the explicit `vary`, or the default described there)."""
+        if self.vary is not None:
+            return list(self.vary)
+        return ["expert_width", "top_k"] if self.experts is not None else ["expert_width", "experts"]
+
+
+# ----------------------------------------------------------------------------------------- router
+class RouterConfig(Strict):
+    """How MoE layers pick experts (stages/model.py `Router`); the default is today's softmax top-k.
+
+    `score`: softmax over the E logits (Switch/Mixtral) or an independent sigmoid per expert
+    (DeepSeek-V3). Either way the top-k weights are renormalised to sum to 1. `bias_balancing`
+    turns on DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, not trained by
+    gradients, is added to the scores for the top-k *selection only* (the gate weights stay the
+    unbiased scores) and, after every optimizer step, moves by `bias_update_rate` * sign(mean load -
+    expert load) (`LM.update_router_bias()`, which the trainer calls). The load-balancing aux loss
+    stays available through train.aux_loss_coef (set it to 0, or small, with bias balancing).
+    """
+
+    score: Literal["softmax", "sigmoid"] = Field(default="softmax", description="expert scoring function")
+    bias_balancing: bool = Field(default=False, description="aux-loss-free per-expert selection bias")
+    bias_update_rate: float = Field(default=1e-3, ge=0, le=1,
+                                    description="bias step per optimizer step (DeepSeek-V3 uses 1e-3)")
 
 
 # ------------------------------------------------------------------------------------ train, eval
@@ -206,6 +279,7 @@ class Params(Strict):
     budget: BudgetConfig
     model: ModelConfig = ModelConfig()
     runs: dict[str, RunConfig] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from stages.audit import audit_run
 from stages.common import (
     WORK,
     atomic_path,
@@ -58,7 +59,7 @@ from stages.schema import Params, TrainConfig
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 TOKENS_DIR = WORK / "tokens"
-CODE_MODULES = ["stages.model", "stages.shards", "kernels.grouped_gemm", "kernels"]
+CODE_MODULES = ["stages.model", "stages.shards", "stages.audit", "kernels.grouped_gemm", "kernels"]
 
 log = logging.getLogger("stages.train")
 
@@ -445,6 +446,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     result = {"run": run, "kind": plan["arch"]["kind"], "nonvocab_params": total, "nonvocab_active": active,
               "tokens_seen": loader.tokens_served, "plan_tokens": plan["tokens"], "lr": lr, "seed": seed,
               **metrics, "provenance": prov}
+    result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
     write_json(rdir / "train.json", result)
     log.info("%s: final train loss %.4f, %d tokens in %.1fs (%.0f tok/s)", run, result["final_train_loss"],
              result["tokens_seen"], result["wall_seconds"], result["tokens_per_second"] or 0)

@@ -24,10 +24,11 @@ TINY = {
     "dedupe": {"ngram": 4, "num_perm": 64, "bands": 16, "rows": 4, "threshold": 0.6},
     "split": {"heldout_fraction": 0.1},
     "budget": {"params": 30000, "compute": 6 * 30000 * 16 * 32 * 12, "unique_tokens": 6000},
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32},
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32, "multiple_of": 2},
     "runs": {
         "dense": {"kind": "dense"},
-        "moe_r50": {"kind": "moe", "activation_rate": 0.5, "top_k": 1},
+        # attention is 14% of N here, so r_a = 0.5 within 2% needs top_k free (E=12, k=5)
+        "moe_r50": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "vary": ["expert_width", "experts", "top_k"]},
     },
     "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5, "threads": 1},
     "eval": {"batch_size": 16, "bootstrap": 100, "task_items": 64, "choice_words": 3},

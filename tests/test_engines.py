@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 STUDY_OUTS = ["results/ci/summary.md", "results/ci/results.csv", "results/ci/metrics.duckdb", "results/metrics.duckdb",
               "results/ci/loss_vs_activation.png", "results/ci/training_curves.png", "results/ci/expert_load.png",
-              "results/ci/metrics.json"]
+              "results/ci/metrics.json", "results/ci/plan.md", "results/ci/plan.parquet",
+              "results/ci/plan_metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +125,12 @@ def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     set_lr(dvc_project, "moe_r50", 1e-3)
     status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
     # plan@moe_r50 reads runs.moe_r50 as a whole, so DVC lists it; its output stays identical
-    assert set(status) == {"plan@moe_r50", "train@moe_r50", "collect@moe_r50", "aggregate"}, status
+    # plan_table reads `runs` as a whole too (its table is unchanged)
+    assert set(status) == {"plan@moe_r50", "train@moe_r50", "collect@moe_r50", "plan_table", "aggregate"}, status
     out = run(["dvc", "repro"], dvc_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "plan_table",
+                   "aggregate"}, ran
 
 
 def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None:
@@ -141,7 +144,7 @@ def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None
     finally:
         (dvc_project / "params.yaml").write_text(before)
     assert set(status) == {f"{s}@dense_b" for s in ("plan", "replay", "train", "evaluate", "collect")} | {
-        "aggregate"}, status
+        "plan_table", "aggregate"}, status
 
 
 def test_snakemake_runs_the_study(smk_project: Path) -> None:
@@ -159,7 +162,7 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
     jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
     cmds = set(re.findall(r"python -m stages\.(\w+(?: --run \w+)?)", jobs))
     assert cmds == {"plan --run dense", "replay --run dense", "train --run dense", "evaluate --run dense",
-                    "collect --run dense", "aggregate"}, jobs
+                    "collect --run dense", "plan_table", "aggregate"}, jobs
 
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:

@@ -36,6 +36,23 @@ ARCHS = {
                              experts=8, top_k=2),
     "moe_e18k2_untied": Architecture(kind="moe", d_model=32, n_layers=1, n_heads=2, seq_len=16, ffn_hidden=16,
                                      experts=18, top_k=2, tie_embeddings=False),
+    # the structural options, alone and together (each must count exactly like the accounting)
+    "dense_gqa_bias": Architecture(kind="dense", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=40,
+                                   n_kv_heads=2, qkv_bias=True),
+    "dense_qk_layer": Architecture(kind="dense", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=40,
+                                   n_kv_heads=1, qk_norm="layer"),
+    "dense_qk_head_hd": Architecture(kind="dense", d_model=24, n_layers=1, n_heads=4, seq_len=16, ffn_hidden=40,
+                                     head_dim=8, qk_norm="head"),
+    "moe_shared_gate": Architecture(kind="moe", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=8,
+                                    experts=6, top_k=2, shared_experts=2, shared_gate=True),
+    "moe_shared_wide": Architecture(kind="moe", d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=8,
+                                    experts=6, top_k=2, shared_experts=1, shared_ffn_hidden=40),
+    "moe_first_dense": Architecture(kind="moe", d_model=16, n_layers=3, n_heads=2, seq_len=16, ffn_hidden=8,
+                                    experts=4, top_k=1, first_dense_layers=1, dense_ffn_hidden=48),
+    "moe_every2_all": Architecture(kind="moe", d_model=32, n_layers=4, n_heads=4, seq_len=16, ffn_hidden=8,
+                                   experts=5, top_k=2, moe_every=2, dense_ffn_hidden=40, n_kv_heads=2,
+                                   qkv_bias=True, qk_norm="layer", shared_experts=1, shared_gate=True,
+                                   tie_embeddings=False),
 }
 
 
@@ -55,7 +72,51 @@ def test_param_counts_of_the_default_study() -> None:
         assert count_nonvocab_params(build_model(a.to_dict(), 2048)) == (a.nonvocab_total, a.nonvocab_active)
 
 
-@pytest.mark.parametrize("name", ["dense", "moe_e8k2"])
+def test_structure_of_the_options() -> None:
+    m = build_model(ARCHS["moe_every2_all"].to_dict(), V)
+    kinds = [type(b.ffn).__name__ for b in m.blocks]
+    assert kinds == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    assert [b.shared is not None for b in m.blocks] == [False, True, False, True]
+    assert m.blocks[0].ffn.w1.out_features == 40 and m.blocks[1].ffn.experts.w1.shape == (5, 32, 8)
+    attn = m.blocks[0].attn
+    assert attn.k.out_features == 2 * 8 and attn.q.bias is not None and attn.o.bias is None
+    assert float(attn.q.bias.detach().abs().sum()) == 0  # biases start at zero
+    first = build_model(ARCHS["moe_first_dense"].to_dict(), V)
+    assert [type(b.ffn).__name__ for b in first.blocks] == ["SwiGLU", "MoE", "MoE"]
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads() -> None:
+    """A GQA layer is the MHA layer whose k/v heads are copies: same outputs from copied weights."""
+    from stages.model import Attention
+
+    torch.manual_seed(5)
+    gqa = Attention(16, 4, 8, n_kv_heads=2)
+    mha = Attention(16, 4, 8)
+    with torch.no_grad():
+        mha.q.weight.copy_(gqa.q.weight)
+        mha.o.weight.copy_(gqa.o.weight)
+        for name in ("k", "v"):
+            w = getattr(gqa, name).weight.view(2, 4, 16)  # (kv heads, head dim, d)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(16, 16))
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(gqa(x), mha(x))
+
+
+def test_shared_experts_are_added_to_the_routed_output() -> None:
+    torch.manual_seed(6)
+    a = ARCHS["moe_shared_gate"]
+    m = build_model(a.to_dict(), V)
+    block = m.blocks[0]
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        h = block.norm2(x + block.attn(block.norm1(x)))
+        routed = block.ffn(h).y
+        gate = torch.sigmoid(h @ block.shared.gate.weight.T)
+        want = x + block.attn(block.norm1(x)) + routed + gate * block.shared.mlp(h)
+        torch.testing.assert_close(block(x)[0], want)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e8k2", "moe_every2_all"])
 def test_causal(name: str) -> None:
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
     torch.manual_seed(0)
@@ -157,7 +218,7 @@ def test_aux_loss_trains_the_routers_not_the_last_experts() -> None:
     grads = {n: p.grad for n, p in model.named_parameters()}
     for layer in (0, 1):
         assert grads[f"blocks.{layer}.ffn.router.gate.weight"].abs().sum() > 0
-    last = grads["blocks.1.ffn.experts.w1"]
+    last = grads["blocks.1.ffn.experts.w13"]
     assert last is None or last.abs().sum() == 0
 
 

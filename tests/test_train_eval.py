@@ -41,8 +41,9 @@ PARAMS: dict[str, Any] = {
     "study": "t",
     "seed": 5,
     "corpus": {"sources": [{"kind": "synthetic", "docs": 10}]},
-    "budget": {"params": 3000, "compute": 6 * 3000 * 64 * 60, "unique_tokens": 1500},
-    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 16, "multiple_of": 4},
+    # params_tol 2%: 4 experts of d=16 move N in steps of 192 = 6% of 3000 per unit of expert width
+    "budget": {"params": 3000, "compute": 6 * 3000 * 64 * 60, "unique_tokens": 1500, "params_tol": 0.02},
+    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 16, "multiple_of": 2},
     "runs": {
         "dense": {"kind": "dense"},
         "moe": {"kind": "moe", "experts": 4, "top_k": 1},
@@ -132,6 +133,9 @@ def test_train_learns_and_meets_the_budget(trained: Path, run: str) -> None:
     assert res["tokens_seen"] == plan["tokens"] == res["steps"] * plan["tokens_per_step"]
     assert res["steps"] == plan["steps"]
     assert (res["nonvocab_params"], res["nonvocab_active"]) == (plan["nonvocab_params"], plan["nonvocab_active"])
+    audit = res["audit"]  # plan vs module params, loader tokens and flop-counter FLOPs (stages/audit.py)
+    assert audit["ok"] and audit["tokens"]["actual"] == plan["tokens"], audit
+    assert abs(audit["flops_per_token"]["rel_dev"]) < 0.01
     assert res["first_train_loss"] > math.log(VOCAB) - 0.3
     assert res["final_train_loss"] < 0.5 * math.log(VOCAB), res["final_train_loss"]
     rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
