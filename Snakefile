@@ -77,7 +77,8 @@ for _s in STAGES:
         resources:
             mem_mb=_s.resources.mem_mb,
             runtime=_s.resources.time_min,
-            gpu=_s.resources.gpus if P.train.device != "cpu" else 0,
+            # the train stage runs train.gpus processes (one per GPU) under torchrun
+            gpu=(0 if P.train.device == "cpu" else P.train.gpus if _s.name == "train" else _s.resources.gpus),
         log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
         message: _s.doc
         shell: "{params.cmd} 2> >(tee {log} >&2)"

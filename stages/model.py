@@ -138,6 +138,16 @@ class RouterOutput:
     load: torch.Tensor  # (E,) fraction of the T*k routed slots that went to each expert
 
 
+def expert_counts(indices: torch.Tensor, experts: int) -> torch.Tensor:
+    """Rows routed to each expert, (E,) int64, without a host sync.
+
+    torch.bincount sizes its output from the data, so on CUDA it waits for the GPU (a device-to-host
+    copy); two per MoE layer stalled the whole step on the host (bench/train_mfu.py, H100).
+    """
+    flat = indices.reshape(-1)
+    return torch.zeros(experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Router(nn.Module):
     """Bias-free linear gate, top-k over softmax or sigmoid scores, renormalised weights, and the
     balancing losses; optionally DeepSeek-V3's aux-loss-free bias balancing.
@@ -181,7 +191,7 @@ class Router(nn.Module):
             top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
             top_w = scores.gather(-1, top_i)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(top_i.reshape(-1), minlength=self.experts).to(scores.dtype)
+        counts = expert_counts(top_i, self.experts).to(scores.dtype)
         if self.bias_balancing and self.training:
             self.pending_load += counts.detach()
         load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
@@ -231,7 +241,7 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torc
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=experts)
+    counts = expert_counts(flat, experts)
     offs = counts.cumsum(0).to(torch.int32)
     return permute(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
 

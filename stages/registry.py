@@ -54,7 +54,10 @@ class Stage:
     params: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # source files beyond stages/<name>.py and stages/common.py
     metrics: tuple[str, ...] = ()  # small JSON outputs, not cached by DVC, shown by `dvc metrics`
-    plots: tuple[str, ...] = ()  # CSV curves (step, loss, ...), shown by `dvc plots show`
+    plots: tuple[str, ...] = ()  # CSV curves (step, loss, ...), shown by `dvc plots show`; "dir/": dvclive TSVs
+    # metrics DVC caches (dvclive's summary): under the git-ignored work/, yet `dvc exp show` reads them
+    # per experiment from the cache
+    cached_metrics: tuple[str, ...] = ()
     per_run: bool = False
     uncached: bool = False  # outputs committed to git (results/), not stored in the DVC cache
     resources: Resources = field(default_factory=Resources)
@@ -73,7 +76,7 @@ class Stage:
 
     @property
     def all_outs(self) -> tuple[str, ...]:
-        return self.outs + self.metrics + self.plots
+        return self.outs + self.metrics + self.cached_metrics + self.plots
 
 
 CPU_ALL = 0  # resources.cpus 0 = "all the cores of the node" (tokenize, dedupe scale with cores)
@@ -167,11 +170,13 @@ STAGES: tuple[Stage, ...] = (
             "work/split/",  # the loader rebuilds a missing replay epoch from tokens + split
             "kernels/",
         ),
-        outs=("work/runs/{run}/model/",),
-        params=("train", "runs.{run}"),
-        code=("stages/model.py", "stages/shards.py", "stages/accounting.py", "stages/audit.py"),
+        outs=("work/runs/{run}/model/", "work/runs/{run}/steps.parquet"),
+        params=("train", "router", "runs.{run}"),
+        code=("stages/model.py", "stages/shards.py", "stages/accounting.py", "stages/audit.py", "stages/engine.py",
+              "stages/checkpoint.py", "stages/trainlog.py"),
         metrics=("work/runs/{run}/train.json",),
-        plots=("work/runs/{run}/train_log.csv",),
+        cached_metrics=("work/runs/{run}/dvclive/metrics.json",),
+        plots=("work/runs/{run}/train_log.csv", "work/runs/{run}/dvclive/plots/metrics/"),
         per_run=True,
         resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440),
     ),
@@ -191,8 +196,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="collect",
         doc="One run's plan, training record (audit, curve, expert load) and evaluation as Parquet rows.",
-        deps=("work/runs/{run}/plan.json", "work/runs/{run}/train.json", "work/runs/{run}/train_log.csv",
-              "work/eval/{run}.json"),
+        deps=("work/runs/{run}/plan.json", "work/runs/{run}/train.json", "work/runs/{run}/steps.parquet",
+              "work/runs/{run}/train_log.csv", "work/eval/{run}.json"),
         outs=("work/collect/{run}/",),
         params=("study", "runs.{run}"),
         per_run=True,
@@ -250,10 +255,12 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
         outs += [{_dvc_path(m): {"cache": False}} for m in s.metrics if m.startswith("work/")]
         if outs:
             body["outs"] = outs
-        if tracked:
-            body["metrics"] = [{_dvc_path(m): {"cache": False}} for m in tracked]
+        metrics = [{_dvc_path(m): {"cache": False}} for m in tracked] + [_dvc_path(m) for m in s.cached_metrics]
+        if metrics:
+            body["metrics"] = metrics
         if s.plots:
-            body["plots"] = [{_dvc_path(p): {"cache": False, "x": "step", "y": "loss"}} for p in s.plots]
+            body["plots"] = [{_dvc_path(p): ({"cache": False, "x": "step"} if p.endswith("/") else
+                                             {"cache": False, "x": "step", "y": "loss"})} for p in s.plots]
         body["desc"] = s.doc
         out[s.name] = {"foreach": "${runs}", "do": body} if s.per_run else body
     return {"stages": out}

@@ -235,21 +235,67 @@ class RouterConfig(Strict):
 
 # ------------------------------------------------------------------------------------ train, eval
 class TrainConfig(Strict):
-    engine: Literal["torch", "deepspeed"] = "torch"
+    """How every run trains (stages/train.py; the engines and DeepSpeed config: stages/engine.py).
+
+    `batch_size` is the global batch (sequences per optimizer step, all GPUs together); it is split
+    into `gpus` data-parallel shares of `micro_batch_size` sequences, accumulated over
+    batch_size / (gpus * micro_batch_size) micro-steps. Checkpoints live outside the stage's outputs
+    (work/ckpt/<run>/<key>/, key = hash of plan, data, params and code), so a killed run resumes and a
+    changed configuration never resumes a stale checkpoint.
+    """
+
+    engine: Literal["auto", "torch", "deepspeed"] = Field(
+        default="auto", description="auto: deepspeed on CUDA, the plain-torch twin on CPU (named in train.json)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
     expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass"] = "auto"
-    batch_size: int = Field(default=16, gt=0, description="sequences per optimizer step")
+    batch_size: int = Field(default=16, gt=0, description="global batch: sequences per optimizer step")
+    micro_batch_size: int | None = Field(
+        default=None, gt=0, description="sequences per forward/backward per GPU (None: batch_size / gpus, "
+        "no accumulation); gradient accumulation = batch_size / (gpus * micro_batch_size)")
+    gpus: int = Field(default=1, ge=1, description="data-parallel processes (GPUs); >1 re-launches under torchrun")
+    zero_stage: Literal[1, 2] = Field(default=1, description="DeepSpeed ZeRO stage (optimizer / +gradient sharding)")
+    compile: bool = Field(default=False, description="torch.compile each block (in place: state_dict keys unchanged)")
     lr: float = Field(default=3e-3, gt=0)
+    schedule: Literal["cosine", "wsd"] = Field(
+        default="cosine", description="after warmup: cosine to min_lr_ratio*lr, or warmup-stable-decay (constant, "
+        "then linear to min_lr_ratio*lr over the last decay_fraction of the steps)")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    warmup_steps: int = Field(default=20, ge=0)
+    warmup_steps: int = Field(default=20, ge=0, description="linear warmup steps (unless warmup_fraction is set)")
+    warmup_fraction: float | None = Field(default=None, ge=0, lt=1, description="warmup as a fraction of the steps")
+    decay_fraction: float = Field(default=0.2, gt=0, le=1, description="wsd: fraction of the steps that decay")
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
+    max_grad_norm: float = Field(
+        default=1e4, gt=0, description="a pre-clip gradient norm above this (or NaN/Inf) stops the run with an "
+        "error, keeping the last good checkpoint")
     aux_loss_coef: float = Field(default=0.01, ge=0, description="load-balancing loss weight (MoE)")
     z_loss_coef: float = Field(default=0.0, ge=0, description="router z-loss weight (MoE; 0 = off)")
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch CPU threads, 0 = all cores")
     log_every: int = Field(default=25, gt=0)
+    checkpoint_every: int = Field(default=200, ge=0, description="checkpoint every N steps (0: only at the end)")
+    peak_tflops: float | None = Field(
+        default=None, gt=0, description="device peak for MFU; None: the table in stages/trainlog.py (CPU: MFU null)")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        share, rest = divmod(self.batch_size, self.gpus)
+        if rest:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by gpus={self.gpus}")
+        if self.micro_batch_size is not None and share % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the per-GPU batch "
+                             f"batch_size/gpus={share}")
+        return self
+
+    @property
+    def micro(self) -> int:
+        """Sequences per micro-step per process."""
+        return self.micro_batch_size or self.batch_size // self.gpus
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.gpus * self.micro)
 
 
 class EvalConfig(Strict):

@@ -2,36 +2,43 @@
 
 Inputs: the run's plan.json (architecture, steps, tokens), its replay.json (the epoch-replay data
 plan, read through stages.shards.ReplayLoader) and the token manifest (vocab size, EOS id).
-Outputs: work/runs/<run>/model/ (model.safetensors + config.json, renamed into place at the
-end), work/runs/<run>/train_log.csv (one row per step) and work/runs/<run>/train.json (metrics
-and provenance, written last).
+Outputs: work/runs/<run>/model/ (model.safetensors + HF-style config.json, renamed into place at
+the end), train_log.csv (one row per step), steps.parquet (one row per step: loss, lr, grad norm,
+tokens, tokens/s, MFU, MoE load), dvclive/ (the same curves for `dvc plots` / `dvc exp show`) and
+train.json (metrics and provenance, written last).
 
 Recipe (the same for every run, so only the architecture and the data reuse differ): AdamW with
-betas (0.9, 0.95) and decoupled weight decay on matrices only (embeddings and expert tensors
-included, norm weights excluded), linear warmup then cosine decay to min_lr_ratio * lr, global
-grad-norm clipping, cross-entropy plus aux_loss_coef * load-balancing loss (and z_loss_coef *
-router z-loss) for MoE. The step count, and so the token count, is the plan's: the run must
-consume exactly its compute budget C = 6 N_active T, which is checked against the loader.
+betas (0.9, 0.95) and decoupled weight decay on matrices only, linear warmup then cosine (or
+warmup-stable-decay) to min_lr_ratio * lr, global grad-norm clipping, cross-entropy plus
+aux_loss_coef * load-balancing loss (and z_loss_coef * router z-loss) for MoE. The step count, and
+so the token count, is the plan's: the run consumes exactly its compute budget C = 6 N_active T.
 
-Engines: "torch" (a plain loop) and "deepspeed" (ZeRO stage 1 through deepspeed.initialize; on a
-CPU it runs as a single gloo-free process with DS_ACCELERATOR=cpu and torch's AdamW). Both share
-the loop below; only how a step is applied differs.
+Engines (stages/engine.py): DeepSpeed (ZeRO-1/2, config generated from `train:`) on GPUs, a
+plain-torch twin on CPU; `train.engine: auto` picks, train.json names it. Several GPUs:
+`train.gpus: N` re-launches this command under torchrun (one process per GPU, the same code);
+each process trains on its share of every global batch.
+
+Resume and failure (stages/checkpoint.py): a checkpoint every train.checkpoint_every steps and at
+the end, in work/ckpt/<run>/<key>/ outside the stage's outputs; a killed run (kill -9 included)
+re-run with the same inputs, params and code continues from the last checkpoint and produces the
+same loss curve as an uninterrupted run. A NaN/Inf loss, or a pre-clip gradient norm that is
+non-finite or above train.max_grad_norm, stops the run with an error naming the step (exit code 2);
+the last good checkpoint stays. Fault injection, for tests and drills only: the environment
+variable TRAIN_FAULT=nan_loss@K (the loss of step K becomes NaN) or grad_spike@K (the loss of
+step K is scaled by 1e12, so its gradient explodes); the run logs a warning when it is set.
 
 Determinism: on CPU, the same inputs, seed and thread count give byte-identical weights (the
 data order is fixed by the replay, the init by the seed, and every CPU op used is deterministic).
-The loop is a `Trainer` whose `state_dict()` holds model, optimizer, loader position, step and RNG
-state, so a checkpoint/resume layer can be added without touching the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
-import math
 import os
-import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +48,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from stages import checkpoint
+from stages.accounting import train_flops
 from stages.audit import audit_run
 from stages.common import (
     WORK,
@@ -53,19 +62,42 @@ from stages.common import (
     write_bytes,
     write_json,
 )
+from stages.engine import (  # noqa: F401  (lr_at, param_groups, make_engine: this module's public API)
+    EngineError,
+    dist_env,
+    init_distributed,
+    lr_at,
+    make_engine,
+    param_groups,
+    resolve_device,
+    schedule_lr,
+)
 from stages.model import LM, build_model, count_nonvocab_params, save_model
 from stages.schema import Params, TrainConfig
+from stages.trainlog import (
+    StepStats,
+    device_peak_flops,
+    load_stats,
+    load_step_stats,
+    mfu,
+    write_dvclive,
+    write_steps_parquet,
+)
 
-ADAM_BETAS = (0.9, 0.95)
-ADAM_EPS = 1e-8
 TOKENS_DIR = WORK / "tokens"
-CODE_MODULES = ["stages.model", "stages.shards", "stages.audit", "kernels.grouped_gemm", "kernels"]
+CODE_MODULES = ["stages.model", "stages.shards", "stages.audit", "kernels.grouped_gemm", "kernels", "stages.engine",
+                "stages.checkpoint", "stages.trainlog", "stages.accounting"]
+FAULT_ENV = "TRAIN_FAULT"
 
 log = logging.getLogger("stages.train")
 
 
 class TrainError(ValueError):
     """Inputs that cannot be trained on as planned (the message names the file or field)."""
+
+
+class NonFiniteError(TrainError):
+    """The loss or the gradient norm blew up; the last good checkpoint is kept."""
 
 
 class BatchLoader(Protocol):
@@ -79,164 +111,36 @@ class BatchLoader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-# -------------------------------------------------------------------------------------- schedule
-def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_ratio*lr."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    decay_steps = max(1, steps - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    floor = min_ratio * lr
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - floor)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (dim >= 2: linear, embedding, expert tensors), not norm weights."""
-    decay = [p for _, p in sorted(model.named_parameters()) if p.dim() >= 2]
-    no_decay = [p for _, p in sorted(model.named_parameters()) if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device=cuda but no CUDA device is visible (use auto or cpu)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------- engines
-class TorchEngine:
-    """Plain PyTorch: AdamW, clip_grad_norm_, autocast for bf16."""
-
-    name = "torch"
-
-    def __init__(self, model: LM, cfg: TrainConfig, lr: float, device: torch.device) -> None:
-        self.module = model.to(device)
-        self.device = device
-        self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
-                                           eps=ADAM_EPS, foreach=device.type == "cuda")
-
-    def forward(self, x: torch.Tensor) -> Any:
-        with autocast_context(self.device, self.cfg.dtype):
-            return self.module(x)
-
-    def backward_step(self, loss: torch.Tensor, lr: float) -> float:
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DeepSpeedEngine:
-    """DeepSpeed ZeRO-1 (optimizer state partitioning; with one process it is a reference point).
-
-    On CPU: DS_ACCELERATOR=cpu, fp32, torch's AdamW ("torch_adam"), and single-process rendezvous
-    variables. The first use compiles DeepSpeed's shared-memory comm op with g++ (~40 s, cached in
-    ~/.cache/torch_extensions).
-    """
-
-    name = "deepspeed"
-
-    def __init__(self, model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int) -> None:
-        os.environ.setdefault("DS_ACCELERATOR", device.type)
-        if device.type == "cpu" and cfg.dtype != "fp32":
-            raise TrainError("train.engine=deepspeed on CPU needs train.dtype=fp32")
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        import deepspeed
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-        self.device = device
-        self.cfg = cfg
-        config = {
-            "train_batch_size": batch_size,
-            "train_micro_batch_size_per_gpu": batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": 1},
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
-                                                      "weight_decay": cfg.weight_decay, "torch_adam": True}},
-            "bf16": {"enabled": cfg.dtype == "bf16"},
-            "steps_per_print": 1 << 62,
-            "wall_clock_breakdown": False,
-        }
-        model = model.to(device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=config)
-        self.module: LM = self.engine.module
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.engine(x)
-
-    def backward_step(self, loss: torch.Tensor, lr: float) -> float:
-        self.engine.backward(loss)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int) -> Any:
-    if cfg.engine == "torch":
-        return TorchEngine(model, cfg, lr, device)
-    return DeepSpeedEngine(model, cfg, lr, device, batch_size)
+def fault_from_env() -> tuple[str, int] | None:
+    """TRAIN_FAULT=nan_loss@K or grad_spike@K (see the module docstring), else None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kind, _, at = spec.partition("@")
+    if kind not in ("nan_loss", "grad_spike") or not at.isdigit():
+        raise TrainError(f"{FAULT_ENV}={spec!r}: expected nan_loss@STEP or grad_spike@STEP")
+    log.warning("%s=%s: fault injection is on (a drill, not a real run)", FAULT_ENV, spec)
+    return kind, int(at)
 
 
 # ------------------------------------------------------------------------------------------ loop
-@dataclass
-class StepStats:
-    step: int
-    loss: float  # cross-entropy (nats per token), without the auxiliary losses
-    lr: float
-    tokens: int  # cumulative target tokens after this step
-    aux_loss: float
-    z_loss: float
-    grad_norm: float
+def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        t /= world
+    return t
 
 
 @dataclass
 class Trainer:
-    """The training loop of one run; `state_dict()` is everything a resume needs."""
+    """The training loop of one run; `state_dict()` / checkpoints hold everything a resume needs."""
 
     engine: Any
     loader: BatchLoader
     steps: int
-    batch_size: int
+    batch_size: int  # global: sequences per optimizer step over all processes
     seq_len: int
     vocab_size: int
     lr: float
@@ -245,6 +149,20 @@ class Trainer:
     history: list[StepStats] = field(default_factory=list)
     load_sum: torch.Tensor | None = None  # (layers, E) sum over steps of the routed fraction
     seconds: float = 0.0
+    flops_per_token: float | None = None  # the planner's training FLOPs per token (for MFU)
+    peak_flops: float | None = None  # device peak FLOP/s (None: MFU null)
+    ckpt_dir: Path | None = None  # checkpoints every cfg.checkpoint_every steps and at the end
+    fault: tuple[str, int] | None = None
+    last_checkpoint: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.rank, self.world, _ = dist_env()
+        share = self.batch_size // self.world
+        self.micro = min(self.cfg.micro_batch_size or share, share)
+        if self.batch_size % self.world or share % self.micro:
+            raise TrainError(f"batch_size={self.batch_size} does not split into {self.world} processes x "
+                             f"micro-batches of {self.micro}")
+        self.accumulation = share // self.micro
 
     def _batch(self, it: Iterator[torch.Tensor]) -> torch.Tensor:
         try:
@@ -261,51 +179,120 @@ class Trainer:
                              f"outside the vocabulary [0, {self.vocab_size})")
         return batch
 
+    def _blew_up(self, what: str) -> NonFiniteError:
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        return NonFiniteError(f"step {self.step + 1}: {what}; training stopped ({kept})")
+
+    def _check_norm(self, norm: float) -> None:
+        if not norm <= self.cfg.max_grad_norm:  # NaN fails this too
+            raise self._blew_up(f"gradient norm {norm:.4g} is not below train.max_grad_norm={self.cfg.max_grad_norm:g}")
+
     def train_step(self, batch: torch.Tensor) -> StepStats:
+        """One optimizer step on this process's share of the global batch, in micro-batches."""
+        t0 = time.perf_counter()
         device = self.engine.device
-        batch = batch.to(device, non_blocking=True)
-        x, y = batch[:, :-1], batch[:, 1:]
-        lr = lr_at(self.step, self.steps, self.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
-        out = self.engine.forward(x)
-        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
-        loss = ce + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
-        norm = self.engine.backward_step(loss, lr)
-        if out.load is not None:
-            load = out.load.detach().double().cpu()
-            self.load_sum = load if self.load_sum is None else self.load_sum + load
+        share = self.batch_size // self.world
+        rows = batch[self.rank * share:(self.rank + 1) * share]
+        lr = schedule_lr(self.cfg, self.step, self.steps, self.lr)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, aux, z over micro-batches
+        load = None
+        for m in range(self.accumulation):
+            mb = rows[m * self.micro:(m + 1) * self.micro].to(device, non_blocking=True)
+            x, y = mb[:, :-1], mb[:, 1:]
+            out = self.engine.forward(x)
+            ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            loss = ce + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
+            if self.fault and self.fault[1] == self.step + 1:
+                loss = loss * (float("nan") if self.fault[0] == "nan_loss" else 1e12)
+                ce = ce * float("nan") if self.fault[0] == "nan_loss" else ce
+            self.engine.backward(loss, self.accumulation)
+            sums += torch.stack([ce.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
+            if out.load is not None:
+                load = out.load.detach().double() if load is None else load + out.load.detach().double()
+        sums = _all_mean(sums / self.accumulation, self.world).cpu()
+        ce_v, aux_v, z_v = (float(v) for v in sums)
+        if not all(map(torch.isfinite, sums)):
+            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
+        # the pre-clip norm: the torch engine knows it before the update (None: deepspeed, after it)
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            self._check_norm(norm)
+        after = self.engine.step(lr, norm)
+        if after is not None:
+            norm = after
+            self._check_norm(norm)
+        update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
+        if callable(update_bias):
+            update_bias()
+        stats_load = None
+        if load is not None:
+            stats_load = _all_mean(load / self.accumulation, self.world).cpu()
+            self.load_sum = stats_load if self.load_sum is None else self.load_sum + stats_load
         self.step += 1
-        return StepStats(self.step, float(ce.detach()), lr, self.step * self.batch_size * self.seq_len,
-                         float(out.aux_loss.detach()), float(out.z_loss.detach()), norm)
+        seconds = time.perf_counter() - t0
+        tokens_step = self.batch_size * self.seq_len
+        rate = tokens_step / max(seconds, 1e-12)
+        lmax, lent = load_step_stats(stats_load)
+        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm, seconds=seconds,
+                         tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
+                         load_max_over_mean=lmax, load_entropy=lent,
+                         load=None if stats_load is None else stats_load.float().numpy())
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)
         t0 = time.perf_counter()
         start_step, start_seconds = self.step, self.seconds
         self.engine.module.train()
+        every = self.cfg.checkpoint_every
         while self.step < self.steps:
             s = self.train_step(self._batch(it))
             self.history.append(s)
             self.seconds = start_seconds + time.perf_counter() - t0
+            if self.ckpt_dir is not None and (s.step == self.steps or (every and s.step % every == 0)):
+                self.save_checkpoint()
             if s.step % self.cfg.log_every == 0 or s.step == self.steps or s.step == start_step + 1:
                 done = s.step - start_step
                 rate = done * self.batch_size * self.seq_len / max(self.seconds - start_seconds, 1e-9)
                 eta = (self.steps - s.step) * self.batch_size * self.seq_len / max(rate, 1e-9)
-                log.info("step %d/%d loss %.4f aux %.4f lr %.3g grad %.3f | %.0f tok/s ETA %s",
-                         s.step, self.steps, s.loss, s.aux_loss, s.lr, s.grad_norm, rate, _fmt_seconds(eta))
+                m = mfu(self.flops_per_token, rate, self.peak_flops)
+                log.info("step %d/%d loss %.4f aux %.4f lr %.3g grad %.3f | %.0f tok/s%s ETA %s",
+                         s.step, self.steps, s.loss, s.aux_loss, s.lr, s.grad_norm, rate,
+                         f" MFU {m:.1%}" if m is not None else "", _fmt_seconds(eta))
         return self.history
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seconds": self.seconds, "engine": self.engine.state_dict(),
-                "loader": self.loader.state_dict(), "history": [vars(h) for h in self.history],
-                "load_sum": self.load_sum, "rng": torch.get_rng_state()}
+    def client_state(self) -> dict[str, Any]:
+        """The loop's part of a checkpoint (the engine saves model and optimizer itself)."""
+        return {"step": self.step, "seconds": self.seconds, "loader": self.loader.state_dict(),
+                "history": [h.row() for h in self.history], "load_sum": self.load_sum,
+                "rng": checkpoint.rng_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_client_state(self, state: dict[str, Any]) -> None:
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
-        self.engine.load_state_dict(state["engine"])
         self.loader.load_state_dict(state["loader"])
         self.history = [StepStats(**h) for h in state["history"]]
         self.load_sum = state["load_sum"]
-        torch.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        assert self.ckpt_dir is not None
+        self.last_checkpoint = checkpoint.save(self.ckpt_dir, self.engine, self.step, self.client_state())
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint in ckpt_dir, if there is one."""
+        target = checkpoint.latest(self.ckpt_dir) if self.ckpt_dir is not None else None
+        if target is None:
+            return False
+        self.load_client_state(checkpoint.load(target, self.engine))
+        self.last_checkpoint = target
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine.state_dict(), **self.client_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.load_client_state(state)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -314,24 +301,12 @@ def _fmt_seconds(s: float) -> str:
 
 
 # -------------------------------------------------------------------------------------- metrics
-def load_stats(load_sum: torch.Tensor | None, steps: int) -> dict[str, Any] | None:
-    """Fraction of routed slots per expert (averaged over steps) and how far from uniform it is."""
-    if load_sum is None:
-        return None
-    mean = load_sum / max(1, steps)  # (layers, E), each row sums to 1
-    E = mean.shape[1]
-    return {
-        "fraction_per_expert": [[round(float(v), 6) for v in row] for row in mean],
-        "max_over_uniform": [round(float(row.max() * E), 6) for row in mean],
-        "min_over_uniform": [round(float(row.min() * E), 6) for row in mean],
-        "cv": [round(float(row.std(unbiased=False) / row.mean()), 6) for row in mean],
-    }
-
-
 def summarize(history: list[StepStats], trainer: Trainer) -> dict[str, Any]:
     tail = history[-max(1, len(history) // 10):]
     tokens = trainer.step * trainer.batch_size * trainer.seq_len
     seconds = trainer.seconds
+    rate = tokens / seconds if seconds > 0 else None
+    run_mfu = mfu(trainer.flops_per_token, rate, trainer.peak_flops) if rate else None
     return {
         "steps": trainer.step,
         "tokens": tokens,
@@ -341,7 +316,9 @@ def summarize(history: list[StepStats], trainer: Trainer) -> dict[str, Any]:
         "final_aux_loss": sum(h.aux_loss for h in tail) / len(tail),
         "final_z_loss": sum(h.z_loss for h in tail) / len(tail),
         "wall_seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "tokens_per_second": round(rate, 1) if rate else None,
+        "mfu": round(run_mfu, 5) if run_mfu is not None else None,
+        "flops_per_token": trainer.flops_per_token,
         "expert_load": load_stats(trainer.load_sum, trainer.step),
     }
 
@@ -377,30 +354,73 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
+    flops_per_token: float | None = None,
+    ckpt_dir: Path | None = None,
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Train `model` for `steps` steps on `loader`; returns the trainer and its summary metrics."""
+    """Train `model` for `steps` steps on `loader` (resuming from ckpt_dir if it holds a checkpoint)."""
     torch.set_num_threads(n_workers(cfg.threads))
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
-    engine = make_engine(model, cfg, lr, device, batch_size)
+    init_distributed(device)
+    try:
+        engine = make_engine(model, cfg, lr, device, batch_size)
+    except EngineError as err:
+        raise TrainError(str(err)) from None
+    peak, peak_source = device_peak_flops(device, cfg.peak_tflops)
     trainer = Trainer(engine=engine, loader=loader, steps=steps, batch_size=batch_size,
-                      seq_len=model.arch.seq_len, vocab_size=model.vocab_size, lr=lr, cfg=cfg)
+                      seq_len=model.arch.seq_len, vocab_size=model.vocab_size, lr=lr, cfg=cfg,
+                      flops_per_token=flops_per_token, peak_flops=peak, ckpt_dir=ckpt_dir, fault=fault_from_env())
+    resumed_from = trainer.step if trainer.resume() else None
     history = trainer.run()
     metrics = summarize(history, trainer)
-    metrics["device"] = str(device)
+    metrics["device"] = str(device.type)
+    metrics["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    metrics["peak_flops"] = peak
+    metrics["peak_flops_source"] = peak_source
     metrics["engine"] = engine.name
     metrics["dtype"] = cfg.dtype
+    metrics["processes"] = trainer.world
+    metrics["gradient_accumulation"] = trainer.accumulation
+    metrics["micro_batch_size"] = trainer.micro
+    metrics["compile"] = cfg.compile
+    metrics["resumed_from_step"] = resumed_from
     metrics["threads"] = torch.get_num_threads()
     metrics["expert_backends"] = engine.module.expert_backends() or None
+    if getattr(engine, "config", None) is not None:
+        metrics["deepspeed_config"] = engine.config
     return trainer, metrics
+
+
+def hf_config(arch: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """Hugging Face-style keys beside our own (tools that read config.json find the usual names)."""
+    moe = arch["kind"] == "moe"
+    return {"model_type": "moe_equal_resources_lm", "architectures": ["LM"], "hidden_size": arch["d_model"],
+            "num_hidden_layers": arch["n_layers"], "num_attention_heads": arch["n_heads"],
+            "max_position_embeddings": arch["seq_len"], "intermediate_size": arch["ffn_hidden"],
+            "num_local_experts": arch["experts"] if moe else None,
+            "num_experts_per_tok": arch["top_k"] if moe else None,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": arch.get("tie_embeddings", True),
+            "eos_token_id": eos_id, "torch_dtype": "float32"}
+
+
+def planned_flops_per_token(plan: dict[str, Any]) -> float:
+    """The planner's training FLOPs per token (its compute convention); 6 N_active for older plans."""
+    return float(plan.get("flops_per_token") or train_flops(plan["nonvocab_active"], 1))
 
 
 def run_dir(run: str, work: Path = WORK) -> Path:
     return work / "runs" / run
 
 
+def _build(p: Params, plan: dict[str, Any], vocab_size: int) -> LM:
+    """The planned model; passes params.yaml `router:` when the schema has one (issue 5)."""
+    router = getattr(p, "router", None)
+    extra = {"router": router} if router is not None else {}
+    return build_model(plan["arch"], vocab_size, p.train.expert_backend, **extra)
+
+
 def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None = None) -> dict[str, Any]:
-    """The stage: read plan/replay/tokens manifest, train, write model/, train_log.csv, train.json."""
+    """The stage: read plan/replay/tokens manifest, train (resuming), write the outputs (rank 0)."""
     from stages.shards import ReplayLoader, tokens_meta
 
     p.run(run)
@@ -420,41 +440,86 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
         raise TrainError(f"{replay_path}: seq_len={replay['seq_len']} differs from the plan's "
                          f"{plan['arch']['seq_len']} (re-run replay)")
     torch.manual_seed(seed)  # the init depends on the seed only
-    model = build_model(plan["arch"], tm["vocab_size"], cfg.expert_backend)
+    model = _build(p, plan, tm["vocab_size"])
     total, active = count_nonvocab_params(model)
     if (total, active) != (plan["nonvocab_params"], plan["nonvocab_active"]):
         raise TrainError(f"model has N={total}, N_active={active} but {plan_path} says "
                          f"N={plan['nonvocab_params']}, N_active={plan['nonvocab_active']}")
-    log.info("%s: %s N=%d N_active=%d, %d steps x %d tokens, lr %.3g seed %d", run, plan["arch"]["kind"],
-             total, active, plan["steps"], plan["tokens_per_step"], lr, seed)
+    inputs = {"plan": sha256_file(plan_path), "replay": sha256_file(replay_path), "tokens": tm["sha256"]}
+    section = {"train": cfg.model_dump(), f"runs.{run}": p.run(run).model_dump(), "lr": lr, "seed": seed}
+    router = getattr(p, "router", None)
+    if router is not None:  # part of provenance and of the checkpoint key: another router never resumes
+        section["router"] = router.model_dump()
+    prov = provenance("train", inputs, section, CODE_MODULES)
+    key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), section, prov["code_sha256"])
+    ckpt_dir = checkpoint.checkpoint_dir(run, key, work)
+    rank = dist_env()[0]
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+    log.info("%s: %s N=%d N_active=%d, %d steps x %d tokens, lr %.3g seed %d; checkpoints in %s", run,
+             plan["arch"]["kind"], total, active, plan["steps"], plan["tokens_per_step"], lr, seed, ckpt_dir)
     loader = loader if loader is not None else ReplayLoader(replay_path, plan["batch_size"])
     trainer, metrics = train(model, loader, cfg, steps=plan["steps"], batch_size=plan["batch_size"], lr=lr,
-                             seed=seed)
+                             seed=seed, flops_per_token=planned_flops_per_token(plan),
+                             ckpt_dir=ckpt_dir)
     if loader.tokens_served != plan["tokens"] or metrics["tokens"] != plan["tokens"]:
         raise TrainError(f"consumed {loader.tokens_served} tokens (loop counted {metrics['tokens']}) but the "
                          f"plan budgets {plan['tokens']}: the compute budget was not met")
-
-    inputs = {"plan": sha256_file(plan_path), "replay": sha256_file(replay_path), "tokens": tm["sha256"]}
-    section = {"train": cfg.model_dump(), f"runs.{run}": p.run(run).model_dump(), "lr": lr, "seed": seed}
-    prov = provenance("train", inputs, section, CODE_MODULES)
+    if rank != 0:
+        return metrics
     config = {"arch": plan["arch"], "vocab_size": tm["vocab_size"], "eos_id": tm["eos_id"],
-              "nonvocab_params": total, "nonvocab_active": active, "run": run, "provenance": prov}
+              "nonvocab_params": total, "nonvocab_active": active, "run": run, "provenance": prov,
+              **hf_config(plan["arch"], tm["vocab_size"], tm["eos_id"]),
+              **({"router": router.model_dump()} if router is not None else {})}
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
     write_bytes(rdir / "train_log.csv", log_csv(trainer.history))
-    result = {"run": run, "kind": plan["arch"]["kind"], "nonvocab_params": total, "nonvocab_active": active,
+    kind = plan["arch"]["kind"]
+    write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
+    result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,
               "tokens_seen": loader.tokens_served, "plan_tokens": plan["tokens"], "lr": lr, "seed": seed,
-              **metrics, "provenance": prov}
+              **metrics, "flops_convention": plan.get("compute_convention", "6n"), "checkpoint_dir": str(ckpt_dir),
+              "provenance": prov}
     result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
+    keys = ("final_train_loss", "tokens_per_second", "mfu", "final_aux_loss", "wall_seconds")
+    write_dvclive(rdir / "dvclive", trainer.history, kind, {k: result[k] for k in keys})
     write_json(rdir / "train.json", result)
     log.info("%s: final train loss %.4f, %d tokens in %.1fs (%.0f tok/s)", run, result["final_train_loss"],
              result["tokens_seen"], result["wall_seconds"], result["tokens_per_second"] or 0)
     return result
 
 
+def relaunch_under_torchrun(argv: list[str]) -> int | None:
+    """`train.gpus: N > 1` outside a launcher: run this same command under torchrun, one process per GPU."""
+    import argparse
+
+    from stages.schema import ParamsError, load_params
+
+    if "WORLD_SIZE" in os.environ:
+        return None
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--params", default="params.yaml")
+    known, _ = ap.parse_known_args(argv)
+    try:
+        gpus = load_params(known.params).train.gpus
+    except ParamsError:
+        return None  # per_run_main reports it
+    if gpus <= 1:
+        return None
+    # "--" ends torchrun's options: without it, its parser takes our --run for an abbreviation of --run-path
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "--", "stages.train", *argv]
+    log.info("train.gpus=%d: %s", gpus, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return per_run_main("train", __doc__, run_train, (TrainError,), argv)
+    args = sys.argv[1:] if argv is None else argv
+    code = relaunch_under_torchrun(args)
+    if code is not None:
+        return code
+    return per_run_main("train", __doc__, run_train, (TrainError,), args)
 
 
 if __name__ == "__main__":

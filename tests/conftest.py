@@ -30,6 +30,7 @@ TINY = {
         # attention is 14% of N here, so r_a = 0.5 within 2% needs top_k free (E=12, k=5)
         "moe_r50": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "vary": ["expert_width", "experts", "top_k"]},
     },
+    "router": {"score": "softmax", "bias_balancing": False},
     "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5, "threads": 1},
     "eval": {"batch_size": 16, "bootstrap": 100, "task_items": 64, "choice_words": 3},
 }

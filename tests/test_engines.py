@@ -185,3 +185,13 @@ def test_dvc_and_snakemake_dags_are_equal(tmp_path: Path) -> None:
     assert "train@moe_r50" in dvc_nodes and ("collect@dense", "aggregate") in dvc_edges
     assert {("tasks", "evaluate@moe_r50"), ("evaluate@dense", "collect@dense")} <= dvc_edges
 
+
+def test_dvc_sees_the_training_curves(dvc_project: Path) -> None:
+    """dvclive's summary is a (cached) DVC metric and its TSVs are plots: `dvc exp show` / `dvc plots` read them."""
+    shown = run(["dvc", "exp", "show", "--json"], dvc_project).stdout
+    assert "work/runs/dense/dvclive/metrics.json" in shown and "final_train_loss" in shown, shown[:2000]
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], dvc_project).stdout)
+    flat = json.dumps(metrics)
+    assert "work/runs/moe_r50/dvclive/metrics.json" in flat and "load_entropy" in flat
+    plots = run(["dvc", "plots", "show", "--json"], dvc_project).stdout
+    assert "dvclive/plots/metrics/train/loss.tsv" in plots

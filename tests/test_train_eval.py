@@ -410,3 +410,141 @@ def test_evaluate_scores_the_zero_shot_tasks(trained: Path, tmp_path: Path) -> N
     assert res["tasks"]["cloze"]["items"] == res["tasks"]["choice"]["items"] == n
     assert res["tasks"]["cloze"]["acc"] > 0.8 and res["tasks"]["choice"]["acc"] > 0.8, res["tasks"]
     assert res["provenance"]["inputs"]["tasks"]
+
+
+# --------------------------------------------------------------------------- logs, schedules, config
+@pytest.mark.parametrize("run", ["dense", "moe"])
+def test_steps_parquet_and_dvclive(trained: Path, run: str) -> None:
+    import json
+
+    rdir = trained / "runs" / run
+    plan, res = read_json(rdir / "plan.json"), read_json(rdir / "train.json")
+    t = pq.read_table(rdir / "steps.parquet").to_pydict()
+    assert set(t) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
+                      "load_max_over_mean", "load_entropy", "layer_load_max_over_mean", "layer_load_entropy",
+                      "layer_expert_fraction"}
+    assert t["step"] == list(range(1, plan["steps"] + 1)) and t["tokens"][-1] == plan["tokens"]
+    rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
+    assert [float(r["loss"]) for r in rows] == t["loss"]
+    assert all(v > 0 for v in t["tokens_per_s"]) and all(g > 0 for g in t["grad_norm"])
+    assert all(m is None for m in t["mfu"]) and res["mfu"] is None and "CPU" in res["peak_flops_source"]
+    assert res["engine"] == "torch" and res["processes"] == 1 and res["flops_per_token"] == plan["flops_per_token"]
+    moe_cols = ("aux_loss", "z_loss", "load_max_over_mean", "load_entropy")
+    if run == "moe":
+        assert all(v is not None for c in moe_cols for v in t[c])
+        assert all(1.0 <= v <= plan["arch"]["experts"] for v in t["load_max_over_mean"])
+        assert all(0.0 < v <= 1.0 + 1e-9 for v in t["load_entropy"])
+        assert len(res["expert_load"]["entropy"]) == plan["arch"]["n_layers"]
+        fractions = t["layer_expert_fraction"]
+        assert all(len(f) == plan["arch"]["n_layers"] and len(f[0]) == plan["arch"]["experts"] for f in fractions)
+        assert all(sum(f[0]) == pytest.approx(1.0) for f in fractions)
+        assert [max(r) for r in t["layer_load_max_over_mean"]] == pytest.approx(t["load_max_over_mean"])
+        mean = np.mean([f[0] for f in fractions], axis=0)  # the run's mean load, as train.json reports it
+        np.testing.assert_allclose(mean, res["expert_load"]["fraction_per_expert"][0], atol=1e-6)
+        assert (rdir / "dvclive/plots/metrics/train/layer0/load_entropy.tsv").exists()
+    else:
+        assert all(v is None for c in moe_cols for v in t[c]) and all(v is None for v in t["layer_expert_fraction"])
+    live = json.loads((rdir / "dvclive/metrics.json").read_text())
+    assert live["step"] == plan["steps"] and live["train"]["loss"] == t["loss"][-1]
+    assert live["final_train_loss"] == res["final_train_loss"]
+    tsv = (rdir / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["step", "loss"] and len(tsv) == plan["steps"] + 1
+    assert ((rdir / "dvclive/plots/metrics/train/aux_loss.tsv").exists()) == (run == "moe")
+
+
+def test_wsd_schedule_and_warmup_fraction() -> None:
+    from stages.engine import schedule_lr
+
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1, "wsd", 0.2) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and all(v == 1.0 for v in lrs[10:80])
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1)
+    cfg = parse_params(PARAMS).train.model_copy(update={"warmup_fraction": 0.25})
+    assert schedule_lr(cfg, 24, 100, 2.0) == pytest.approx(2.0) and schedule_lr(cfg, 0, 100, 2.0) == pytest.approx(0.08)
+
+
+def test_deepspeed_config_follows_params() -> None:
+    from stages.engine import deepspeed_config
+
+    raw = copy.deepcopy(PARAMS)
+    raw["train"] |= {"batch_size": 32, "micro_batch_size": 4, "gpus": 2, "zero_stage": 2, "dtype": "bf16",
+                     "grad_clip": 0.5, "weight_decay": 0.05}
+    cfg = parse_params(raw).train
+    ds = deepspeed_config(cfg, 1e-3, "cuda", 2)
+    sizes = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert sizes == (32, 4, 4)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    bad = copy.deepcopy(raw)
+    bad["train"]["micro_batch_size"] = 3
+    with pytest.raises(Exception, match="micro_batch_size"):
+        parse_params(bad)
+
+
+def test_gradient_accumulation_matches_the_full_batch(params: Params) -> None:
+    """Micro-batches of 1 accumulated to a step of 4 follow the one-shot step (fp32, up to rounding)."""
+    arch = plan_run(params, "moe").arch.to_dict()
+    curves = {}
+    for micro in (None, 1):
+        cfg = params.train.model_copy(update={"micro_batch_size": micro, "aux_loss_coef": 0.0})
+        torch.manual_seed(0)
+        trainer, metrics = train(build_model(arch, VOCAB), ListLoader(counting_batches(6), 16), cfg, steps=6,
+                                 batch_size=4, lr=1e-2, seed=0)
+        assert metrics["gradient_accumulation"] == (4 if micro == 1 else 1)
+        curves[micro] = [h.loss for h in trainer.history]
+    np.testing.assert_allclose(curves[1], curves[None], rtol=1e-5)
+
+
+def test_deepspeed_checkpoint_resume_is_exact(params: Params, tmp_path: Path) -> None:
+    """DeepSpeed on CPU: 4 steps, checkpoint, a fresh engine resumes: the 8-step curve of one go."""
+    pytest.importorskip("deepspeed")
+    arch = plan_run(params, "dense").arch.to_dict()
+    cfg = params.train.model_copy(update={"engine": "deepspeed", "device": "cpu", "checkpoint_every": 4})
+    batches = counting_batches(8)
+
+    def go(steps: int, ckpt: Path | None) -> Trainer:
+        torch.manual_seed(0)
+        trainer, _ = train(build_model(arch, VOCAB), ListLoader(batches, 16), cfg, steps=steps, batch_size=4,
+                           lr=1e-2, seed=0, ckpt_dir=ckpt)
+        return trainer
+
+    straight = go(8, None)
+    go(4, tmp_path)
+    resumed = go(8, tmp_path)
+    assert [h.loss for h in resumed.history] == [h.loss for h in straight.history]
+
+
+def test_deepspeed_zero2_with_accumulation_follows_the_torch_engine(params: Params) -> None:
+    """ZeRO stage 2 and 2 micro-batches per step (DeepSpeed's own accumulation) against the torch engine."""
+    pytest.importorskip("deepspeed")
+    arch = plan_run(params, "moe").arch.to_dict()
+    curves = {}
+    for engine in ("torch", "deepspeed"):
+        cfg = params.train.model_copy(update={"engine": engine, "device": "cpu", "zero_stage": 2,
+                                              "micro_batch_size": 2})
+        torch.manual_seed(0)
+        trainer, metrics = train(build_model(arch, VOCAB), ListLoader(counting_batches(6), 16), cfg, steps=6,
+                                 batch_size=4, lr=1e-2, seed=0)
+        assert metrics["gradient_accumulation"] == 2
+        curves[engine] = [h.loss for h in trainer.history]
+    assert metrics["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    assert metrics["deepspeed_config"]["gradient_accumulation_steps"] == 2
+    np.testing.assert_allclose(curves["deepspeed"], curves["torch"], rtol=1e-4)
+
+
+def test_router_bias_balancing_is_stepped_and_saved(tmp_path: Path) -> None:
+    """params.yaml router: reaches the model; the trainer steps the aux-loss-free bias after each update."""
+    from safetensors.torch import load_file
+
+    raw = copy.deepcopy(PARAMS)
+    raw["router"] = {"score": "sigmoid", "bias_balancing": True, "bias_update_rate": 0.01}
+    raw["train"]["aux_loss_coef"] = 0.0
+    p = parse_params(raw)
+    work = make_work(tmp_path, p, ["moe"])
+    res = run_train(p, "moe", work=work)
+    cfg = read_json(work / "runs/moe/model/config.json")
+    assert cfg["router"]["bias_balancing"] and res["provenance"]["params"]["router"]["score"] == "sigmoid"
+    bias = load_file(str(work / "runs/moe/model/model.safetensors"))["blocks.0.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0  # stepped by the trainer (it starts at zero)
+    model, _ = load_model(work / "runs/moe/model")
+    assert torch.equal(model.blocks[0].ffn.router.expert_bias, bias)

@@ -1,0 +1,221 @@
+"""Training MFU on one GPU: a ~100M-parameter dense LM and MoEs of equal total params at ~20% activation.
+
+The models come from the study's planner (stages.accounting.plan_run) on a built-in budget
+(N = 1e8 non-vocab params, d_model 512, 8 layers, 8 heads, seq_len 1024, vocab --vocab), so the
+MoE has the dense model's N at activation rate ~0.2. Each variant (engine torch|deepspeed, with or
+without torch.compile of the blocks) trains with the real loop, `stages.train.train`, on random
+tokens for --warmup + --steps steps; the rate is the median step time of the timed steps (each step
+ends with a host sync of its loss, as in a real run).
+
+MFU is reported two ways:
+- `mfu`: the planner's FLOPs, 6 * N_active per token (what train.json and steps.parquet report),
+  over the device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s);
+- `mfu_full`: also counting the tied LM head (6 * d * V) and causal attention scores
+  (6 * L * S * d: half of the 12 L S d of a full attention matrix) per token.
+
+    python bench/train_mfu.py --out results/perf/train_mfu_h100.json [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import RandomLoader  # noqa: E402
+
+from stages.accounting import plan_run, train_flops  # noqa: E402
+from stages.model import build_model  # noqa: E402
+from stages.schema import parse_params  # noqa: E402
+from stages.train import train  # noqa: E402
+from stages.trainlog import device_peak_flops  # noqa: E402
+
+BENCH_PARAMS: dict[str, Any] = {
+    "study": "bench",
+    "corpus": {"sources": [{"kind": "synthetic"}]},
+    # params_tol 5%: at multiple_of 64 the closest MoE shapes are 2.8% / 3.5% off N (what was measured)
+    "budget": {"params": 1e8, "compute": 1e18, "unique_tokens": 10**10, "params_tol": 0.05, "compute_convention": "6n"},
+    "model": {"d_model": 512, "n_layers": 8, "n_heads": 8, "seq_len": 1024, "multiple_of": 64},
+    "runs": {
+        "dense": {"kind": "dense"},
+        "moe_k1": {"kind": "moe", "activation_rate": 0.2, "top_k": 1},
+        "moe_k2": {"kind": "moe", "activation_rate": 0.2, "top_k": 2},
+    },
+    "train": {"batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "dtype": "bf16", "expert_backend": "torch_grouped",
+              "log_every": 10**6, "checkpoint_every": 0},
+}
+
+
+class ProfiledLoader(RandomLoader):
+    """Random batches that advance the profiler's schedule once per step."""
+
+    def __init__(self, batch: int, seq_len: int, vocab: int, prof: Any) -> None:
+        super().__init__(batch, seq_len, vocab)
+        self.prof = prof
+
+    def __next__(self) -> torch.Tensor:
+        self.prof.step()
+        return super().__next__()
+
+
+def full_flops_per_token(arch: Any, vocab: int) -> float:
+    attention = 6 * arch.n_layers * arch.seq_len * arch.d_model
+    return train_flops(arch.nonvocab_active, 1) + 6 * arch.d_model * vocab + attention
+
+
+# Model families: the study's (d512: an MoE at r_a 0.2 fits) and a wider dense one of the same N
+# (d768, d1024: attention alone is 28% / 25% of N there, so no MoE at 0.2 exists in them).
+FAMILIES = {
+    "d512": {"d_model": 512, "n_layers": 8, "n_heads": 8},
+    "d768": {"d_model": 768, "n_layers": 12, "n_heads": 12},
+    "d1024": {"d_model": 1024, "n_layers": 6, "n_heads": 16},
+}
+
+
+def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warmup: int, batch: int,
+            profile_dir: Path | None = None) -> dict[str, Any]:
+    family, _, run = spec.rpartition("/")
+    raw = json.loads(json.dumps(BENCH_PARAMS))
+    raw["model"] |= FAMILIES[family or "d512"]
+    engine, _, zero = engine.partition("@")  # "deepspeed@2": ZeRO stage 2
+    raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_, "zero_stage": int(zero or 1)}
+    p = parse_params(raw)
+    plan = plan_run(p, run)
+    torch.manual_seed(0)
+    model = build_model(plan.arch.to_dict(), vocab, p.train.expert_backend)
+    loader = RandomLoader(plan.batch_size, plan.arch.seq_len, vocab)
+    t0 = time.perf_counter()
+    prof = None
+    if profile_dir is not None:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=schedule(wait=max(0, warmup - 2), warmup=1, active=3, repeat=1))
+        prof.__enter__()
+        loader = ProfiledLoader(plan.batch_size, plan.arch.seq_len, vocab, prof)
+    trainer, metrics = train(model, loader, p.train, steps=steps + warmup, batch_size=plan.batch_size,
+                             lr=p.train.lr, seed=0, flops_per_token=train_flops(plan.arch.nonvocab_active, 1))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    step_s = statistics.median(h.seconds for h in trainer.history[warmup:])
+    tok_s = plan.tokens_per_step / step_s
+    peak, _ = device_peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    fpt, full = train_flops(plan.arch.nonvocab_active, 1), full_flops_per_token(plan.arch, vocab)
+    row = {
+        "run": spec, "family": family or "d512", "d_model": plan.arch.d_model, "n_layers": plan.arch.n_layers,
+        "kind": plan.arch.kind, "experts": plan.arch.experts, "top_k": plan.arch.top_k,
+        "ffn_hidden": plan.arch.ffn_hidden, "nonvocab_params": plan.arch.nonvocab_total,
+        "nonvocab_active": plan.arch.nonvocab_active, "activation_rate": round(plan.arch.activation_rate, 4),
+        "engine": metrics["engine"], "zero_stage": int(zero or 1) if engine == "deepspeed" else None,
+        "compile": compile_, "dtype": "bf16", "batch": plan.batch_size,
+        "seq_len": plan.arch.seq_len, "vocab": vocab, "expert_backends": metrics["expert_backends"],
+        "ms_per_step": round(step_s * 1e3, 2), "tokens_per_s": round(tok_s), "flops_per_token": fpt,
+        "flops_per_token_full": full, "mfu": round(fpt * tok_s / peak, 4) if peak else None,
+        "mfu_full": round(full * tok_s / peak, 4) if peak else None,
+        "loss_first": round(trainer.history[0].loss, 4), "loss_last": round(trainer.history[-1].loss, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "wall_s": round(wall, 1),
+    }
+    if prof is not None and profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        name = f"profile_{spec.replace('/', '_')}_{engine}_{'compiled' if compile_ else 'eager'}.txt"
+        (profile_dir / name).write_text(table)
+        cats, kernel_us = categories(prof)
+        row["profile_gpu_share"] = cats
+        row["profile_gpu_busy"] = round(kernel_us / 1e3 / (3 * step_s * 1e3), 3)  # kernel time / wall, 3 steps
+    return row
+
+
+def categories(prof: Any) -> tuple[dict[str, float], float]:
+    """Share of GPU kernel time by kind, and the total kernel time (us) of the profiled steps."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0) or 0.0
+        n = e.key.lower()
+        if t <= 0 or "profilerstep" in n or "#" in n or n.startswith(("torch-compiled", "compiledfunction")):
+            continue  # ranges, not kernels
+        if "grouped" in n or "group_gemm" in n:
+            c = "grouped_gemm"
+        elif "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
+            c = "attention"
+        elif "gemm" in n or "cutlass" in n or "nvjet" in n or "aten::mm" in n or "aten::addmm" in n or "xmma" in n:
+            c = "gemm"
+        elif "adam" in n or "multi_tensor" in n or "foreach" in n:
+            c = "optimizer"
+        elif "triton" in n:
+            c = "triton_fused"
+        elif "nccl" in n:
+            c = "nccl"
+        else:
+            c = "other"
+        out[c] = out.get(c, 0.0) + t
+        total += t
+    shares = {k: round(v / total, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])} if total else {}
+    return shares, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="dense,moe_k1,moe_k2", help="[family/]run, comma-separated")
+    ap.add_argument("--variants", default="torch:0,torch:1,deepspeed:0,deepspeed:1",
+                    help="engine[@zero_stage]:compile, comma-separated")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--profile", default=None,
+                    help="run:engine:compile[;run:engine:compile] to profile once (3 steps) after the table")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if not a.out:
+            return
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        info = {"python": platform.python_version(), "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(0), "peak": device_peak_flops(torch.device("cuda"))[1]}
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        out.write_text(json.dumps({"command": cmd, "machine": info, "rows": rows}, indent=2) + "\n")
+
+    for run in a.runs.split(","):
+        for v in a.variants.split(","):
+            engine, comp = v.split(":")
+            try:
+                r = measure(run, engine, comp == "1", a.vocab, a.steps, a.warmup, a.batch)
+            except Exception as err:  # report and go on
+                r = {"run": run, "engine": engine, "compile": comp == "1",
+                     "skipped": f"{type(err).__name__}: {err}"[:400]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            save()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    for prof in (a.profile.split(";") if a.profile and a.out else []):
+        run, engine, comp = prof.split(":")
+        r = measure(run, engine, comp == "1", a.vocab, 3, a.warmup, a.batch, profile_dir=Path(a.out).parent)
+        r["profiled"] = True
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

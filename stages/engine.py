@@ -1,0 +1,291 @@
+"""How a training step is applied: the LR schedule, the engines and the generated DeepSpeed config.
+
+Two engines with one interface (`forward`, `backward`, `step`, checkpoint `save`/`load`), so the
+loop in stages/train.py is the same on a laptop CPU, one GPU and several GPUs:
+- "deepspeed": `deepspeed.initialize` with a config generated from params.yaml `train:` (ZeRO
+  stage 1 or 2, bf16, gradient clipping, AdamW, micro/global batch and gradient accumulation).
+  On a CPU it runs with DS_ACCELERATOR=cpu, fp32 and torch's AdamW. Checkpoints are DeepSpeed's own
+  (every rank writes its optimizer partition).
+- "torch": a plain loop (AdamW, clip_grad_norm_, autocast for bf16; several processes average the
+  gradients with one all-reduce each). The default on CPU, where it is what CI runs.
+"auto" picks deepspeed on CUDA and torch on CPU; train.json names the engine that ran.
+
+The LR schedule is applied by the loop on both engines (linear warmup, then cosine to
+min_lr_ratio*lr, or warmup-stable-decay), so both follow the same curve and a resume restores it
+from the step alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.model import LM
+from stages.schema import TrainConfig
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+log = logging.getLogger("stages.train")
+
+
+class EngineError(ValueError):
+    """A train configuration the chosen engine cannot run (names the field)."""
+
+
+# -------------------------------------------------------------------------------------- schedule
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    return int(round(cfg.warmup_fraction * steps)) if cfg.warmup_fraction is not None else cfg.warmup_steps
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    cosine: linear warmup, then cosine from lr to min_ratio*lr at the last step.
+    wsd: linear warmup, constant lr, then linear decay to min_ratio*lr over the last decay_fraction
+    of the steps (warmup-stable-decay: the stable phase can be extended without re-running).
+    """
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    floor = min_ratio * lr
+    if schedule == "wsd":
+        decay = max(1, int(round(decay_fraction * steps)))
+        start = max(warmup, steps - decay)
+        if step < start:
+            return lr
+        progress = min(1.0, (step - start + 1) / max(1, steps - start))
+        return lr - progress * (lr - floor)
+    decay_steps = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - floor)
+
+
+def schedule_lr(cfg: TrainConfig, step: int, steps: int, lr: float) -> float:
+    return lr_at(step, steps, lr, warmup_steps(cfg, steps), cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (dim >= 2: linear, embedding, expert tensors), not norm weights."""
+    decay = [p for _, p in sorted(model.named_parameters()) if p.dim() >= 2]
+    no_decay = [p for _, p in sorted(model.named_parameters()) if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- device, processes
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by torchrun / the deepspeed launcher (1 process: 0, 1, 0)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EngineError("train.device=cuda but no CUDA device is visible (use auto or cpu)")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", dist_env()[2])
+    return torch.device(requested)
+
+
+def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "deepspeed" if device.type == "cuda" else "torch"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group of a multi-process launch (NCCL on GPUs, gloo on CPU); no-op for one process."""
+    import torch.distributed as dist
+
+    if dist_env()[1] == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_blocks(model: LM) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile keeps the state_dict keys)."""
+    for block in model.blocks:
+        block.compile()
+
+
+# ------------------------------------------------------------------------------ DeepSpeed config
+def deepspeed_config(cfg: TrainConfig, lr: float, device_type: str, world: int) -> dict[str, Any]:
+    """The DeepSpeed config of params.yaml `train:` (the LR schedule is applied by the loop, see above)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 2:
+        zero |= {"contiguous_gradients": True, "overlap_comm": device_type == "cuda",
+                 "reduce_scatter": True, "allgather_partitions": True}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro,
+        "gradient_accumulation_steps": cfg.batch_size // (cfg.micro * world),
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        # torch's AdamW (fused on CUDA through foreach): no JIT build of DeepSpeed's fused Adam needed
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------------------- engines
+class TorchEngine:
+    """Plain PyTorch: AdamW, clip_grad_norm_, autocast for bf16; gradients all-reduced across processes."""
+
+    name = "torch"
+
+    def __init__(self, model: LM, cfg: TrainConfig, lr: float, device: torch.device) -> None:
+        self.module = model.to(device)
+        self.device = device
+        self.cfg = cfg
+        self.world = dist_env()[1]
+        cuda = device.type == "cuda"  # one fused kernel on GPUs; the reference loop on CPU (bit-stable)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
+                                           eps=ADAM_EPS, fused=cuda or None)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with autocast_context(self.device, self.cfg.dtype):
+            return self.module(x)
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        (loss / accumulation).backward()
+
+    def grad_norm(self) -> float:
+        """All-reduce (average) the gradients over processes, then the global pre-clip norm."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params]),
+                            strict=True):
+                p.grad.copy_(g)
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    def step(self, lr: float, norm: float) -> None:
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip,
+                                             torch.tensor(norm, device=self.device))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path, client: dict[str, Any]) -> None:
+        if dist_env()[0] == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "client": client}, directory / "torch_state.pt")
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        state = torch.load(directory / "torch_state.pt", map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-1/2 through deepspeed.initialize with the generated config.
+
+    On CPU: DS_ACCELERATOR=cpu, fp32, torch's AdamW and single-process rendezvous variables. The
+    first use compiles DeepSpeed's shared-memory comm op with g++ (~40 s, cached in
+    ~/.cache/torch_extensions). The pre-clip gradient norm is DeepSpeed's (known after its step).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, model: LM, cfg: TrainConfig, lr: float, device: torch.device) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", device.type)
+        if device.type == "cpu" and cfg.dtype != "fp32":
+            raise EngineError("train.engine=deepspeed on CPU needs train.dtype=fp32")
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        self.device = device
+        self.cfg = cfg
+        self.config = deepspeed_config(cfg, lr, device.type, dist_env()[1])
+        model = model.to(device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.config)
+        self.module: LM = self.engine.module
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.engine(x)
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # a no-op step that advances DeepSpeed's micro-step counter
+
+    def grad_norm(self) -> None:
+        return None  # known only after DeepSpeed's step (see step)
+
+    def step(self, lr: float, norm: float | None) -> float:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.engine.step()
+        n = self.engine.get_global_grad_norm()
+        return float(n) if n is not None else float("nan")
+
+    def save(self, directory: Path, client: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": client}, save_latest=False)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        _, client = self.engine.load_checkpoint(str(directory), tag="ds")
+        return client["client"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
+    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size is cfg's."""
+    if batch_size is not None and batch_size != cfg.batch_size:
+        cfg = cfg.model_copy(update={"batch_size": batch_size, "micro_batch_size": None})
+    if cfg.compile:
+        compile_blocks(model)
+    if resolve_engine(cfg, device) == "torch":
+        return TorchEngine(model, cfg, lr, device)
+    return DeepSpeedEngine(model, cfg, lr, device)

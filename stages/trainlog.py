@@ -1,0 +1,187 @@
+"""What a training run records: per-step rows, MFU, expert-load statistics, Parquet and dvclive.
+
+- `StepStats`: one row per optimizer step (loss, lr, grad norm, tokens, tokens/s, MFU, and for MoE
+  the aux/z losses and the step's expert load: max/mean over experts, worst layer, and the
+  normalised entropy, mean over layers; and per layer, as list columns: max/mean, entropy and the
+  fraction of routed slots per expert). The same rows make train_log.csv (the historical columns),
+  work/runs/<run>/steps.parquet (every column, for DuckDB) and the dvclive curves.
+- MFU = (model FLOPs per token from the planner, stages.accounting) * tokens/s / device peak.
+  Peaks are dense bf16 tensor-core figures of the datasheets (fp32 runs use the same peak, so
+  their MFU is honest about what was left on the table). On CPU there is no trustworthy peak, so
+  MFU is null unless train.peak_tflops gives one.
+- dvclive writes work/runs/<run>/dvclive/ (metrics.json + plots/metrics/*.tsv) without touching
+  dvc.yaml (which is generated from the registry, where those files are declared), so
+  `dvc exp show` and `dvc plots show` read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks, TFLOP/s (datasheets; substring of torch.cuda.get_device_name).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+STEP_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
+                "load_max_over_mean", "load_entropy")
+# MoE only, per layer (lists): max/mean load, normalised entropy, fraction of routed slots per expert
+LAYER_COLUMNS = ("layer_load_max_over_mean", "layer_load_entropy", "layer_expert_fraction")
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float  # cross-entropy (nats per token), without the auxiliary losses
+    lr: float
+    tokens: int  # cumulative target tokens after this step
+    aux_loss: float
+    z_loss: float
+    grad_norm: float  # pre-clip global norm
+    seconds: float = 0.0  # wall time of this step
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    load_max_over_mean: float | None = None  # MoE: worst layer's max expert load / mean load
+    load_entropy: float | None = None  # MoE: mean over layers of entropy(load) / ln(E), 1 = uniform
+    load: Any = None  # MoE: (layers, E) float32 array, fraction of this step's routed slots per expert
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, where it came from)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12, "train.peak_tflops"
+    if device.type != "cuda":
+        return None, "no peak for CPU (set train.peak_tflops to report MFU)"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s dense bf16 (datasheet)"
+    return None, f"{name}: not in stages.trainlog.PEAK_TFLOPS"
+
+
+def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> float | None:
+    if not flops_per_token or not peak:
+        return None
+    return flops_per_token * tokens_per_s / peak
+
+
+def layer_load_stats(load: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per layer of a (layers, E) load: max/mean over experts, and entropy / ln(E) (1 = uniform)."""
+    load = load.double()
+    E = load.shape[1]
+    ratio = load.max(dim=1).values / load.mean(dim=1)
+    ent = -(load * load.clamp_min(1e-12).log()).sum(dim=1) / math.log(E)
+    return [float(v) for v in ratio], [float(v) for v in ent]
+
+
+def load_step_stats(load: torch.Tensor | None) -> tuple[float | None, float | None]:
+    """(max over layers of max/mean load, mean over layers of normalised entropy) of one step's (layers, E) load."""
+    if load is None:
+        return None, None
+    ratio, ent = layer_load_stats(load)
+    worst, ent = max(ratio), sum(ent) / len(ent)
+    return worst, ent
+
+
+def load_stats(load_sum: torch.Tensor | None, steps: int) -> dict[str, Any] | None:
+    """Fraction of routed slots per expert (averaged over steps) and how far from uniform it is."""
+    if load_sum is None:
+        return None
+    mean = load_sum / max(1, steps)  # (layers, E), each row sums to 1
+    E = mean.shape[1]
+    ent = [float(-(row * row.clamp_min(1e-12).log()).sum() / math.log(E)) for row in mean]
+    return {
+        "fraction_per_expert": [[round(float(v), 6) for v in row] for row in mean],
+        "max_over_uniform": [round(float(row.max() * E), 6) for row in mean],
+        "min_over_uniform": [round(float(row.min() * E), 6) for row in mean],
+        "cv": [round(float(row.std(unbiased=False) / row.mean()), 6) for row in mean],
+        "entropy": [round(e, 6) for e in ent],
+    }
+
+
+def steps_table(history: list[StepStats], kind: str) -> Any:
+    """The steps.parquet table: STEP_COLUMNS, the MoE-only ones null for dense runs."""
+    import pyarrow as pa
+
+    moe = kind == "moe"
+    cols: dict[str, Any] = {c: [] for c in STEP_COLUMNS}
+    for h in history:
+        r = h.row()
+        for c in STEP_COLUMNS:
+            v = r[c]
+            if c in ("aux_loss", "z_loss") and not moe:
+                v = None
+            cols[c].append(v)
+    types = {"step": pa.int64(), "tokens": pa.int64()}
+    table = {c: pa.array(v, types.get(c, pa.float64())) for c, v in cols.items()}
+    layer: dict[str, list[Any]] = {c: [] for c in LAYER_COLUMNS}
+    for h in history:
+        if h.load is None:
+            for c in LAYER_COLUMNS:
+                layer[c].append(None)
+            continue
+        ratio, ent = layer_load_stats(torch.from_numpy(h.load))
+        layer["layer_load_max_over_mean"].append(ratio)
+        layer["layer_load_entropy"].append(ent)
+        layer["layer_expert_fraction"].append(h.load.tolist())
+    table["layer_load_max_over_mean"] = pa.array(layer["layer_load_max_over_mean"], pa.list_(pa.float64()))
+    table["layer_load_entropy"] = pa.array(layer["layer_load_entropy"], pa.list_(pa.float64()))
+    table["layer_expert_fraction"] = pa.array(layer["layer_expert_fraction"], pa.list_(pa.list_(pa.float64())))
+    return pa.table(table)
+
+
+def write_steps_parquet(path: Path, history: list[StepStats], kind: str) -> None:
+    import pyarrow.parquet as pq
+
+    from stages.common import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(steps_table(history, kind), tmp)
+
+
+DVCLIVE_MAX_ROWS = 2000  # longer runs log every k-th step to dvclive (steps.parquet keeps every step)
+
+
+def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary: dict[str, Any]) -> bool:
+    """The run's curves and final values through dvclive, from the whole history at the end.
+
+    Written once from the history (which a checkpoint carries across a kill) rather than streamed,
+    so a resumed run never holds the rows of steps it re-trains twice. Returns False if dvclive is
+    not installed (the GPU bench machine may lack it).
+    """
+    try:
+        from dvclive import Live
+    except ImportError:
+        return False
+    from stages.common import atomic_path
+
+    stride = max(1, math.ceil(len(history) / DVCLIVE_MAX_ROWS))  # dvclive appends row by row (~5 ms per step)
+    with atomic_path(directory) as tmp:
+        live = Live(str(tmp), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=False)
+        for i, s in enumerate(history):
+            if (i + 1) % stride and i + 1 != len(history):
+                continue
+            live.step = s.step
+            values = {"loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens": s.tokens,
+                      "tokens_per_s": s.tokens_per_s, "mfu": s.mfu}
+            if kind == "moe":
+                values |= {"aux_loss": s.aux_loss, "z_loss": s.z_loss, "load_max_over_mean": s.load_max_over_mean,
+                           "load_entropy": s.load_entropy}
+            if kind == "moe" and s.load is not None:
+                ratio, ent = layer_load_stats(torch.from_numpy(s.load))
+                for i, (r, e) in enumerate(zip(ratio, ent, strict=True)):
+                    values |= {f"layer{i}/load_max_over_mean": r, f"layer{i}/load_entropy": e}
+            for k, v in values.items():
+                if v is not None and math.isfinite(v):
+                    live.log_metric(f"train/{k}", v)
+        for k, v in summary.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                live.summary[k] = v
+        live.end()
+    return True
