@@ -21,7 +21,7 @@ apt-lists:
 
 study: $(STAMP) apt-lists
 	source $(VENV)/bin/activate && python -m stages.schema params.yaml && dvc repro && \
-	  cat results/$$(python -c 'from stages.schema import load_params; print(load_params().study)')/results.md
+	  cat results/$$(python -c 'from stages.schema import load_params; print(load_params().study)')/summary.md
 
 test: $(STAMP)
 	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 --dist loadfile -q tests

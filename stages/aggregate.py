@@ -1,222 +1,193 @@
-"""aggregate: every run's plan and held-out evaluation into DuckDB, a table and a plot.
+"""aggregate: the study database (DuckDB) from the per-run collect outputs, and the study report.
 
-The unit of comparison is a *group* (a run name, or `runs.<name>.group` for seeds of one point):
-its mean held-out loss and bits per byte with a 95% interval, the bootstrap interval of a single
-run or a t-interval over seeds when a group has several. The table is what `make study` prints.
+Incremental by construction: each run's rows are made once by collect@run (work/collect/<run>/);
+this stage only unions them with DuckDB `read_parquet` (the runs of params.yaml, nothing stale), adds
+the views and writes the exports, so adding a run re-collects that run alone.
+
+`results/<study>/metrics.duckdb` (and a copy of the current study at `results/metrics.duckdb`):
+- table `runs`: one row per run (columns: stages/collect.py RUN_COLUMNS: run_id, study, kind,
+  total_params, active_params, activation_rate, experts, top_k, shared_experts, train_flops,
+  tokens_seen, unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
+  intervals, audit deviations, params_sha256, ...);
+- table `steps`: every run's training curve; table `expert_load`: routed fraction per layer/expert;
+- table `study`: one row, `status` 'failed' when a run's audit is not ok or deviates > 1%;
+- view `moe_vs_dense`: each MoE run beside the dense runs of the same study, size (budget N),
+  compute budget and unique tokens (their mean over seeds): Δloss, Δbpb, Δaccuracy;
+- view `by_activation_rate`: runs grouped by study, size, kind and activation rate.
+Exports (stages/report.py): summary.md, results.csv, metrics.json (`dvc exp show`) and the plots.
+
+The unit of comparison in the summary is a *group* (a run name, or `runs.<name>.group` for seeds of
+one point): its mean with a 95% interval, the run's own interval (bootstrap for losses, Wilson for
+accuracies) for a single seed, a Student-t interval over seeds when a group has several (for an
+accuracy, the wider of that and the Wilson interval of all the seeds' items pooled, clipped to [0, 1]).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import os
 import statistics
 from pathlib import Path
+from typing import Any
 
-from stages.common import WORK, atomic_path, fail, read_json, setup_logging, sha256_file, write_bytes, write_json
+from stages.common import WORK, atomic_path, fail, setup_logging, write_bytes, write_json
+from stages.report import csv_text, plot_expert_load, plot_loss_vs_activation, plot_training_curves, summary_markdown
 from stages.schema import Params, ParamsError, load_params
+from stages.stats import t95, wilson
 
-EVAL_DIR = WORK / "eval"
-METRIC_KEYS = ("bpb", "bpb_lo", "bpb_hi", "loss", "activation_rate", "tokens", "epochs")  # for `dvc exp show`
+COLLECT_DIR = WORK / "collect"
+AUDIT_TOLERANCE = 0.01  # a run whose measured N, N_active, tokens or FLOPs deviate more fails the study
+METRIC_KEYS = ("val_loss", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "choice_acc", "final_train_loss",
+               "activation_rate", "tokens_seen", "epochs", "audit_max_dev")  # per run, for `dvc exp show`
+TABLES = ("runs", "steps", "expert_load")
+ACCURACIES = {"cloze_acc": "cloze_items", "choice_acc": "choice_items"}
+INTERVALS = (("val_loss", "val_loss_lo", "val_loss_hi"), ("val_bpb", "val_bpb_lo", "val_bpb_hi"),
+             ("cloze_acc", "cloze_lo", "cloze_hi"), ("choice_acc", "choice_lo", "choice_hi"))
 
-# (column, SQL type, where it is in an evaluation JSON)
-COLUMNS: list[tuple[str, str]] = [
-    ("run", "VARCHAR"),
-    ("grp", "VARCHAR"),
-    ("kind", "VARCHAR"),
-    ("seed", "INTEGER"),
-    ("lr", "DOUBLE"),
-    ("activation_rate", "DOUBLE"),
-    ("nonvocab_params", "BIGINT"),
-    ("nonvocab_active", "BIGINT"),
-    ("experts", "INTEGER"),
-    ("top_k", "INTEGER"),
-    ("ffn_hidden", "INTEGER"),
-    ("tokens", "BIGINT"),
-    ("unique_tokens", "BIGINT"),
-    ("epochs", "DOUBLE"),
-    ("compute", "DOUBLE"),
-    ("loss", "DOUBLE"),
-    ("loss_lo", "DOUBLE"),
-    ("loss_hi", "DOUBLE"),
-    ("bpb", "DOUBLE"),
-    ("bpb_lo", "DOUBLE"),
-    ("bpb_hi", "DOUBLE"),
-    ("eval_tokens", "BIGINT"),
-    ("eval_bytes", "BIGINT"),
-    ("eval_sha256", "VARCHAR"),
-]
+log = logging.getLogger("stages.aggregate")
 
-
-def run_row(p: Params, run: str, path: Path) -> dict:
-    """Flatten one evaluation JSON (written by stages/evaluate.py) into a table row."""
-    e = read_json(path)
-    plan = e["plan"]
-    loss_ci = e.get("loss_ci") or [e["loss"], e["loss"]]  # null when eval.bootstrap = 0
-    bpb_ci = e.get("bpb_ci") or [e["bpb"], e["bpb"]]
-    arch = plan["arch"]
-    return {
-        "run": run,
-        "grp": p.run(run).group or run,
-        "kind": arch["kind"],
-        "seed": p.run_seed(run),
-        "lr": p.run_lr(run),
-        "activation_rate": plan["activation_rate"],
-        "nonvocab_params": plan["nonvocab_params"],
-        "nonvocab_active": plan["nonvocab_active"],
-        "experts": arch["experts"],
-        "top_k": arch["top_k"],
-        "ffn_hidden": arch["ffn_hidden"],
-        "tokens": plan["tokens"],
-        "unique_tokens": plan["unique_tokens"],
-        "epochs": plan["epochs"],
-        "compute": plan["compute"],
-        "loss": e["loss"],
-        "loss_lo": loss_ci[0],
-        "loss_hi": loss_ci[1],
-        "bpb": e["bpb"],
-        "bpb_lo": bpb_ci[0],
-        "bpb_hi": bpb_ci[1],
-        "eval_tokens": e["tokens"],
-        "eval_bytes": e["bytes"],
-        "eval_sha256": sha256_file(path),
-    }
+VIEWS = {
+    "moe_vs_dense": """
+        WITH dense AS (
+            SELECT study, size, compute_budget, unique_tokens, count(*) AS dense_runs,
+                   string_agg(run_id, ',' ORDER BY run_id) AS dense_run_ids,
+                   avg(total_params) AS dense_total_params, avg(tokens_seen) AS dense_tokens_seen,
+                   avg(val_loss) AS dense_val_loss, avg(val_bpb) AS dense_val_bpb,
+                   avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc
+            FROM runs WHERE kind = 'dense' GROUP BY ALL)
+        SELECT m.run_id, m.study, m.grp, m.size, m.activation_rate, m.experts, m.top_k, m.shared_experts,
+               m.total_params, d.dense_total_params, m.active_params, m.compute_budget, m.unique_tokens,
+               m.tokens_seen, d.dense_tokens_seen, m.epochs, d.dense_runs, d.dense_run_ids,
+               m.val_loss, d.dense_val_loss, m.val_loss - d.dense_val_loss AS d_val_loss,
+               m.val_bpb, d.dense_val_bpb, m.val_bpb - d.dense_val_bpb AS d_val_bpb,
+               m.cloze_acc, d.dense_cloze_acc, m.cloze_acc - d.dense_cloze_acc AS d_cloze_acc,
+               m.choice_acc, d.dense_choice_acc, m.choice_acc - d.dense_choice_acc AS d_choice_acc
+        FROM runs m JOIN dense d USING (study, size, compute_budget, unique_tokens)
+        WHERE m.kind = 'moe' ORDER BY m.study, m.size, m.activation_rate DESC, m.run_id""",
+    "by_activation_rate": """
+        SELECT study, size, kind, round(activation_rate, 4) AS activation_rate, count(*) AS runs,
+               string_agg(DISTINCT grp, ',' ORDER BY grp) AS groups,
+               avg(val_loss) AS val_loss, stddev_samp(val_loss) AS val_loss_sd,
+               avg(val_bpb) AS val_bpb, stddev_samp(val_bpb) AS val_bpb_sd,
+               avg(cloze_acc) AS cloze_acc, avg(choice_acc) AS choice_acc,
+               avg(tokens_seen) AS tokens_seen, avg(epochs) AS epochs, avg(total_params) AS total_params,
+               avg(active_params) AS active_params
+        FROM runs GROUP BY study, size, kind, round(activation_rate, 4)
+        ORDER BY study, size, activation_rate DESC""",
+}
 
 
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n-1 degrees of freedom.
-
-    Exact table up to 10 samples; beyond, the Cornish-Fisher expansion around z = 1.95996 (error
-    < 1e-3 from 10 degrees of freedom on), so 11-30 seeds do not get the too-narrow normal interval.
-    """
-    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    if n in table:
-        return table[n]
-    z, v = 1.959964, n - 1
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
+class AggregateError(ValueError):
+    """Missing or inconsistent per-run outputs (names the run and the file)."""
 
 
-def group_rows(rows: list[dict]) -> list[dict]:
-    """One row per group: mean of its seeds, interval over seeds (or the run's bootstrap if alone)."""
+# ----------------------------------------------------------------------------------------- groups
+def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per group: mean of its seeds, interval over seeds (or the run's own interval if alone)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["grp"], []).append(r)
     out = []
     for name, rs in groups.items():
         g = dict(rs[0], grp=name, seeds=len(rs))
-        for m in ("loss", "bpb"):
+        for m, lo, hi in INTERVALS:
             vals = [r[m] for r in rs]
+            if any(v is None for v in vals):
+                g[m] = g[lo] = g[hi] = None
+                continue
             g[m] = statistics.fmean(vals)
             if len(rs) > 1:
-                half = _t95(len(rs)) * statistics.stdev(vals) / math.sqrt(len(rs))
-                g[f"{m}_lo"], g[f"{m}_hi"] = g[m] - half, g[m] + half
+                half = t95(len(rs)) * statistics.stdev(vals) / math.sqrt(len(rs))
+                g[lo], g[hi] = g[m] - half, g[m] + half
+                if m in ACCURACIES:  # seeds that agree must not hide the item sampling: the wider interval
+                    items = sum(r[ACCURACIES[m]] for r in rs)
+                    w = wilson(round(sum(r[m] * r[ACCURACIES[m]] for r in rs)), items) or [g[lo], g[hi]]
+                    g[lo], g[hi] = max(0.0, min(g[lo], w[0])), min(1.0, max(g[hi], w[1]))
+        g["tokens_seen"] = statistics.fmean(r["tokens_seen"] for r in rs)
+        g["epochs"] = statistics.fmean(r["epochs"] for r in rs)
         out.append(g)
-    dense = [g for g in out if g["kind"] == "dense"]
-    base = min(dense, key=lambda g: g["bpb"])["bpb"] if dense else None
     for g in out:
-        g["bpb_vs_dense"] = (g["bpb"] - base) if base is not None else None
-    return sorted(out, key=lambda g: (-g["activation_rate"], g["grp"]))
+        dense = [d for d in out if d["kind"] == "dense" and d["size"] == g["size"]]
+        base = statistics.fmean(d["val_bpb"] for d in dense) if dense else None
+        g["bpb_vs_dense"] = (g["val_bpb"] - base) if base is not None else None
+    return sorted(out, key=lambda g: (g["size"], -g["activation_rate"], g["grp"]))
 
 
-def markdown_table(groups: list[dict], study: str) -> str:
-    head = ("| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
-            "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense |")
-    lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", "", head, "|" + "---|" * 12]
-    for g in groups:
-        ek = f"{g['experts']}/{g['top_k']}" if g["kind"] == "moe" else "-"
-        delta = "-" if g["bpb_vs_dense"] is None else f"{g['bpb_vs_dense']:+.4f}"
-        lines.append(
-            f"| {g['grp']} | {g['kind']} | {g['seeds']} | {g['activation_rate']:.3f} | {g['nonvocab_params']:,} "
-            f"| {g['nonvocab_active']:,} | {ek} | {g['tokens']:,} | {g['epochs']:.2f} "
-            f"| {g['loss']:.4f} [{g['loss_lo']:.4f}, {g['loss_hi']:.4f}] "
-            f"| {g['bpb']:.4f} [{g['bpb_lo']:.4f}, {g['bpb_hi']:.4f}] | {delta} |"
-        )
-    lines += ["", "Equal resources: every run has the same non-vocab params N, compute C = 6·N_active·T and "
-              "unique tokens U; MoE runs read U for more epochs. Intervals: bootstrap over held-out documents "
-              "for one seed, Student-t over seeds otherwise.", "",
-              "Made by `python -m stages.aggregate` as the last stage of `dvc repro` / `snakemake` (`make study` for "
-              "the default params.yaml); dvc.lock records the hashes of every input."]
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------------------- database
+def _files(collect_dir: Path, runs: list[str], name: str) -> list[str]:
+    missing = [r for r in runs if not (collect_dir / r / name).exists()]
+    if missing:
+        raise AggregateError(f"no {name} for runs {missing} in {collect_dir} (run the collect stage)")
+    return [str(collect_dir / r / name) for r in runs]
 
 
-def csv_text(rows: list[dict]) -> str:
-    cols = [c for c, _ in COLUMNS]
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join("" if r[c] is None else (f"{r[c]:.10g}" if isinstance(r[c], float) else str(r[c]))
-                              for c in cols))
-    return "\n".join(lines) + "\n"
-
-
-def write_duckdb(dest: Path, rows: list[dict]) -> None:
+def build_database(dest: Path, collect_dir: Path, runs: list[str]) -> None:
+    """runs/steps/expert_load unioned from the per-run Parquet files, the views, the study status."""
     import duckdb
 
     with atomic_path(dest) as tmp:
         con = duckdb.connect(str(tmp))
-        con.execute(f"CREATE TABLE runs ({', '.join(f'{c} {t}' for c, t in COLUMNS)})")
-        con.executemany(f"INSERT INTO runs VALUES ({', '.join('?' for _ in COLUMNS)})",
-                        [[r[c] for c, _ in COLUMNS] for r in rows])
-        con.execute("""
-            CREATE VIEW groups AS
-            SELECT grp, any_value(kind) AS kind, avg(activation_rate) AS activation_rate, count(*) AS seeds,
-                   avg(loss) AS loss, stddev_samp(loss) AS loss_sd, avg(bpb) AS bpb, stddev_samp(bpb) AS bpb_sd,
-                   avg(tokens) AS tokens, avg(epochs) AS epochs
-            FROM runs GROUP BY grp ORDER BY activation_rate DESC""")
+        for table in TABLES:
+            files = ", ".join(f"'{f}'" for f in _files(collect_dir, runs, f"{'run' if table == 'runs' else table}"
+                                                                          ".parquet"))
+            order = "run_id" + (", step" if table == "steps" else ", layer, expert" if table == "expert_load" else "")
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{files}]) ORDER BY {order}")
+        for name, sql in VIEWS.items():
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        con.execute(f"""
+            CREATE TABLE study AS
+            SELECT any_value(study) AS study, count(*) AS runs,
+                   count(*) FILTER (WHERE audit_ok IS NOT NULL) AS audited_runs,
+                   max(audit_max_dev) AS audit_max_dev,
+                   string_agg(run_id, ',' ORDER BY run_id)
+                       FILTER (WHERE audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) AS audit_failed_runs,
+                   CASE WHEN bool_or(audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) THEN 'failed'
+                        ELSE 'ok' END AS status
+            FROM runs""")
         con.close()
 
 
-def plot(dest: Path, groups: list[dict], study: str) -> None:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-    import matplotlib.ticker
+def query(db: Path, sql: str) -> list[dict[str, Any]]:
+    import duckdb
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = sorted(groups, key=lambda g: g["activation_rate"])  # dense sits at r_a = 1
-    dense = [g for g in groups if g["kind"] == "dense"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for kind, marker in (("moe", "o"), ("dense", "s")):
-        sel = [g for g in pts if g["kind"] == kind]
-        if sel:
-            ax.errorbar([g["activation_rate"] for g in sel], [g["bpb"] for g in sel],
-                        yerr=[[g["bpb"] - g["bpb_lo"] for g in sel], [g["bpb_hi"] - g["bpb"] for g in sel]],
-                        marker=marker, capsize=3, ls="-" if kind == "moe" else "none", label=kind)
-            for g in sel:
-                ax.annotate(g["grp"], (g["activation_rate"], g["bpb"]), textcoords="offset points", xytext=(5, 5),
-                            fontsize=7)
-    for g in dense:
-        ax.axhline(g["bpb"], color="k", ls="--", lw=1)
-        ax.axhspan(g["bpb_lo"], g["bpb_hi"], color="k", alpha=0.08)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(sorted({round(g["activation_rate"], 3) for g in pts}))
-    ax.set_xlabel("activation rate r_a = N_active / N")
-    ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"{study}: equal N, compute and unique data")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: reproducible bytes
-    plt.close(fig)
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
 
 
-def aggregate(p: Params, eval_dir: Path = EVAL_DIR, results: Path | None = None) -> str:
+def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None = None,
+              current_copy: Path | None = Path("results") / "metrics.duckdb") -> str:
+    """Build the database and every export; returns the summary (what `make study` prints)."""
     results = results or Path("results") / p.study
-    missing = [r for r in p.runs if not (eval_dir / f"{r}.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"no evaluation for runs {missing} in {eval_dir} (run the evaluate stage)")
-    rows = [run_row(p, r, eval_dir / f"{r}.json") for r in sorted(p.runs)]
+    runs = sorted(p.runs)
+    db = results / "metrics.duckdb"
+    build_database(db, collect_dir, runs)
+    rows = query(db, "SELECT * FROM runs ORDER BY run_id")
+    study = query(db, "SELECT * FROM study")[0]
+    moe_vs_dense = query(db, "SELECT * FROM moe_vs_dense")
+    steps = query(db, "SELECT run_id, step, tokens, loss FROM steps ORDER BY run_id, step")
+    load = query(db, "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
     groups = group_rows(rows)
-    table = markdown_table(groups, p.study)
-    write_duckdb(results / "metrics.duckdb", rows)
+    summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows)
+    write_bytes(results / "summary.md", summary.encode())
     write_bytes(results / "results.csv", csv_text(rows).encode())
-    write_bytes(results / "results.md", table.encode())
-    write_json(results / "metrics.json", {r["run"]: {k: r[k] for k in METRIC_KEYS} for r in rows})
-    plot(results / "loss_vs_activation.png", groups, p.study)
-    return table
+    metrics: dict[str, Any] = {r["run_id"]: {k: r[k] for k in METRIC_KEYS} for r in rows}
+    metrics["_study"] = {"status": study["status"], "audit_max_dev": study["audit_max_dev"], "runs": study["runs"]}
+    write_json(results / "metrics.json", metrics)
+    plot_loss_vs_activation(results / "loss_vs_activation.png", groups, p.study)
+    plot_training_curves(results / "training_curves.png", rows, steps, p.study)
+    plot_expert_load(results / "expert_load.png", rows, load, p.study)
+    if current_copy is not None:
+        write_bytes(current_copy, db.read_bytes())
+    if study["status"] != "ok":
+        log.error("study %s FAILED the resource audit: runs %s deviate from their plan by more than %.0f%%",
+                  p.study, study["audit_failed_runs"], 100 * AUDIT_TOLERANCE)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = load_params(a.params)
         table = aggregate(p)
-    except (ParamsError, FileNotFoundError, KeyError, ValueError) as err:
+    except (ParamsError, AggregateError, FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err))
     print(table)
     return 0

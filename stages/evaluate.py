@@ -15,8 +15,12 @@ whatever their tokenizer. The 95% intervals resample documents with replacement
 With `eval.max_tokens`, a seeded random subset of whole documents is scored (the same subset for
 every run, since it depends only on the held-out set and the seed), stopping before the cap.
 
+Zero-shot tasks (stages/tasks.py: sentence-final-word cloze and 4-way continuation choice, built
+once from the same held-out documents by the tasks stage) are scored under `tasks` with Wilson 95%
+intervals; `eval.task_items: 0` turns them off (`tasks` is then null).
+
 The output work/eval/<run>.json holds `loss`, `bpb`, `perplexity`, their 95% intervals `loss_ci`
-and `bpb_ci` (null when eval.bootstrap is 0), the scored `tokens`/`bytes`/`docs`, and under `plan`
+and `bpb_ci` (null when eval.bootstrap is 0), `tasks`, the scored `tokens`/`bytes`/`docs`, and under `plan`
 the run's key figures (arch, N, N_active, r_a, training tokens, epochs, compute), so the aggregate
 stage needs nothing else.
 
@@ -28,17 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from stages.artefacts import iter_shards, load_manifest
+from stages.artefacts import load_manifest
 from stages.common import (
     WORK,
     n_workers,
@@ -50,63 +51,21 @@ from stages.common import (
     sha256_tree,
     write_json,
 )
+from stages.heldout import HeldoutDoc, HeldoutError, load_heldout
 from stages.model import LM, load_model
 from stages.schema import EvalConfig, Params
+from stages.tasks import TaskError, evaluate_tasks
 
 PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
              "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
-CODE_MODULES = ["stages.model", "stages.artefacts", "kernels.grouped_gemm", "kernels"]
+CODE_MODULES = ["stages.model", "stages.artefacts", "stages.heldout", "stages.tasks", "stages.stats",
+                "kernels.grouped_gemm", "kernels"]
 
 log = logging.getLogger("stages.evaluate")
 
 
 class EvalError(ValueError):
     """Inputs that cannot be evaluated (the message names the file or field)."""
-
-
-@dataclass
-class HeldoutDoc:
-    doc: int
-    n_bytes: int
-    tokens: np.ndarray  # int64 token ids, without EOS
-
-
-# ------------------------------------------------------------------------------------------- data
-def heldout_ids(split_path: Path) -> np.ndarray:
-    if not split_path.exists():
-        raise EvalError(f"{split_path}: missing (run the split stage first)")
-    try:
-        t = pq.read_table(split_path, columns=["doc", "split"])
-    except Exception as err:  # pyarrow raises several types for a bad file
-        raise EvalError(f"{split_path}: unreadable or lacks columns doc/split ({err})") from None
-    mask = pc.equal(t.column("split"), "heldout").to_numpy(zero_copy_only=False)
-    ids = np.sort(t.column("doc").to_numpy().astype(np.int64)[mask])
-    if len(ids) == 0:
-        raise EvalError(f"{split_path}: no document has split == 'heldout'")
-    return ids
-
-
-def load_heldout(tokens_dir: Path, split_path: Path) -> list[HeldoutDoc]:
-    """Held-out docs with their tokens and byte counts, sorted by doc id (streamed shard by shard)."""
-    ids = heldout_ids(split_path)
-    wanted = set(ids.tolist())
-    docs: list[HeldoutDoc] = []
-    for b in iter_shards(tokens_dir, columns=["doc", "n_bytes", "tokens"]):
-        doc = b.column(0).to_numpy().astype(np.int64)
-        hit = np.flatnonzero(np.isin(doc, ids))
-        if len(hit) == 0:
-            continue
-        nb = b.column(1).to_numpy()
-        toks = b.column(2)
-        for i in hit.tolist():
-            d = int(doc[i])
-            wanted.discard(d)
-            docs.append(HeldoutDoc(d, int(nb[i]), np.asarray(toks[i].values.to_numpy(), dtype=np.int64)))
-    if wanted:
-        raise EvalError(f"{split_path}: {len(wanted)} held-out doc(s) are not in the token shards "
-                        f"{tokens_dir} (e.g. {sorted(wanted)[:5]}); split and tokens are out of date")
-    docs.sort(key=lambda d: d.doc)
-    return docs
 
 
 def select_docs(docs: list[HeldoutDoc], max_tokens: int | None, seed: int) -> tuple[list[HeldoutDoc], int]:
@@ -254,6 +213,17 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
     metrics = evaluate_model(model, docs, eos_id, cfg, device)
     inputs = {"model": sha256_tree(model_dir), "plan": sha256_file(plan_path), "tokens": manifest["sha256"],
               "split": sha256_file(split_path)}
+    if cfg.task_items > 0:
+        tasks_dir = work / "tasks"
+        tasks_manifest = tasks_dir / "manifest.json"
+        if not tasks_manifest.exists():
+            raise EvalError(f"{tasks_manifest}: missing (run the tasks stage, or set eval.task_items: 0)")
+        inputs["tasks"] = sha256_file(tasks_manifest)
+        metrics["tasks"] = evaluate_tasks(model, tasks_dir, eos_id, cfg.batch_size, device)
+        log.info("%s: %s", run, ", ".join(f"{k} acc {v['acc']:.4f} of {v['items']}" for k, v in
+                                         metrics["tasks"].items() if v["items"]))
+    else:
+        metrics["tasks"] = None
     result = {
         "run": run,
         "kind": plan["arch"]["kind"],
@@ -275,7 +245,7 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return per_run_main("evaluate", __doc__, run_evaluate, (EvalError,), argv)
+    return per_run_main("evaluate", __doc__, run_evaluate, (EvalError, HeldoutError, TaskError), argv)
 
 
 if __name__ == "__main__":

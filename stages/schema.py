@@ -303,6 +303,15 @@ class EvalConfig(Strict):
     max_tokens: int | None = Field(default=None, gt=0, description="cap on held-out tokens scored")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the interval")
     seed: int = Field(default=0, description="seeds the bootstrap and the max_tokens document subset")
+    task_items: int = Field(
+        default=3000, ge=0, le=1_000_000,
+        description="items per zero-shot task (sentence-final-word cloze, 4-way continuation choice) built from "
+        "held-out documents by the tasks stage; fewer when the held-out set has fewer candidates; 0 = no tasks")
+    task_seed: int = Field(default=0, description="seeds which held-out positions and distractors the tasks use")
+    choice_words: int = Field(default=8, ge=1, le=64,
+                              description="words in each ending of the 4-way continuation-choice task")
+    min_context_words: int = Field(default=6, ge=1, le=256,
+                                   description="words of context that precede every task item at least")
 
 
 # ------------------------------------------------------------------------------------------ root

@@ -1,10 +1,278 @@
-"""The interval over seeds uses Student-t quantiles (checked against published values)."""
+"""collect@run + aggregate on fabricated run outputs: the DuckDB tables and views, the study status, exports.
 
+The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` and the
+issue-6 steps.parquet where a test adds them) and work/eval/<run>.json; every expected number is
+recomputed here from those files, not read back from the code under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from stages.aggregate import _t95
+from stages.accounting import plan_run
+from stages.aggregate import aggregate, group_rows
+from stages.collect import RUN_COLUMNS, run_collect
+from stages.common import write_json
+from stages.schema import Params, parse_params
+from stages.stats import t95, wilson
+
+RAW: dict[str, Any] = {
+    "study": "agg",
+    "corpus": {"sources": [{"kind": "synthetic", "docs": 10}]},
+    "budget": {"params": 30000, "compute": 6 * 30000 * 16 * 32 * 12, "unique_tokens": 6000, "params_tol": 0.2,
+               "rate_tol": 0.3},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "multiple_of": 2},
+    "runs": {
+        "dense_s0": {"kind": "dense", "seed": 0, "group": "dense"},
+        "dense_s1": {"kind": "dense", "seed": 1, "group": "dense"},
+        "moe_s0": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 0, "group": "moe"},
+        "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 1, "group": "moe", "lr": 1e-3},
+        "moe_r25": {"kind": "moe", "activation_rate": 0.3, "top_k": 1},
+    },
+}
+ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "activation_rate", "experts", "top_k",
+                 "shared_experts", "train_flops", "tokens_seen", "unique_tokens", "epochs", "val_loss", "val_bpb",
+                 "cloze_acc", "choice_acc", "audit_params_dev", "audit_active_dev", "audit_tokens_dev",
+                 "audit_flops_dev", "audit_max_dev", "audit_ok", "params_sha256"]
+
+
+def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
+              steps_parquet: bool = False) -> dict[str, Any]:
+    """plan.json, train.json, the curve and eval JSON of one run, with random but consistent figures."""
+    plan = plan_run(p, run).to_dict() | {"data_seed": 0}
+    plan["provenance"] = {"params": {"budget": p.budget.model_dump()}, "params_sha256": f"plan-{run}"}
+    rdir = work / "runs" / run
+    write_json(rdir / "plan.json", plan)
+    arch = plan["arch"]
+    train: dict[str, Any] = {
+        "run": run, "kind": arch["kind"], "nonvocab_params": plan["nonvocab_params"],
+        "nonvocab_active": plan["nonvocab_active"], "tokens_seen": plan["tokens"], "steps": plan["steps"],
+        "lr": p.run_lr(run), "seed": p.run_seed(run), "final_train_loss": float(rng.uniform(4, 5)),
+        "wall_seconds": 1.5, "provenance": {"params_sha256": f"train-{run}"},
+        "expert_load": None,
+    }
+    if arch["kind"] == "moe":
+        frac = rng.dirichlet(np.ones(arch["experts"]), size=arch["n_layers"])
+        train["expert_load"] = {"fraction_per_expert": frac.round(6).tolist()}
+    if audit_dev is not None:
+        entry = {"plan": 100.0, "actual": 100.0 * (1 + audit_dev), "rel_dev": audit_dev}
+        small = {"plan": 1.0, "actual": 1.0, "rel_dev": 0.0}
+        train["audit"] = {"nonvocab_params": entry, "nonvocab_active": small, "tokens": small,
+                          "flops_per_token": small, "max_rel_dev": abs(audit_dev), "ok": abs(audit_dev) <= 0.01}
+    write_json(rdir / "train.json", train)
+    steps = list(range(1, plan["steps"] + 1))
+    losses = [5.5 - 0.05 * s + float(rng.normal(0, 0.01)) for s in steps]
+    if steps_parquet:
+        pq.write_table(pa.table({"step": steps, "tokens": [s * plan["tokens_per_step"] for s in steps], "loss": losses,
+                                 "lr": [1e-3] * len(steps), "grad_norm": [0.5] * len(steps),
+                                 "tokens_per_s": [1e4] * len(steps), "mfu": [0.01] * len(steps),
+                                 "load_max_over_mean": [1.2] * len(steps)}), rdir / "steps.parquet")
+    with open(rdir / "train_log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "tokens", "aux_loss", "grad_norm"])
+        for s, loss in zip(steps, losses, strict=True):
+            w.writerow([s, loss, 1e-3, s * plan["tokens_per_step"], 0.0 if arch["kind"] == "dense" else 1.01, 0.5])
+    loss = float(rng.uniform(4, 5))
+    bpb = loss / 1.7
+    n_cloze, n_choice = 500, 400
+    cloze, choice = int(rng.integers(0, 100)), int(rng.integers(100, 300))
+    e = {"run": run, "kind": arch["kind"], "plan": {k: plan[k] for k in ("nonvocab_params", "nonvocab_active")},
+         "loss": loss, "bpb": bpb, "perplexity": float(np.exp(loss)), "loss_ci": [loss - 0.1, loss + 0.1],
+         "bpb_ci": [bpb - 0.05, bpb + 0.05], "tokens": 1000, "bytes": 1700,
+         "tasks": {"cloze": {"items": n_cloze, "correct": cloze, "acc": cloze / n_cloze, "acc_ci": [0.0, 1.0]},
+                   "choice": {"items": n_choice, "correct": choice, "acc": choice / n_choice, "acc_ci": [0.1, 0.9]}},
+         "provenance": {"params_sha256": f"eval-{run}"}}
+    write_json(work / "eval" / f"{run}.json", e)
+    return {"plan": plan, "train": train, "eval": e, "losses": losses}
+
+
+def build(tmp_path: Path, raw: dict[str, Any] = RAW, audit: dict[str, float] | None = None,
+          parquet_runs: tuple[str, ...] = ()) -> tuple[Params, dict[str, dict], Path, str]:
+    p = parse_params(raw)
+    work, results = tmp_path / "work", tmp_path / "results" / p.study
+    rng = np.random.default_rng(0)
+    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in parquet_runs) for r in sorted(p.runs)}
+    for r in runs:
+        run_collect(p, r, work=work)
+    summary = aggregate(p, collect_dir=work / "collect", results=results,
+                        current_copy=tmp_path / "results/metrics.duckdb")
+    return p, runs, results, summary
+
+
+def rows(db: Path, sql: str) -> list[dict[str, Any]]:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    cur = con.execute(sql)
+    names = [d[0] for d in cur.description]
+    out = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    con.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict[str, dict], Path, str]:
+    audit = {"dense_s0": 0.002, "moe_s0": 0.0005, "moe_s1": 0.0, "dense_s1": 0.0, "moe_r25": 0.001}
+    return build(tmp_path_factory.mktemp("agg"), audit=audit, parquet_runs=("moe_s0",))
+
+
+def test_runs_table_has_the_issue_columns_and_the_run_files_values(study) -> None:
+    p, runs, results, _ = study
+    db = results / "metrics.duckdb"
+    got = {r["run_id"]: r for r in rows(db, "SELECT * FROM runs")}
+    assert set(got) == set(p.runs)
+    assert [c for c in ISSUE_COLUMNS if c not in got["dense_s0"]] == []
+    assert list(got["dense_s0"]) == [c for c, _ in RUN_COLUMNS]
+    for run, files in runs.items():
+        r, plan, train, e = got[run], files["plan"], files["train"], files["eval"]
+        assert r["study"] == "agg" and r["kind"] == plan["arch"]["kind"]
+        assert (r["total_params"], r["active_params"]) == (train["nonvocab_params"], train["nonvocab_active"])
+        assert r["activation_rate"] == pytest.approx(plan["nonvocab_active"] / plan["nonvocab_params"])
+        assert (r["experts"], r["top_k"], r["shared_experts"]) == (plan["arch"]["experts"], plan["arch"]["top_k"], 0)
+        assert r["train_flops"] == pytest.approx(plan["flops_per_token"] * train["tokens_seen"])
+        step_flops = plan["flops_per_token"] * plan["tokens_per_step"]  # whole steps: at most C, within a step
+        assert plan["compute"] - step_flops < r["train_flops"] <= plan["compute"]
+        assert r["tokens_seen"] == train["tokens_seen"] and r["unique_tokens"] == 6000
+        assert r["epochs"] == pytest.approx(train["tokens_seen"] / 6000)
+        assert (r["val_loss"], r["val_bpb"]) == (e["loss"], e["bpb"])
+        assert r["cloze_acc"] == e["tasks"]["cloze"]["acc"] and r["choice_acc"] == e["tasks"]["choice"]["acc"]
+        assert (r["seed"], r["lr"]) == (p.run_seed(run), p.run_lr(run))
+        assert r["audit_params_dev"] == pytest.approx(train["audit"]["nonvocab_params"]["rel_dev"])
+        assert r["audit_max_dev"] == pytest.approx(train["audit"]["max_rel_dev"]) and r["audit_ok"] is True
+    assert len({r["params_sha256"] for r in got.values()}) == len(got)
+    assert (tmp := results.parent / "metrics.duckdb").read_bytes() == db.read_bytes(), tmp
+
+
+def test_steps_table_reads_parquet_when_present_else_the_csv(study) -> None:
+    _, runs, results, _ = study
+    steps = rows(results / "metrics.duckdb", "SELECT * FROM steps ORDER BY run_id, step")
+    for run, files in runs.items():
+        mine = [s for s in steps if s["run_id"] == run]
+        assert [s["step"] for s in mine] == list(range(1, files["plan"]["steps"] + 1))
+        assert [s["loss"] for s in mine] == pytest.approx(files["losses"])
+        assert mine[-1]["tokens"] == files["plan"]["tokens"]
+    moe_pq = [s for s in steps if s["run_id"] == "moe_s0"]
+    assert all(s["mfu"] == 0.01 and s["load_max_over_mean"] == 1.2 for s in moe_pq)  # only in steps.parquet
+    moe_csv = [s for s in steps if s["run_id"] == "moe_s1"]
+    assert all(s["mfu"] is None and s["aux_loss"] == pytest.approx(1.01) for s in moe_csv)
+    assert all(s["aux_loss"] is None for s in steps if s["run_id"].startswith("dense"))  # no router
+
+
+def test_expert_load_table(study) -> None:
+    _, runs, results, _ = study
+    load = rows(results / "metrics.duckdb", "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
+    assert {x["run_id"] for x in load} == {"moe_s0", "moe_s1", "moe_r25"}
+    frac = runs["moe_r25"]["train"]["expert_load"]["fraction_per_expert"]
+    mine = [x for x in load if x["run_id"] == "moe_r25"]
+    assert [x["fraction"] for x in mine] == pytest.approx([f for layer in frac for f in layer])
+    assert mine[0]["over_uniform"] == pytest.approx(frac[0][0] * len(frac[0]))
+
+
+def test_moe_vs_dense_view(study) -> None:
+    _, runs, results, _ = study
+    view = {r["run_id"]: r for r in rows(results / "metrics.duckdb", "SELECT * FROM moe_vs_dense")}
+    assert set(view) == {"moe_s0", "moe_s1", "moe_r25"}
+    dense_loss = statistics.fmean(runs[d]["eval"]["loss"] for d in ("dense_s0", "dense_s1"))
+    dense_bpb = statistics.fmean(runs[d]["eval"]["bpb"] for d in ("dense_s0", "dense_s1"))
+    dense_choice = statistics.fmean(runs[d]["eval"]["tasks"]["choice"]["acc"] for d in ("dense_s0", "dense_s1"))
+    for run, v in view.items():
+        e = runs[run]["eval"]
+        assert v["d_val_loss"] == pytest.approx(e["loss"] - dense_loss)
+        assert v["d_val_bpb"] == pytest.approx(e["bpb"] - dense_bpb)
+        assert v["d_choice_acc"] == pytest.approx(e["tasks"]["choice"]["acc"] - dense_choice)
+        assert v["dense_runs"] == 2 and v["dense_run_ids"] == "dense_s0,dense_s1"
+
+
+def test_by_activation_rate_view(study) -> None:
+    _, runs, results, _ = study
+    view = rows(results / "metrics.duckdb", "SELECT * FROM by_activation_rate")
+    assert [v["runs"] for v in view] == [2, 2, 1]  # dense (r_a 1), moe (0.5-ish), moe_r25
+    moe = view[1]
+    assert moe["kind"] == "moe" and moe["groups"] == "moe"
+    assert moe["val_loss"] == pytest.approx(statistics.fmean(runs[r]["eval"]["loss"] for r in ("moe_s0", "moe_s1")))
+    assert moe["val_loss_sd"] == pytest.approx(statistics.stdev(runs[r]["eval"]["loss"] for r in ("moe_s0", "moe_s1")))
+
+
+def test_summary_csv_metrics_and_plots(study) -> None:
+    p, runs, results, summary = study
+    assert (results / "summary.md").read_text() == summary
+    assert "Status: **ok** (5 of 5 runs audited" in summary and "| moe_r25 |" in summary
+    g = {x["grp"]: x for x in group_rows(rows(results / "metrics.duckdb", "SELECT * FROM runs"))}
+    loss = [runs[r]["eval"]["loss"] for r in ("dense_s0", "dense_s1")]
+    half = t95(2) * statistics.stdev(loss) / 2 ** 0.5
+    assert g["dense"]["val_loss_lo"] == pytest.approx(statistics.fmean(loss) - half)
+    assert f"{statistics.fmean(loss):.4f} [{statistics.fmean(loss) - half:.4f}" in summary
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["moe_s1"]["val_bpb"] == runs["moe_s1"]["eval"]["bpb"] and metrics["_study"]["status"] == "ok"
+    assert metrics["moe_s1"]["choice_acc"] == runs["moe_s1"]["eval"]["tasks"]["choice"]["acc"]
+    lines = list(csv.DictReader((results / "results.csv").read_text().splitlines()))
+    assert [r["run_id"] for r in lines] == sorted(p.runs)
+    for png in ("loss_vs_activation.png", "training_curves.png", "expert_load.png"):
+        data = (results / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+
+
+def test_a_run_that_deviates_fails_the_study(tmp_path: Path) -> None:
+    _, _, results, summary = build(tmp_path, audit={"moe_s1": 0.02, "dense_s0": 0.0})
+    study = rows(results / "metrics.duckdb", "SELECT * FROM study")[0]
+    assert study["status"] == "failed" and study["audit_failed_runs"] == "moe_s1"
+    assert study["audited_runs"] == 2 and study["audit_max_dev"] == pytest.approx(0.02)
+    assert "**FAILED**" in summary and "moe_s1" in summary.split("\n")[2]
+    assert json.loads((results / "metrics.json").read_text())["_study"]["status"] == "failed"
+
+
+def test_without_audit_or_tasks_columns_are_null(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["runs"] = {k: raw["runs"][k] for k in ("dense_s0", "moe_s0")}
+    p = parse_params(raw)
+    work = tmp_path / "work"
+    fabricate(work, p, "dense_s0", np.random.default_rng(1))
+    fabricate(work, p, "moe_s0", np.random.default_rng(2))
+    e = json.loads((work / "eval/moe_s0.json").read_text())
+    e["tasks"] = None
+    write_json(work / "eval/moe_s0.json", e)
+    for r in p.runs:
+        run_collect(p, r, work=work)
+    summary = aggregate(p, collect_dir=work / "collect", results=tmp_path / "res", current_copy=None)
+    got = {r["run_id"]: r for r in rows(tmp_path / "res/metrics.duckdb", "SELECT * FROM runs")}
+    assert got["moe_s0"]["cloze_acc"] is None and got["moe_s0"]["audit_ok"] is None
+    assert rows(tmp_path / "res/metrics.duckdb", "SELECT status FROM study")[0]["status"] == "ok"
+    assert "0 of 2 runs audited" in summary
+
+
+def test_aggregate_reads_only_the_runs_in_params(tmp_path: Path) -> None:
+    """A stale collect output of a run no longer in params.yaml stays out of the study."""
+    p, _, results, _ = build(tmp_path)
+    raw = copy.deepcopy(RAW)
+    del raw["runs"]["moe_r25"]
+    aggregate(parse_params(raw), collect_dir=tmp_path / "work/collect", results=results, current_copy=None)
+    assert "moe_r25" not in {r["run_id"] for r in rows(results / "metrics.duckdb", "SELECT run_id FROM runs")}
+    with pytest.raises(ValueError, match="collect"):
+        raw["runs"]["new"] = {"kind": "dense"}
+        aggregate(parse_params(raw), collect_dir=tmp_path / "work/collect", results=results, current_copy=None)
+
+
+def test_accuracy_interval_over_seeds_keeps_the_item_sampling() -> None:
+    """Two seeds with the same accuracy: the t-interval has width 0, the pooled Wilson one does not."""
+    base = {"grp": "g", "kind": "moe", "size": 1.0, "activation_rate": 0.5, "tokens_seen": 10, "epochs": 1.0,
+            "val_loss": 1.0, "val_bpb": 1.0, "cloze_items": 500, "choice_items": 500}
+    rs = [base | {"cloze_acc": 0.04, "choice_acc": 0.30}, base | {"cloze_acc": 0.04, "choice_acc": 0.40}]
+    g = group_rows(rs)[0]
+    assert (g["cloze_lo"], g["cloze_hi"]) == pytest.approx(wilson(40, 1000))
+    half = t95(2) * statistics.stdev([0.3, 0.4]) / 2 ** 0.5  # wider than Wilson, clipped to [0, 1]
+    assert (g["choice_lo"], g["choice_hi"]) == pytest.approx((max(0.0, 0.35 - half), min(1.0, 0.35 + half)))
 
 
 @pytest.mark.parametrize(("n", "t"), [(2, 12.706), (5, 2.776), (11, 2.228), (16, 2.131), (31, 2.042), (121, 1.980)])
 def test_t_quantiles(n: int, t: float) -> None:
-    assert _t95(n) == pytest.approx(t, abs=2e-3)
+    assert t95(n) == pytest.approx(t, abs=2e-3)

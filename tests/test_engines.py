@@ -1,8 +1,9 @@
 """The DAG replayed end to end by both engines on the tiny configuration.
 
 Checks the spine's promises: `dvc repro` and `snakemake` both run the whole study; a second run
-does nothing; editing one run's learning rate re-runs only that run's stages; `dvc dag` and
-`snakemake --dag` have the same nodes and edges; both engines produce byte-identical artefacts.
+does nothing; editing one run's learning rate re-runs only that run's stages, adding a run adds
+only its own stages; `dvc dag` and `snakemake --dag` have the same nodes and edges; both engines
+produce byte-identical artefacts. `dvc exp` is checked in tests/test_dvc_exp.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from conftest import make_project, run
 
 pytestmark = pytest.mark.slow
 
-STUDY_OUTS = ["results/ci/results.md", "results/ci/results.csv", "results/ci/metrics.duckdb",
-              "results/ci/loss_vs_activation.png", "results/ci/metrics.json", "results/ci/plan.md",
-              "results/ci/plan.parquet", "results/ci/plan_metrics.json"]
+STUDY_OUTS = ["results/ci/summary.md", "results/ci/results.csv", "results/ci/metrics.duckdb", "results/metrics.duckdb",
+              "results/ci/loss_vs_activation.png", "results/ci/training_curves.png", "results/ci/expert_load.png",
+              "results/ci/metrics.json", "results/ci/plan.md", "results/ci/plan.parquet",
+              "results/ci/plan_metrics.json"]
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +96,22 @@ def snakemake_nodes_edges(project: Path) -> tuple[set[str], set[tuple[str, str]]
 def test_dvc_repro_runs_the_study(dvc_project: Path) -> None:
     for f in STUDY_OUTS:
         assert (dvc_project / f).stat().st_size > 0, f
-    table = (dvc_project / "results/ci/results.md").read_text()
+    table = (dvc_project / "results/ci/summary.md").read_text()
     assert "| dense |" in table and "| moe_r50 |" in table
     import duckdb
 
     con = duckdb.connect(str(dvc_project / "results/ci/metrics.duckdb"), read_only=True)
-    rows = con.execute("SELECT run, kind, bpb, tokens, nonvocab_params FROM runs ORDER BY run").fetchall()
+    rows = con.execute("SELECT run_id, kind, val_bpb, tokens_seen, total_params, cloze_items, choice_acc "
+                       "FROM runs ORDER BY run_id").fetchall()
     assert [r[0] for r in rows] == ["dense", "moe_r50"]
     assert all(0 < r[2] < 16 for r in rows)  # bits per byte of a real model on English-like text
     assert rows[1][3] > rows[0][3]  # the MoE run reads more tokens at equal compute
+    for r in rows:
+        e = json.loads((dvc_project / f"work/eval/{r[0]}.json").read_text())
+        assert r[2] == e["bpb"] and r[5] == e["tasks"]["cloze"]["items"] == 64 and r[6] == e["tasks"]["choice"]["acc"]
+    assert con.execute("SELECT count(*) FROM steps").fetchone()[0] == sum(
+        json.loads((dvc_project / f"work/runs/{r}/plan.json").read_text())["steps"] for r in ("dense", "moe_r50"))
+    assert con.execute("SELECT run_id FROM moe_vs_dense").fetchall() == [("moe_r50",)]
 
 
 def test_dvc_second_run_is_a_noop(dvc_project: Path) -> None:
@@ -117,10 +126,25 @@ def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
     # plan@moe_r50 reads runs.moe_r50 as a whole, so DVC lists it; its output stays identical
     # plan_table reads `runs` as a whole too (its table is unchanged)
-    assert set(status) == {"plan@moe_r50", "train@moe_r50", "plan_table", "aggregate"}, status
+    assert set(status) == {"plan@moe_r50", "train@moe_r50", "collect@moe_r50", "plan_table", "aggregate"}, status
     out = run(["dvc", "repro"], dvc_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "plan_table", "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "plan_table",
+                   "aggregate"}, ran
+
+
+def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None:
+    """Incremental aggregation: a new run brings its own stages and the union, nothing of the others."""
+    before = (dvc_project / "params.yaml").read_text()
+    p = yaml.safe_load(before)
+    p["runs"]["dense_b"] = {"kind": "dense", "seed": 9}
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
+    finally:
+        (dvc_project / "params.yaml").write_text(before)
+    assert set(status) == {f"{s}@dense_b" for s in ("plan", "replay", "train", "evaluate", "collect")} | {
+        "plan_table", "aggregate"}, status
 
 
 def test_snakemake_runs_the_study(smk_project: Path) -> None:
@@ -138,14 +162,14 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
     jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
     cmds = set(re.findall(r"python -m stages\.(\w+(?: --run \w+)?)", jobs))
     assert cmds == {"plan --run dense", "replay --run dense", "train --run dense", "evaluate --run dense",
-                    "plan_table", "aggregate"}, jobs
+                    "collect --run dense", "plan_table", "aggregate"}, jobs
 
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:
     """Same inputs and seed: both engines' work/ outputs agree byte for byte (runs not edited above)."""
     from stages.common import sha256_tree
 
-    for rel in ["work/corpus", "work/tokens", "work/dedupe", "work/split", "work/runs/dense/plan.json",
+    for rel in ["work/corpus", "work/tokens", "work/dedupe", "work/split", "work/tasks", "work/runs/dense/plan.json",
                 "work/runs/dense/replay.json", "work/runs/moe_r50/plan.json"]:
         assert sha256_tree(dvc_project / rel) == sha256_tree(smk_project / rel), rel
 
@@ -158,7 +182,8 @@ def test_dvc_and_snakemake_dags_are_equal(tmp_path: Path) -> None:
     smk_nodes, smk_edges = snakemake_nodes_edges(d)
     assert dvc_nodes == smk_nodes
     assert dvc_edges == smk_edges
-    assert "train@moe_r50" in dvc_nodes and ("evaluate@dense", "aggregate") in dvc_edges
+    assert "train@moe_r50" in dvc_nodes and ("collect@dense", "aggregate") in dvc_edges
+    assert {("tasks", "evaluate@moe_r50"), ("evaluate@dense", "collect@dense")} <= dvc_edges
 
 
 def test_dvc_sees_the_training_curves(dvc_project: Path) -> None:

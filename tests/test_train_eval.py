@@ -49,7 +49,7 @@ PARAMS: dict[str, Any] = {
         "moe": {"kind": "moe", "experts": 4, "top_k": 1},
     },
     "train": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 5, "log_every": 20, "threads": 1},
-    "eval": {"batch_size": 8, "bootstrap": 200},
+    "eval": {"batch_size": 8, "bootstrap": 200, "task_items": 0},
 }
 
 
@@ -363,6 +363,53 @@ def test_load_heldout_reads_only_heldout_docs(trained: Path) -> None:
     docs = load_heldout(trained / "tokens", trained / "split" / "split.parquet")
     assert [d.doc for d in docs] == [d for d in range(N_DOCS) if heldout(d)]
     assert all(np.array_equal(d.tokens, doc_tokens(d.doc)) for d in docs)
+
+
+# ----------------------------------------------------------------------------------- zero-shot tasks
+def counting_tasks(directory: Path, rng: np.random.Generator) -> None:
+    """Cloze: the last token of a held-out doc; choice: its next 3 tokens vs 3 spans of other docs."""
+    import json
+
+    docs = [d for d in range(N_DOCS) if heldout(d)]
+    cloze, choice = [], []
+    for d in docs:
+        t = doc_tokens(d).tolist()
+        cloze.append({"id": f"c{d}", "doc": d, "context_ids": t[:-1], "target_ids": t[-1:]})
+        endings = [t[6:9]]
+        while len(endings) < 4:
+            o = doc_tokens(int(rng.choice([x for x in docs if x != d]))).tolist()
+            j = int(rng.integers(0, len(o) - 3))
+            if o[j:j + 3] not in endings:
+                endings.append(o[j:j + 3])
+        label = int(rng.integers(4))
+        endings[0], endings[label] = endings[label], endings[0]
+        choice.append({"id": f"x{d}", "doc": d, "context_ids": t[:6], "ending_ids": endings, "label": label,
+                       "ending_bytes": [9] * 4})
+    directory.mkdir(parents=True)
+    for name, items in (("cloze", cloze), ("choice", choice)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    write_json(directory / "manifest.json", {"tasks": {"cloze": len(cloze), "choice": len(choice)}})
+
+
+def test_evaluate_scores_the_zero_shot_tasks(trained: Path, tmp_path: Path) -> None:
+    """A model that learned to count predicts the next token of a counting doc and picks its continuation."""
+    from stages.evaluate import EvalError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for sub in ("tokens", "split", "runs"):
+        (work / sub).symlink_to(trained / sub)
+    raw = copy.deepcopy(PARAMS)
+    raw["eval"]["task_items"] = 100
+    p = parse_params(raw)
+    with pytest.raises(EvalError, match="tasks stage"):
+        run_evaluate(p, "dense", work=work, out_dir=tmp_path / "eval")
+    counting_tasks(work / "tasks", np.random.default_rng(0))
+    res = run_evaluate(p, "dense", work=work, out_dir=tmp_path / "eval")
+    n = sum(heldout(d) for d in range(N_DOCS))
+    assert res["tasks"]["cloze"]["items"] == res["tasks"]["choice"]["items"] == n
+    assert res["tasks"]["cloze"]["acc"] > 0.8 and res["tasks"]["choice"]["acc"] > 0.8, res["tasks"]
+    assert res["provenance"]["inputs"]["tasks"]
 
 
 # --------------------------------------------------------------------------- logs, schedules, config

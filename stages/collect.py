@@ -1,0 +1,202 @@
+"""collect@run: one run's plan, training record and evaluation as Parquet rows for the study database.
+
+Why a stage per run: aggregation is incremental. Adding or re-running one run re-collects that run
+only; the aggregate stage unions the per-run files with DuckDB (`read_parquet`), so its own work is
+a union, whatever the number of runs.
+
+Inputs: work/runs/<run>/plan.json, train.json (with `audit` when the trainer writes one: plan vs
+model/loader/FLOP counter), the training curve (steps.parquet when the trainer writes it, else
+train_log.csv) and work/eval/<run>.json. Outputs in work/collect/<run>/:
+- `run.parquet`: one row of the `runs` table (RUN_COLUMNS);
+- `steps.parquet`: the training curve (STEP_COLUMNS; a column the trainer did not log is null);
+- `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
+
+`train_flops` is the plan's training FLOPs per token (in the budget's `compute_convention`; 6 N_active
+for plans that predate conventions) times the tokens the loader served (train.json); `audit_*` are the relative
+deviations the trainer's audit measured (null without an audit). `params_sha256` hashes the
+params hashes of plan, train and evaluate provenance: two runs share it only when every setting
+that made them is the same.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.common import WORK, atomic_path, per_run_main, read_json, sha256_file, sha256_json
+from stages.schema import Params
+
+log = logging.getLogger("stages.collect")
+
+RUN_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("run_id", pa.string()), ("study", pa.string()), ("grp", pa.string()), ("kind", pa.string()),
+    ("seed", pa.int64()), ("lr", pa.float64()),
+    ("size", pa.float64()),  # the budget's target N: runs of one size are compared
+    ("total_params", pa.int64()), ("active_params", pa.int64()), ("activation_rate", pa.float64()),
+    ("experts", pa.int64()), ("top_k", pa.int64()), ("shared_experts", pa.int64()), ("ffn_hidden", pa.int64()),
+    ("compute_budget", pa.float64()), ("compute_convention", pa.string()), ("train_flops", pa.float64()),
+    ("tokens_seen", pa.int64()),
+    ("unique_tokens", pa.int64()), ("epochs", pa.float64()), ("steps", pa.int64()),
+    ("final_train_loss", pa.float64()),
+    ("val_loss", pa.float64()), ("val_loss_lo", pa.float64()), ("val_loss_hi", pa.float64()),
+    ("val_ppl", pa.float64()), ("val_bpb", pa.float64()), ("val_bpb_lo", pa.float64()), ("val_bpb_hi", pa.float64()),
+    ("eval_tokens", pa.int64()), ("eval_bytes", pa.int64()),
+    ("cloze_acc", pa.float64()), ("cloze_lo", pa.float64()), ("cloze_hi", pa.float64()), ("cloze_items", pa.int64()),
+    ("choice_acc", pa.float64()), ("choice_lo", pa.float64()), ("choice_hi", pa.float64()),
+    ("choice_items", pa.int64()),
+    ("audit_params_dev", pa.float64()), ("audit_active_dev", pa.float64()), ("audit_tokens_dev", pa.float64()),
+    ("audit_flops_dev", pa.float64()), ("audit_max_dev", pa.float64()), ("audit_ok", pa.bool_()),
+    ("wall_seconds", pa.float64()), ("params_sha256", pa.string()), ("eval_sha256", pa.string()),
+]
+STEP_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("run_id", pa.string()), ("study", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()),
+    ("loss", pa.float64()), ("lr", pa.float64()), ("grad_norm", pa.float64()), ("tokens_per_s", pa.float64()),
+    ("mfu", pa.float64()), ("aux_loss", pa.float64()), ("z_loss", pa.float64()),
+    ("load_max_over_mean", pa.float64()), ("load_entropy", pa.float64()),
+]
+LOAD_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("run_id", pa.string()), ("study", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
+    ("fraction", pa.float64()), ("over_uniform", pa.float64()),
+]
+AUDIT_KEYS = {"audit_params_dev": "nonvocab_params", "audit_active_dev": "nonvocab_active",
+              "audit_tokens_dev": "tokens", "audit_flops_dev": "flops_per_token"}
+MOE_ONLY_STEPS = ("aux_loss", "z_loss", "load_max_over_mean", "load_entropy")
+
+
+class CollectError(ValueError):
+    """Run outputs that disagree or lack what the study database needs (names the file)."""
+
+
+def schema(cols: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema(cols)
+
+
+def _ci(e: dict[str, Any], key: str) -> list[float]:
+    return e.get(f"{key}_ci") or [e[key], e[key]]  # null when eval.bootstrap = 0
+
+
+def _task(e: dict[str, Any], name: str) -> tuple[Any, Any, Any, Any]:
+    t = (e.get("tasks") or {}).get(name)
+    if not t or not t.get("items"):
+        return None, None, None, 0
+    lo, hi = t["acc_ci"]
+    return t["acc"], lo, hi, t["items"]
+
+
+def audit_columns(train: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The audit deviations of train.json (contract: {key: {plan, actual, rel_dev}}, max_rel_dev, ok)."""
+    audit = train.get("audit")
+    out: dict[str, Any] = dict.fromkeys([*AUDIT_KEYS, "audit_max_dev", "audit_ok"])
+    if audit is None:
+        return out
+    try:
+        for col, key in AUDIT_KEYS.items():
+            if key in audit:
+                out[col] = float(audit[key]["rel_dev"])
+        out["audit_max_dev"] = float(audit["max_rel_dev"])
+        out["audit_ok"] = bool(audit["ok"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CollectError(f"{path}: `audit` does not follow the contract ({err!r})") from None
+    return out
+
+
+def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e: dict[str, Any],
+            paths: dict[str, Path]) -> dict[str, Any]:
+    arch = plan["arch"]
+    for key in ("nonvocab_params", "nonvocab_active"):
+        if train.get(key, plan[key]) != plan[key] or e["plan"][key] != plan[key]:
+            raise CollectError(f"{paths['train']} / {paths['eval']}: {key} differs from {paths['plan']} "
+                               "(stale outputs: re-run train and evaluate)")
+    prov = [d.get("provenance", {}).get("params_sha256") for d in (plan, train, e)]
+    size = plan.get("target_params") or (plan.get("provenance", {}).get("params", {}).get("budget", {}) or {}).get(
+        "params", p.budget.params)
+    active = train.get("nonvocab_active", plan["nonvocab_active"])
+    tokens_seen = train.get("tokens_seen", plan["tokens"])
+    loss_ci, bpb_ci = _ci(e, "loss"), _ci(e, "bpb")
+    cloze, choice = _task(e, "cloze"), _task(e, "choice")
+    return {
+        "run_id": run, "study": p.study, "grp": p.run(run).group or run, "kind": arch["kind"],
+        "seed": train.get("seed", p.run_seed(run)), "lr": train.get("lr", p.run_lr(run)), "size": float(size),
+        "total_params": train.get("nonvocab_params", plan["nonvocab_params"]), "active_params": active,
+        "activation_rate": plan["activation_rate"], "experts": arch.get("experts", 1), "top_k": arch.get("top_k", 1),
+        "shared_experts": arch.get("shared_experts", 0), "ffn_hidden": arch.get("ffn_hidden"),
+        "compute_budget": float(plan["compute"]), "compute_convention": plan.get("compute_convention", "6n"),
+        "train_flops": float(plan.get("flops_per_token", 6.0 * active)) * tokens_seen,
+        "tokens_seen": tokens_seen, "unique_tokens": plan["unique_tokens"],
+        "epochs": tokens_seen / plan["unique_tokens"],
+        "steps": train.get("steps", plan["steps"]), "final_train_loss": train.get("final_train_loss"),
+        "val_loss": e["loss"], "val_loss_lo": loss_ci[0], "val_loss_hi": loss_ci[1],
+        "val_ppl": e.get("perplexity", math.exp(e["loss"])),
+        "val_bpb": e["bpb"], "val_bpb_lo": bpb_ci[0], "val_bpb_hi": bpb_ci[1],
+        "eval_tokens": e["tokens"], "eval_bytes": e["bytes"],
+        "cloze_acc": cloze[0], "cloze_lo": cloze[1], "cloze_hi": cloze[2], "cloze_items": cloze[3],
+        "choice_acc": choice[0], "choice_lo": choice[1], "choice_hi": choice[2], "choice_items": choice[3],
+        **audit_columns(train, paths["train"]),
+        "wall_seconds": train.get("wall_seconds"), "params_sha256": sha256_json(prov),
+        "eval_sha256": sha256_file(paths["eval"]),
+    }
+
+
+def step_rows(run: str, study: str, kind: str, rdir: Path) -> pa.Table:
+    """The training curve: steps.parquet when the trainer wrote one, else train_log.csv."""
+    cols = [c for c, _ in STEP_COLUMNS if c not in ("run_id", "study")]
+    if (rdir / "steps.parquet").exists():
+        t = pq.read_table(rdir / "steps.parquet")
+        data = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in cols}
+        n = t.num_rows
+    elif (rdir / "train_log.csv").exists():
+        rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
+        data = {c: [(float(r[c]) if c not in ("step", "tokens") else int(r[c])) if r.get(c) not in (None, "") else None
+                    for r in rows] for c in cols}
+        n = len(rows)
+    else:
+        raise CollectError(f"{rdir}: neither steps.parquet nor train_log.csv (run the train stage)")
+    if kind == "dense":  # the CSV logs aux_loss = 0 for dense runs: no router, so no value
+        for c in MOE_ONLY_STEPS:
+            data[c] = [None] * n
+    data = {"run_id": [run] * n, "study": [study] * n, **data}
+    return pa.table(data, schema=schema(STEP_COLUMNS))
+
+
+def load_rows(run: str, study: str, train: dict[str, Any]) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    load = train.get("expert_load") or {}
+    for layer, fractions in enumerate(load.get("fraction_per_expert") or []):
+        for expert, f in enumerate(fractions):
+            rows.append({"run_id": run, "study": study, "layer": layer, "expert": expert, "fraction": float(f),
+                         "over_uniform": float(f) * len(fractions)})
+    return pa.Table.from_pylist(rows, schema=schema(LOAD_COLUMNS))
+
+
+def run_collect(p: Params, run: str, work: Path = WORK) -> dict[str, Any]:
+    p.run(run)
+    rdir = work / "runs" / run
+    paths = {"plan": rdir / "plan.json", "train": rdir / "train.json", "eval": work / "eval" / f"{run}.json"}
+    plan, train, e = (read_json(paths[k]) for k in ("plan", "train", "eval"))
+    row = run_row(p, run, plan, train, e, paths)
+    out = work / "collect" / run
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        pq.write_table(pa.Table.from_pylist([row], schema=schema(RUN_COLUMNS)), tmp / "run.parquet",
+                       compression="zstd")
+        pq.write_table(step_rows(run, p.study, row["kind"], rdir), tmp / "steps.parquet", compression="zstd")
+        pq.write_table(load_rows(run, p.study, train), tmp / "expert_load.parquet", compression="zstd")
+    if row["audit_ok"] is False:
+        log.warning("%s: the audit deviates from the plan by %.2f%% (train.json audit)", run,
+                    100 * row["audit_max_dev"])
+    log.info("%s: collected (val bpb %.4f)", run, row["val_bpb"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    return per_run_main("collect", __doc__, run_collect, (CollectError,), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The study report: summary.md (tables readable on GitHub), results.csv and the PNG plots.
+
+Kept apart from stages/aggregate.py (the database) so the presentation can change without
+touching the queries. Plots are written without a version stamp, so the same rows give the same
+bytes: the paper's key figure (held-out loss vs activation rate, one line per model size, dense
+as a horizontal reference), the training curves and the expert-load balance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from stages.common import atomic_path
+
+CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
+               "activation_rate", "experts", "top_k", "shared_experts", "compute_budget", "compute_convention",
+               "train_flops", "tokens_seen", "unique_tokens", "epochs", "final_train_loss", "val_loss", "val_loss_lo",
+               "val_loss_hi", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "cloze_lo", "cloze_hi", "choice_acc",
+               "choice_lo", "choice_hi", "audit_max_dev", "audit_ok", "params_sha256")
+
+
+# ----------------------------------------------------------------------------------------- tables
+def _f(v: Any, fmt: str = ".4f", none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def _ci(g: dict[str, Any], m: str, lo: str, hi: str, fmt: str = ".4f") -> str:
+    if g.get(m) is None:
+        return "-"
+    return f"{g[m]:{fmt}} [{_f(g.get(lo), fmt)}, {_f(g.get(hi), fmt)}]"
+
+
+def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
+                     status: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
+    if status["status"] == "ok":
+        audited = status["audited_runs"]
+        lines.append(f"Status: **ok** ({audited} of {status['runs']} runs audited against their plan"
+                     + (f", largest deviation {100 * status['audit_max_dev']:.3f}%)." if audited else ")."))
+    else:
+        lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
+                     f"N_active, tokens or FLOPs by more than 1% (largest {100 * status['audit_max_dev']:.2f}%).")
+    lines += ["", "## Groups (mean over seeds)", "",
+              "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
+              "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
+              "| choice acc [95% CI] |",
+              "|" + "---|" * 14]
+    for g in groups:
+        ek = f"{g['experts']}/{g['top_k']}" if g["kind"] == "moe" else "-"
+        lines.append(
+            f"| {g['grp']} | {g['kind']} | {g['seeds']} | {g['activation_rate']:.3f} | {g['total_params']:,} "
+            f"| {g['active_params']:,} | {ek} | {g['tokens_seen']:,.0f} | {g['epochs']:.2f} "
+            f"| {_ci(g, 'val_loss', 'val_loss_lo', 'val_loss_hi')} | {_ci(g, 'val_bpb', 'val_bpb_lo', 'val_bpb_hi')} "
+            f"| {_f(g['bpb_vs_dense'], '+.4f')} | {_ci(g, 'cloze_acc', 'cloze_lo', 'cloze_hi', '.3f')} "
+            f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
+    if moe_vs_dense:
+        lines += ["", "## Each MoE run vs the dense runs of its size (view `moe_vs_dense`)", "",
+                  "| run | r_a | experts/top-k | tokens vs dense | Δ loss | Δ bpb | Δ cloze acc | Δ choice acc "
+                  "| dense runs |", "|" + "---|" * 9]
+        for m in moe_vs_dense:
+            lines.append(
+                f"| {m['run_id']} | {m['activation_rate']:.3f} | {m['experts']}/{m['top_k']} "
+                f"| ×{m['tokens_seen'] / m['dense_tokens_seen']:.2f} | {_f(m['d_val_loss'], '+.4f')} "
+                f"| {_f(m['d_val_bpb'], '+.4f')} | {_f(m['d_cloze_acc'], '+.3f')} | {_f(m['d_choice_acc'], '+.3f')} "
+                f"| {m['dense_run_ids']} |")
+    lines += ["", "## Runs", "",
+              "| run | group | seed | lr | train FLOPs | tokens | val loss | bits/byte | cloze | choice "
+              "| audit max dev | params sha256 |", "|" + "---|" * 12]
+    for r in runs:
+        audit = "-" if r["audit_max_dev"] is None else f"{100 * r['audit_max_dev']:.3f}%" + (
+            "" if r["audit_ok"] else " FAIL")
+        lines.append(
+            f"| {r['run_id']} | {r['grp']} | {r['seed']} | {r['lr']:.3g} | {r['train_flops']:.3e} "
+            f"| {r['tokens_seen']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {_f(r['cloze_acc'], '.3f')} "
+            f"| {_f(r['choice_acc'], '.3f')} | {audit} | `{r['params_sha256'][:12]}` |")
+    lines += ["", "![held-out loss vs activation rate](loss_vs_activation.png)", "",
+              "![training curves](training_curves.png) ![expert load](expert_load.png)", "",
+              "Equal resources: every run has the same non-vocab params N, compute C = 6·N_active·T and unique tokens "
+              "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
+              "Student-t over seeds otherwise. Task accuracies (stages/tasks.py): cloze = greedy sentence-final word, "
+              "choice = 4-way continuation by log-likelihood per byte (chance 0.25); Wilson intervals for one seed.",
+              "",
+              "Made by `python -m stages.aggregate` as the last stage of `dvc repro` / `snakemake` (`make study` for "
+              "the default params.yaml) from `metrics.duckdb` beside this file; dvc.lock records the hashes of every "
+              "input."]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    out = [",".join(CSV_COLUMNS)]
+    for r in rows:
+        out.append(",".join("" if r[c] is None else (f"{r[c]:.10g}" if isinstance(r[c], float) else str(r[c]))
+                            for c in CSV_COLUMNS))
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot() -> Any:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, dest: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: reproducible bytes
+    _pyplot().close(fig)
+
+
+def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str) -> None:
+    """Held-out loss (and bits per byte) vs r_a: one line per size, its dense runs as a dashed line."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    sizes = sorted({g["size"] for g in groups})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, (m, lo, hi, label) in zip(axes, (("val_loss", "val_loss_lo", "val_loss_hi", "held-out loss (nats/token)"),
+                                              ("val_bpb", "val_bpb_lo", "val_bpb_hi", "held-out bits per byte")),
+                                      strict=True):
+        for i, size in enumerate(sizes):
+            c = colors[i % len(colors)]
+            moe = sorted((g for g in groups if g["size"] == size and g["kind"] == "moe"),
+                         key=lambda g: g["activation_rate"])
+            dense = [g for g in groups if g["size"] == size and g["kind"] == "dense"]
+            if moe:
+                ax.errorbar([g["activation_rate"] for g in moe], [g[m] for g in moe],
+                            yerr=[[g[m] - g[lo] for g in moe], [g[hi] - g[m] for g in moe]], color=c, marker="o",
+                            capsize=3, label=f"MoE, N = {size:,.0f}")
+                for g in moe:
+                    ax.annotate(g["grp"], (g["activation_rate"], g[m]), textcoords="offset points", xytext=(5, 5),
+                                fontsize=7)
+            for d in dense:
+                ax.axhline(d[m], color=c, ls="--", lw=1, label=f"dense, N = {size:,.0f} ({d['grp']})")
+                ax.axhspan(d[lo], d[hi], color=c, alpha=0.1)
+                ax.plot([1.0], [d[m]], marker="s", color=c)
+        ax.set_xscale("log")
+        ticks = sorted({round(g["activation_rate"], 3) for g in groups} | {1.0})
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("activation rate r_a = N_active / N")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{study}: equal N, compute and unique data (95% intervals)")
+    _save(fig, dest)
+
+
+def plot_training_curves(dest: Path, runs: list[dict[str, Any]], steps: list[dict[str, Any]], study: str) -> None:
+    """Training loss vs tokens seen, one line per run, one colour per group."""
+    plt = _pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    grp_of = {r["run_id"]: r["grp"] for r in runs}
+    grps = sorted(set(grp_of.values()))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    seen: set[str] = set()
+    for run in sorted(grp_of):
+        pts = [s for s in steps if s["run_id"] == run and s["loss"] is not None]
+        if not pts:
+            continue
+        g = grp_of[run]
+        ax.plot([s["tokens"] for s in pts], [s["loss"] for s in pts], lw=0.8, color=colors[grps.index(g) % len(colors)],
+                label=None if g in seen else g)
+        seen.add(g)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"{study}: training curves")
+    if seen:
+        ax.legend(fontsize=7)
+    _save(fig, dest)
+
+
+def plot_expert_load(dest: Path, runs: list[dict[str, Any]], load: list[dict[str, Any]], study: str) -> None:
+    """Per MoE run: routed fraction of each expert relative to uniform (1.0), one bar series per layer."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    moe = [r["run_id"] for r in runs if any(x["run_id"] == r["run_id"] for x in load)]
+    cols = max(1, min(3, len(moe)))
+    nrows = max(1, -(-len(moe) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), dpi=120, squeeze=False)
+    for ax in axes.flat[len(moe):]:
+        ax.axis("off")
+    if not moe:
+        axes.flat[0].text(0.5, 0.5, "no MoE runs", ha="center", va="center")
+    for ax, run in zip(axes.flat, moe, strict=False):
+        rows = [x for x in load if x["run_id"] == run]
+        layers = sorted({x["layer"] for x in rows})
+        width = 0.8 / len(layers)
+        for li, layer in enumerate(layers):
+            pts = [x for x in rows if x["layer"] == layer]
+            ax.bar([x["expert"] + (li - (len(layers) - 1) / 2) * width for x in pts],
+                   [x["over_uniform"] for x in pts], width=width, label=f"layer {layer}")
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("load / uniform")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{study}: expert load over training (1 = balanced)")
+    _save(fig, dest)
