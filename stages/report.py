@@ -75,9 +75,11 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {r['run_id']} | {r['grp']} | {r['seed']} | {r['lr']:.3g} | {r['train_flops']:.3e} "
             f"| {r['tokens_seen']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {_f(r['cloze_acc'], '.3f')} "
             f"| {_f(r['choice_acc'], '.3f')} | {audit} | `{r['params_sha256'][:12]}` |")
+    conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     lines += ["", "![held-out loss vs activation rate](loss_vs_activation.png)", "",
               "![training curves](training_curves.png) ![expert load](expert_load.png)", "",
-              "Equal resources: every run has the same non-vocab params N, compute C = 6·N_active·T and unique tokens "
+              "Equal resources: every run has the same non-vocab params N, compute C = F·T (F = training FLOPs per "
+              f"token in the `{conventions}` convention of stages/accounting.py) and unique tokens "
               "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
               "Student-t over seeds otherwise. Task accuracies (stages/tasks.py): cloze = greedy sentence-final word, "
               "choice = 4-way continuation by log-likelihood per byte (chance 0.25); Wilson intervals for one seed.",
