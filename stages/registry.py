@@ -249,18 +249,20 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
             body["params"] = _dvc_params(s.params)
         outs: list = [({_dvc_path(o): {"cache": False}} if s.uncached else _dvc_path(o)) for o in s.outs]
         # DVC shows a metric per experiment only if git tracks the file: stats under the ignored
-        # work/ stay plain uncached outputs (`dvc metrics show work/metrics/dedupe.json` reads them),
-        # the study's metrics under results/ are DVC metrics (`dvc exp show`).
+        # work/ are plain outputs (`dvc metrics show work/metrics/dedupe.json` reads them), the study's
+        # metrics under results/ are DVC metrics (`dvc exp show`). Everything under work/ is cached, so
+        # a queued experiment's temporary workspace restores unchanged stages from the cache instead of
+        # rebuilding the whole DAG from the corpus.
         tracked = [m for m in s.metrics if not m.startswith("work/")]
-        outs += [{_dvc_path(m): {"cache": False}} for m in s.metrics if m.startswith("work/")]
+        outs += [_dvc_path(m) for m in s.metrics if m.startswith("work/")]
         if outs:
             body["outs"] = outs
         metrics = [{_dvc_path(m): {"cache": False}} for m in tracked] + [_dvc_path(m) for m in s.cached_metrics]
         if metrics:
             body["metrics"] = metrics
         if s.plots:
-            body["plots"] = [{_dvc_path(p): ({"cache": False, "x": "step"} if p.endswith("/") else
-                                             {"cache": False, "x": "step", "y": "loss"})} for p in s.plots]
+            body["plots"] = [{_dvc_path(p): ({"x": "step"} if p.endswith("/") else {"x": "step", "y": "loss"})}
+                             for p in s.plots]
         body["desc"] = s.doc
         out[s.name] = {"foreach": "${runs}", "do": body} if s.per_run else body
     return {"stages": out}

@@ -52,9 +52,13 @@ def test_dvc_exp_run_set_param_shows_every_runs_metrics(exp_project: Path) -> No
 
 
 def test_dvc_exp_queue_and_run_all(exp_project: Path) -> None:
-    """A queued experiment runs in its own temporary workspace (the whole DAG there: work/ is not in git)."""
+    """A queued experiment runs in its own temporary workspace, restoring unchanged stages from the cache."""
     run(["dvc", "exp", "run", "--queue", "-S", "++runs.moe_r50.lr=0.005"], exp_project)
-    run(["dvc", "exp", "run", "--run-all"], exp_project)
+    out = run(["dvc", "exp", "run", "--run-all"], exp_project)
+    # its temporary workspace restores the unchanged stages from the DVC cache: only the edited run re-runs
+    ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "plan_table",
+                   "aggregate"}, ran
     rows = exp_show(exp_project)
     queued = [r for r in rows if param(r, "runs.moe_r50.lr") == "0.005"]
     assert len(queued) == 1 and queued[0]["State"] == "Success", rows
