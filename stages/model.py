@@ -218,8 +218,8 @@ class Router(nn.Module):
         load = self.pending_load
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
-        if float(load.sum()) > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        # no host sync: with nothing routed every load is 0, so sign(mean - load) = 0 and the bias stays
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
 
 
