@@ -4,7 +4,7 @@ Why outside the stage's outputs: DVC deletes a stage's declared outputs before i
 stage, so a checkpoint under work/runs/<run>/model/ would be gone exactly when it is needed.
 Checkpoints live in work/ckpt/<run>/<key>/, where the key hashes everything that determines the
 training (plan, replay and token hashes, the train/run params, the code), so a changed
-configuration starts fresh instead of resuming a stale state. Fields that do not change the
+configuration starts fresh instead of resuming a stale state (and removes the stale keys' checkpoints). Fields that do not change the
 numbers (log_every, checkpoint_every) are left out of the key.
 
 Layout and kill-safety: each checkpoint is a directory `step_<N>/` written by every process (the
@@ -42,6 +42,19 @@ def checkpoint_key(inputs: dict[str, str], train_params: dict[str, Any], run_par
 
 def checkpoint_dir(run: str, key: str, work: Path = WORK) -> Path:
     return work / "ckpt" / run / key
+
+
+def prune_stale_keys(directory: Path) -> list[Path]:
+    """Remove the run's checkpoints of other keys (an older config or code): they can never resume
+    this run, and left alone they would fill the disk one full model + optimizer state per edit.
+    Rank 0 only; the stage's lock (DVC, Snakemake) means no other config of this run is training."""
+    if _rank() != 0 or not directory.parent.is_dir():
+        return []
+    stale = [d for d in sorted(directory.parent.iterdir()) if d.is_dir() and d.name != directory.name]
+    for d in stale:
+        log.info("removing stale checkpoints %s (another config or code version)", d)
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:

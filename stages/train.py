@@ -453,6 +453,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     prov = provenance("train", inputs, section, CODE_MODULES)
     key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), section, prov["code_sha256"])
     ckpt_dir = checkpoint.checkpoint_dir(run, key, work)
+    checkpoint.prune_stale_keys(ckpt_dir)
     rank = dist_env()[0]
     if rank != 0:
         log.setLevel(logging.WARNING)

@@ -99,9 +99,12 @@ def test_changed_config_does_not_resume_a_stale_checkpoint(straight: Path, tmp_p
     raw = raw_params()
     raw["train"]["lr"] = 5e-3
     assert ckpt_step(work, "dense") is not None
+    old_keys = {d.name for d in (work / "ckpt" / "dense").iterdir()}
     res = run_train(parse_params(raw), "dense", work=work)
     assert res["resumed_from_step"] is None
-    assert len(list((work / "ckpt" / "dense").iterdir())) == 2  # its own key beside the old one
+    # its own key; the old config's checkpoints, which can never resume this run, were removed
+    assert [d.name for d in (work / "ckpt" / "dense").iterdir()] == [Path(res["checkpoint_dir"]).name]
+    assert Path(res["checkpoint_dir"]).name not in old_keys
 
 
 @pytest.mark.parametrize("fault, message", [("nan_loss@6", "step 6: non-finite loss"),
