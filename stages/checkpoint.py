@@ -4,8 +4,9 @@ Why outside the stage's outputs: DVC deletes a stage's declared outputs before i
 stage, so a checkpoint under work/runs/<run>/model/ would be gone exactly when it is needed.
 Checkpoints live in work/ckpt/<run>/<key>/, where the key hashes everything that determines the
 training (plan, replay and token hashes, the train/run params, the code), so a changed
-configuration starts fresh instead of resuming a stale state (and removes the stale keys' checkpoints). Fields that do not change the
-numbers (log_every, checkpoint_every) are left out of the key.
+configuration starts fresh instead of resuming a stale state (and removes the stale keys'
+checkpoints). Fields that do not change the numbers (log_every, checkpoint_every) are left out of
+the key.
 
 Layout and kill-safety: each checkpoint is a directory `step_<N>/` written by every process (the
 engine's own files: DeepSpeed's checkpoint or the torch engine's state, plus the loop's client state:
