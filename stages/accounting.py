@@ -338,6 +338,10 @@ def count_summary(a: Architecture, vocab_size: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the planner
+AUDIT_TOLERANCE = 0.01  # a run whose measured N, N_active, tokens or FLOPs deviate from its plan by more
+# than this fails the audit (stages/audit.py) and marks its study failed (stages/aggregate.py)
+
+
 class PlanError(ValueError):
     """A run that cannot meet the budget with the model family (names the run and what to relax)."""
 

@@ -31,13 +31,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from stages.accounting import AUDIT_TOLERANCE
 from stages.common import WORK, atomic_path, fail, setup_logging, write_bytes, write_json
 from stages.report import csv_text, plot_expert_load, plot_loss_vs_activation, plot_training_curves, summary_markdown
 from stages.schema import Params, ParamsError, load_params
 from stages.stats import t95, wilson
 
 COLLECT_DIR = WORK / "collect"
-AUDIT_TOLERANCE = 0.01  # a run whose measured N, N_active, tokens or FLOPs deviate more fails the study
 METRIC_KEYS = ("val_loss", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "choice_acc", "final_train_loss",
                "activation_rate", "tokens_seen", "epochs", "audit_max_dev")  # per run, for `dvc exp show`
 TABLES = ("runs", "steps", "expert_load")

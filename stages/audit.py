@@ -15,23 +15,23 @@ Three independent measurements of the equal-resource contract, each against the 
   are counted directly. MoE layers use the reference expert backend while measuring, whose per-expert
   matmuls the counter sees.
 
-`audit_run` gives train.json its "audit" key; `study_audit` marks a study failed when any run's
-audit is not ok (a deviation beyond the tolerance, 1% by default).
+`audit_run` gives train.json its "audit" key; the aggregate stage marks a study failed when any run's
+audit is not ok (a deviation beyond accounting.AUDIT_TOLERANCE, 1%).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from stages.accounting import Architecture
+from stages.accounting import AUDIT_TOLERANCE, Architecture
 from stages.model import LM, MoE, count_nonvocab_params
 
-TOLERANCE = 0.01  # a run whose measured resources deviate from its plan by more than this fails
+TOLERANCE = AUDIT_TOLERANCE
 
 
 def rel_dev(plan: float, actual: float) -> float:
@@ -104,20 +104,3 @@ def audit_run(plan: dict[str, Any], model: LM, tokens_served: int, *, tol: float
                          "included) by torch.utils.flop_counter vs stages/accounting.py")
     return out
 
-
-def study_audit(audits: Iterable[tuple[str, dict[str, Any] | None]], tol: float = TOLERANCE) -> dict[str, Any]:
-    """A study fails when any run's audit is not ok or deviates by more than `tol`.
-
-    `audits`: (run name, its train.json "audit" or None when the run predates auditing).
-    """
-    runs = {name: a for name, a in audits}
-    bad = sorted(n for n, a in runs.items() if a is not None and (not a.get("ok", False)
-                                                                   or a.get("max_rel_dev", 0.0) > tol))
-    devs = [a["max_rel_dev"] for a in runs.values() if a is not None and "max_rel_dev" in a]
-    return {
-        "failed": bool(bad),
-        "failed_runs": bad,
-        "unaudited_runs": sorted(n for n, a in runs.items() if a is None),
-        "max_rel_dev": max(devs) if devs else None,
-        "tolerance": tol,
-    }

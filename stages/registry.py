@@ -218,7 +218,7 @@ STAGES: tuple[Stage, ...] = (
         ),
         metrics=("results/{study}/metrics.json",),  # git-tracked, so `dvc exp show` sees it per experiment
         params=("study", "runs"),
-        code=("stages/report.py", "stages/stats.py"),
+        code=("stages/report.py", "stages/stats.py", "stages/accounting.py"),
         uncached=True,
         resources=Resources(cpus=1, mem_mb=2000, time_min=10),
     ),
