@@ -6,10 +6,13 @@ backward (dx and dw), TFLOP/s = 2*rows*d*f per product (3 products for fwd+bwd),
              product (kernels.cutlass_ext.DEFAULT_CHOICE; --sweep adds "auto" and every config);
              --parts kinds times each product (fwd, dx, dw) alone for every config;
 - torch:     torch._grouped_mm called directly (its own autograd);
+- triton:    the plain grouped GEMM of kernels/moe_fused.py (autotuned Triton);
 - loop:      the reference backend (one matmul per expert);
 - dense:     one ungrouped GEMM (rows, d) @ (d, f) of the same FLOPs: the ceiling.
-Part "layer": stages.model.MoE (route, permute, SwiGLU experts, combine; each grouped backend) vs a
-dense SwiGLU FFN with the same activated FLOPs (hidden k*f), in bf16, forward and forward+backward.
+Part "layer": stages.model.MoE (route, permute, SwiGLU experts, combine; each expert backend,
+"fused" = kernels/moe_fused.py: gather and SwiGLU fused into Triton expert GEMMs, its plain products
+on cutlass) vs a dense SwiGLU FFN with the same activated FLOPs (hidden k*f), in bf16, forward and
+forward+backward.
 
 Loads are mildly unbalanced: per-expert row counts are the mean +-25% (seeded), as in routing.
 Timing: CUDA events around each call, after warm-up, median of --iters repeats.
@@ -33,12 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import cutlass_ext  # noqa: E402
+from kernels import cutlass_ext, moe_fused  # noqa: E402
 from kernels.grouped_gemm import _CutlassGroupedMM, backend_status, run_backend  # noqa: E402
 
 # (tokens T, top-k, experts E, d_model d, expert hidden f); the first is the goal shape of issue 5
 SHAPES = [(16384, 8, 64, 1024, 512), (16384, 2, 8, 1024, 2816), (16384, 4, 32, 1024, 704),
-          (65536, 8, 64, 2048, 1024)]
+          (65536, 8, 64, 2048, 1024),
+          # the MoE layers of bench/train_mfu.py (d512 family at r_a 0.2, 64 x 1024 tokens a step)
+          (65536, 1, 8, 512, 896), (65536, 2, 16, 512, 448)]
 FIELDS = ["part", "shape", "backend", "config", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops",
           "vs_torch_fwd_bwd", "vs_dense_fwd_bwd", "vs_dense_fwd", "max_rel_err", "note"]
 
@@ -119,6 +124,9 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
                 picked = {key[0]: c for key, c in cutlass_ext._tuned.items() if key[1:4] == (E, d, f)}
                 rows[-1]["note"] = "autotuned: " + ", ".join(f"{kk}={picked.get(kk)}" for kk in cutlass_ext.KINDS)
             cutlass_ext.choose(**prev)
+    if moe_fused.problem(x) is None:
+        rows.append(measure("triton", "autotuned", lambda: moe_fused.triton_grouped_mm(x, w, offs),
+                            "kernels/moe_fused.py plain grouped GEMM"))
     if loop:
         rows.append(measure("loop", "", lambda: run_backend("reference", x, w, offs), "per-expert matmuls"))
     t_torch = rows[1]["fwd_bwd_ms"]
@@ -204,12 +212,12 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                 p.normal_(0, 0.02)
         moe = moe.to(bf)
         y = moe(x).y
-        if moe.experts.last_backend != b:
+        if not (moe.experts.last_backend or "").startswith(b):  # "fused" runs as "fused+<plain backend>"
             rows.append({"part": "layer", "shape": shape_name(s), "backend": f"moe_{b}",
                          "note": f"fell back: {moe.experts.last_fallback}"})
             continue
         ref_y = y if ref_y is None else ref_y
-        row = measure(f"moe_{b}", moe, lambda moe=moe: moe(x).y, expert_flops + 2.0 * T * d * E,
+        row = measure(f"moe_{moe.experts.last_backend}", moe, lambda moe=moe: moe(x).y, expert_flops + 2.0 * T * d * E,
                       "route+permute+SwiGLU experts+combine")
         row["max_rel_err"] = rel_err(y, ref_y)
         rows.append(row)
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="op,layer")
     ap.add_argument("--sweep", action="store_true", help="also time every cutlass tile config")
     ap.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop")
-    ap.add_argument("--layer-backends", default="cutlass,torch_grouped,reference")
+    ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")

@@ -118,16 +118,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        k, d = ctx.k, g.shape[-1]
-        T = inverse.numel() // k
-        kern = _fast(g, inverse)
-        if kern is not None and T > 0:
-            g = g.contiguous()
-            dx = g.new_empty(T, d)
-            if _launch(kern, "gather_sum", (T,), g, inverse, g, dx, d, K=k, BD=_bd(d), WEIGHTED=False):
-                return dx, None, None, None
-        gk = g.index_select(0, inverse).view(T, k, d)
-        return gk.sum(dim=1, dtype=torch.float32).to(g.dtype), None, None, None
+        return sum_slots(g, inverse, ctx.k), None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -164,6 +155,22 @@ class _Unpermute(torch.autograd.Function):
         yk = y_perm.index_select(0, inverse).view(T, k, d)
         dw = (yk * g.unsqueeze(1)).sum(-1).to(weights.dtype)
         return dy_perm, dw, None, None
+
+
+def sum_slots(g: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """(T*k, d) rows in expert order -> (T, d): out[t] = sum_j g[inverse[t*k+j]] (fp32 sums).
+
+    The gradient of permute; also the input gradient of the fused expert block (kernels/moe_fused.py)."""
+    d = g.shape[-1]
+    T = inverse.numel() // k
+    kern = _fast(g, inverse)
+    if kern is not None and T > 0:
+        g = g.contiguous()
+        out = g.new_empty(T, d)
+        if _launch(kern, "gather_sum", (T,), g, inverse, g, out, d, K=k, BD=_bd(d), WEIGHTED=False):
+            return out
+    gk = g.index_select(0, inverse).view(T, k, d)
+    return gk.sum(dim=1, dtype=torch.float32).to(g.dtype)
 
 
 def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,13 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import grouped_mm, resolve_backend
+from kernels import grouped_mm, moe_fused, resolve_backend
+from kernels.grouped_gemm import CHOICES, backend_problem
 from kernels.permute import permute, unpermute
 from kernels.swiglu import swiglu
 from stages.accounting import Architecture
 from stages.schema import RouterConfig
 
 INIT_STD = 0.02
+# grouped GEMM backends (kernels.grouped_gemm) + "fused": the Triton gather/SwiGLU-fused expert block
+# (kernels/moe_fused.py) with its plain products on cutlass or torch_grouped; "auto" elsewhere
+EXPERT_BACKENDS = (*CHOICES, "fused")
 
 
 class ModelConfigError(ValueError):
@@ -231,19 +235,23 @@ class Dispatch:
     offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
 
 
-def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, Dispatch]:
-    """Rows of x repeated once per routed slot and sorted by expert (stable, so deterministic).
-
-    x: (T, d), indices: (T, k). Returns (x_perm (T*k, d), Dispatch).
-    """
-    k = indices.shape[1]
+def route(indices: torch.Tensor, experts: int) -> Dispatch:
+    """The expert-sorted order of the (token, slot) pairs (a stable sort, so deterministic)."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = expert_counts(flat, experts)
-    offs = counts.cumsum(0).to(torch.int32)
-    return permute(x, order, inverse, k), Dispatch(order, inverse, counts, offs)
+    return Dispatch(order, inverse, counts, counts.cumsum(0).to(torch.int32))
+
+
+def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, Dispatch]:
+    """Rows of x repeated once per routed slot and sorted by expert.
+
+    x: (T, d), indices: (T, k). Returns (x_perm (T*k, d), Dispatch).
+    """
+    d = route(indices, experts)
+    return permute(x, d.order, d.inverse, indices.shape[1]), d
 
 
 def combine(y_perm: torch.Tensor, d: Dispatch, weights: torch.Tensor) -> torch.Tensor:
@@ -261,6 +269,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, d: int, f: int, experts: int, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in EXPERT_BACKENDS:
+            raise ModelConfigError(f"expert backend {backend!r} is not one of {EXPERT_BACKENDS}")
         self.experts = experts
         self.f = f
         self.backend = backend
@@ -277,14 +287,47 @@ class GroupedExperts(nn.Module):
     def w3(self) -> torch.Tensor:
         return self.w13[..., self.f :]
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        probe = x.new_empty(0, x.shape[1], dtype=dtype)  # backends are chosen by device, dtype, shape
-        b, why = resolve_backend(self.backend, probe, self.w13)
-        if why is None:  # w2 (f, d) must suit the same backend, else both use the fallback
-            b2, why = resolve_backend(self.backend, probe.new_empty(0, self.f), self.w2)
-            b = b2 if why is not None else b
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def fused_plan(self, x: torch.Tensor) -> tuple[str | None, str | None]:
+        """For backend "fused": (grouped GEMM backend of its plain products, None) when the fused
+        kernels (kernels/moe_fused.py) take x, else (None, why not)."""
+        if self.backend != "fused":
+            return None, "not requested"
+        why = moe_fused.problem(x)
+        dtype = self._dtype(x)
+        if why is None and x.is_cuda and dtype != torch.bfloat16:
+            why = f"the fused MoE kernels run in bfloat16 on CUDA, not {dtype}"
+        if why is not None:
+            return None, f"expert backend 'fused' -> 'auto': {why}"
+        if not x.is_cuda:  # Triton's interpreter (tests): its own plain products
+            return "triton", None
+        probe = x.new_empty(0, x.shape[1], dtype=dtype)
+        for plain in ("cutlass", "torch_grouped"):
+            if backend_problem(plain, probe, self.w13) is None and backend_problem(
+                    plain, probe.new_empty(0, self.f), self.w2) is None:
+                return plain, None
+        return None, "expert backend 'fused' -> 'auto': neither cutlass nor torch._grouped_mm runs here"
+
+    def fused(self, x: torch.Tensor, d: Dispatch, k: int, plain: str) -> torch.Tensor:
+        """The expert outputs (T*k, d) in expert order from token-major x, through the fused kernels."""
+        dt = self._dtype(x)
+        self.last_backend, self.last_fallback = f"fused+{plain}", None
+        return moe_fused.fused_experts(x.to(dt), self.w13.to(dt), self.w2.to(dt), (d.order // k).to(torch.int32),
+                                       d.inverse, d.offs, k, plain)
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor, why: str | None = None) -> torch.Tensor:
+        """The expert outputs of already permuted rows x; `why` is the reason a fused request fell
+        back to this path (recorded in last_fallback)."""
+        probe = x.new_empty(0, x.shape[1], dtype=self._dtype(x))  # backends are chosen by device, dtype, shape
+        b, why2 = resolve_backend("auto" if self.backend == "fused" else self.backend, probe, self.w13)
+        why = why2 if why is None else why
+        if why2 is None:  # w2 (f, d) must suit the same backend, else both use the fallback
+            b2, why2 = resolve_backend(b, probe.new_empty(0, self.f), self.w2)
+            b = b2 if why2 is not None else b
+            why = why2 if why is None else why
         self.last_backend, self.last_fallback = b, why
         h13 = grouped_mm(x, self.w13, offs, b)
         return grouped_mm(swiglu(h13, self.f), self.w2, offs, b)
@@ -311,8 +354,14 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = self.router(flat)
-        x_perm, disp = dispatch(flat, r.indices, self.experts_n)
-        y = combine(self.experts(x_perm, disp.offs), disp, r.weights)
+        plain, why = self.experts.fused_plan(flat)
+        if plain is not None:  # gather, SwiGLU and its backward fused into the expert GEMMs
+            disp = route(r.indices, self.experts_n)
+            y_perm = self.experts.fused(flat, disp, self.top_k, plain)
+        else:
+            x_perm, disp = dispatch(flat, r.indices, self.experts_n)
+            y_perm = self.experts(x_perm, disp.offs, None if self.experts.backend != "fused" else why)
+        y = combine(y_perm, disp, r.weights)
         return MoEOutput(y.view(shape), r.aux_loss, r.z_loss, r.load)
 
 

@@ -248,7 +248,7 @@ class TrainConfig(Strict):
         default="auto", description="auto: deepspeed on CUDA, the plain-torch twin on CPU (named in train.json)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
-    expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass"] = "auto"
+    expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass", "fused"] = "auto"
     batch_size: int = Field(default=16, gt=0, description="global batch: sequences per optimizer step")
     micro_batch_size: int | None = Field(
         default=None, gt=0, description="sequences per forward/backward per GPU (None: batch_size / gpus, "

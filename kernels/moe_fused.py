@@ -1,0 +1,343 @@
+"""Fused MoE expert block: the dispatch gather folded into the first grouped GEMM's A load, SwiGLU in
+its epilogue, and the SwiGLU backward in the epilogue of the down projection's input-gradient GEMM.
+
+The unfused path (stages/model.py with the `cutlass`/`torch_grouped` backends) runs
+    x_perm = permute(x)          (P, d) written          h13 = x_perm @ w13[e]      (P, 2f) written
+    act = swiglu(h13)            (P, 2f) read again      y = act @ w2[e]
+and in the backward dact = dy @ w2[e]^T is written and read back by the SwiGLU backward. At
+T=16384 tokens, top-8 of 64, d=1024, f=512 those extra passes are ~1 GB of HBM traffic per layer
+step (results/kernels/profile_moe_layer_h100.txt). Here (P = T*k routed rows, sorted by expert):
+
+    forward   h13, act = gather(x, src) @ w13[e]  -> silu(h13[:, :f]) * h13[:, f:]   (Triton, one kernel)
+              y_perm   = act @ w2[e]                                    (plain grouped GEMM)
+    backward  dh13     = swiglu'(h13) * (dy @ w2[e]^T)                   (Triton, one kernel)
+              dw2      = act^T dy,  dx_perm = dh13 @ w13[e]^T            (plain grouped GEMMs)
+              dx       = sum of each token's k rows of dx_perm           (kernels.permute)
+              dw13     = gather(x, src)^T dh13                           (Triton, gathered weight grad)
+
+"Plain grouped GEMM" is the CUTLASS extension where it runs, else torch._grouped_mm. The Triton
+kernels walk the experts' row ranges in BM-row tiles found on the device from `offs` (no host sync).
+
+Everything here runs only on CUDA with Triton; tests run the same kernels on CPU tensors in Triton's
+interpreter (TRITON_INTERPRET=1) against the unfused reference maths (tests/test_moe_fused.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from kernels.permute import sum_slots
+
+# (BM, BN, BK, warps, stages) tried by the autotuner on CUDA; the first is the interpreter's.
+GMM_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+               (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]
+SWIGLU_CONFIGS = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                  (64, 64, 64, 4, 4)]
+# (BK_out, BN, BR, warps, stages) for the weight gradient: a (BK_out, BN) tile of dw[e], BR rows a step
+WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                 (256, 128, 64, 8, 3)]
+INTERPRET_CONFIG = {"gmm": (32, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+try:  # Triton is optional: CPU-only installs (CI) run the eager paths
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def tile_of(offs_ptr, E, pid_m, BM: tl.constexpr, EP: tl.constexpr):
+        """(expert, first row, end row) of the pid_m-th tile when every expert's rows [offs[e-1],
+        offs[e]) are cut into BM-row tiles in expert order; expert == E past the last tile."""
+        e = tl.arange(0, EP)
+        ends = tl.load(offs_ptr + e, mask=e < E, other=0)
+        starts = tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
+        tiles = tl.where(e < E, (ends - starts + BM - 1) // BM, 0)
+        cum = tl.cumsum(tiles, 0)
+        expert = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        first = tl.sum(tl.where(e == expert, cum - tiles, 0), 0)
+        row0 = tl.sum(tl.where(e == expert, starts, 0), 0) + (pid_m - first) * BM
+        row_end = tl.sum(tl.where(e == expert, ends, 0), 0)
+        return expert, row0, row_end
+
+    @triton.jit
+    def gmm(a_ptr, src_ptr, b_ptr, c_ptr, act_ptr, h_ptr, offs_ptr, E, N, K,
+            stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_hm,
+            EP: tl.constexpr, GATHER: tl.constexpr, EPI: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """C[p] = A[src[p] if GATHER else p] @ B[expert of p] over an (BM, BN) output tile.
+        EPI 0: C = acc.  EPI 1 (SwiGLU forward, N = f, B = w13 (K, 2f)): C = [g | u] (the 2f-wide
+        h13) and act = silu(g) * u, with g, u the gate and up accumulators.  EPI 2 (SwiGLU backward,
+        N = f): acc = dact, h = h13; C = dh13 = [dact * u * silu'(g) | dact * silu(g)]."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        expert, row0, row_end = tile_of(offs_ptr, E, pid_m, BM, EP)
+        if expert >= E:
+            return
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        if GATHER:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
+            arows = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            arows = rows.to(tl.int64)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < N
+        ks = tl.arange(0, BK)
+        a_ptrs = a_ptr + arows[:, None] * stride_am + ks[None, :]
+        b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kmask = ks < K - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            if EPI == 1:  # the up projection: columns f + cols of w13
+                b2 = tl.load(b_ptrs + N * stride_bn, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc2 = tl.dot(a, b2, acc2)
+            a_ptrs += BK
+            b_ptrs += BK * stride_bk
+        r64 = rows.to(tl.int64)[:, None]
+        m2 = rmask[:, None] & cmask[None, :]
+        c_ptrs = c_ptr + r64 * stride_cm + cols[None, :]
+        if EPI == 0:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m2)
+        elif EPI == 1:
+            g = acc.to(c_ptr.dtype.element_ty)
+            u = acc2.to(c_ptr.dtype.element_ty)
+            tl.store(c_ptrs, g, mask=m2)
+            tl.store(c_ptrs + N, u, mask=m2)
+            gf = g.to(tl.float32)  # from the rounded values, as the unfused swiglu sees them
+            out = gf * tl.sigmoid(gf) * u.to(tl.float32)
+            tl.store(act_ptr + r64 * N + cols[None, :], out.to(act_ptr.dtype.element_ty), mask=m2)
+        else:
+            da = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # dact, rounded as the unfused path stores it
+            h_ptrs = h_ptr + r64 * stride_hm + cols[None, :]
+            g = tl.load(h_ptrs, mask=m2, other=0.0).to(tl.float32)
+            u = tl.load(h_ptrs + N, mask=m2, other=0.0).to(tl.float32)
+            s = tl.sigmoid(g)
+            tl.store(c_ptrs, (da * u * s * (1.0 + g * (1.0 - s))).to(c_ptr.dtype.element_ty), mask=m2)
+            tl.store(c_ptrs + N, (da * g * s).to(c_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def wgrad(a_ptr, src_ptr, g_ptr, dw_ptr, offs_ptr, KD, N, stride_am, stride_gm,
+              GATHER: tl.constexpr, BKO: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        """dw[e] = A[rows of e]^T @ G[rows of e] over a (BKO, BN) tile; A rows gathered through src.
+        Experts without rows get zeros."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        n_tiles = tl.cdiv(N, BN)
+        kk = (pid // n_tiles) * BKO + tl.arange(0, BKO)
+        nn = (pid % n_tiles) * BN + tl.arange(0, BN)
+        kmask = kk < KD
+        nmask = nn < N
+        end = tl.load(offs_ptr + e)
+        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        acc = tl.zeros((BKO, BN), dtype=tl.float32)
+        for r0 in range(start, end, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < end
+            if GATHER:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
+                arows = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                arows = rows.to(tl.int64)
+            a = tl.load(a_ptr + arows[None, :] * stride_am + kk[:, None], mask=kmask[:, None] & rmask[None, :],
+                        other=0.0)
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + nn[None, :],
+                        mask=rmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, g, acc)
+        out = dw_ptr + e.to(tl.int64) * KD * N + kk.to(tl.int64)[:, None] * N + nn[None, :]
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
+
+
+@functools.cache
+def _kernels() -> dict[str, Any] | None:
+    """The raw kernels and their autotuned wrappers, or None without Triton."""
+    if triton is None:
+        return None
+
+    def configs(table: list[tuple[int, ...]], names: tuple[str, str, str]) -> list[Any]:
+        return [triton.Config(dict(zip(names, c[:3], strict=True)), num_warps=c[3], num_stages=c[4]) for c in table]
+
+    tuned = {
+        "gmm": triton.autotune(configs(GMM_CONFIGS, ("BM", "BN", "BK")), key=["N", "K", "EPI", "GATHER"])(gmm),
+        "swiglu": triton.autotune(configs(SWIGLU_CONFIGS, ("BM", "BN", "BK")), key=["N", "K", "EPI", "GATHER"])(gmm),
+        "wgrad": triton.autotune(configs(WGRAD_CONFIGS, ("BKO", "BN", "BR")), key=["KD", "N", "GATHER"])(wgrad),
+    }
+    return {"gmm": gmm, "wgrad": wgrad, "tuned": tuned}
+
+
+
+def problem(x: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot run on x (None when they can)."""
+    if _kernels() is None:
+        return "Triton is not installed"
+    if not x.is_cuda and not interpreting():
+        return f"the fused MoE kernels run on CUDA tensors (or under TRITON_INTERPRET=1), got {x.device}"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 8:
+        return "the fused MoE kernels need a GPU of compute capability >= 8.0"
+    return None
+
+
+def _ep(e: int) -> int:
+    return 1 << max(4, (e - 1).bit_length())
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, src: torch.Tensor | None = None,
+                 rows: int | None = None, epi: int = 0, h: torch.Tensor | None = None,
+                 b_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton grouped GEMM over `rows` permuted rows (default a.shape[0]).
+
+    a: (rows_a, K) row-major; src: (rows,) source row of a for each permuted row (gather) or None;
+    b: (E, K, N) or, with b_transposed, (E, N, K) read as its per-expert transpose.
+    epi 0 -> (out (rows, N), None); epi 1 (b (E, K, 2f)) -> (h13 (rows, 2f), act (rows, f));
+    epi 2 (h = h13) -> (dh13 (rows, 2f), None).
+    """
+    kern = _kernels()
+    assert kern is not None
+    rows = a.shape[0] if rows is None else rows
+    E = b.shape[0]
+    K = a.shape[1]
+    if b_transposed:
+        N = b.shape[1]
+        sbe, sbk, sbn = b.stride(0), b.stride(2), b.stride(1)
+    else:
+        N = b.shape[2] // 2 if epi == 1 else b.shape[2]
+        sbe, sbk, sbn = b.stride(0), b.stride(1), b.stride(2)
+    width = 2 * N if epi in (1, 2) else N
+    out = a.new_empty(rows, width)
+    act = a.new_empty(rows, N) if epi == 1 else out
+    h = out if h is None else h
+    srcp = src if src is not None else offs
+    args = (a, srcp, b, out, act, h, offs, E, N, K, a.stride(0), sbe, sbk, sbn, out.stride(0), h.stride(0))
+    meta = {"EP": _ep(E), "GATHER": src is not None, "EPI": epi}
+    if rows == 0:
+        return out, (act if epi == 1 else None)
+    if interpreting():
+        bm, bn, bk, _, _ = INTERPRET_CONFIG["gmm"]
+        grid = (triton_cdiv(N, bn), triton_cdiv(rows, bm) + E)
+        kern["gmm"][grid](*args, **meta, BM=bm, BN=bn, BK=bk)
+    else:
+        fn = kern["tuned"]["swiglu" if epi == 1 else "gmm"]
+        fn[lambda m: (triton_cdiv(N, m["BN"]), triton_cdiv(rows, m["BM"]) + E)](*args, **meta)
+    return out, (act if epi == 1 else None)
+
+
+def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+    """dw (E, K, N): dw[e] = a[src[rows of e]]^T @ g[rows of e] (a not gathered when src is None)."""
+    kern = _kernels()
+    assert kern is not None
+    E, K, N = offs.shape[0], a.shape[1], g.shape[1]
+    dw = a.new_empty(E, K, N)
+    srcp = src if src is not None else offs
+    args = (a, srcp, g, dw, offs, K, N, a.stride(0), g.stride(0))
+    if interpreting():
+        bko, bn, br, _, _ = INTERPRET_CONFIG["wgrad"]
+        kern["wgrad"][(triton_cdiv(K, bko) * triton_cdiv(N, bn), E)](*args, GATHER=src is not None, BKO=bko, BN=bn,
+                                                                     BR=br)
+    else:
+        kern["tuned"]["wgrad"][lambda m: (triton_cdiv(K, m["BKO"]) * triton_cdiv(N, m["BN"]), E)](
+            *args, GATHER=src is not None)
+    return dw
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------- the autograd op
+def _plain(kind: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    """One grouped product without autograd: fwd a @ b[e]; dx a @ b[e]^T; dw a^T @ b (per expert).
+
+    backend "cutlass" (the SM90 extension), "torch_grouped" (torch._grouped_mm) or "triton" (ours;
+    what the interpreter tests use)."""
+    if backend == "cutlass":
+        from kernels import cutlass_ext
+
+        if kind == "fwd":
+            out = a.new_empty(a.shape[0], b.shape[2])
+            cutlass_ext.run("fwd", offs, a, b, out, b.shape[1], b.shape[2])
+        elif kind == "dx":  # b: (E, k, n), a: (rows, n) -> (rows, k)
+            out = a.new_empty(a.shape[0], b.shape[1])
+            cutlass_ext.run("dx", offs, a, b, out, b.shape[1], b.shape[2])
+        else:  # a: (rows, k), b: (rows, n) -> (E, k, n)
+            out = a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+            cutlass_ext.run("dw", offs, a, b, out, a.shape[1], b.shape[1])
+        return out
+    if backend == "torch_grouped":
+        if kind == "fwd":
+            return torch._grouped_mm(a, b, offs=offs)
+        if kind == "dx":
+            return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(a.t(), b, offs=offs)
+    if kind == "fwd":
+        return grouped_gemm(a, b, offs)[0]
+    if kind == "dx":
+        return grouped_gemm(a, b, offs, b_transposed=True)[0]
+    return weight_grad(a, b, offs)
+
+
+class _TritonGroupedMM(torch.autograd.Function):
+    """The plain product on the Triton kernels (for the benchmark's op-level comparison)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        x, w = x.contiguous(), w.contiguous()
+        ctx.save_for_backward(x, w, offs)
+        return grouped_gemm(x, w, offs)[0]
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        return grouped_gemm(dy, w, offs, b_transposed=True)[0], weight_grad(x, dy, offs), None
+
+
+def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (rows, k) @ w[e] (k, n) per expert row range, differentiable, on the Triton kernels."""
+    return _TritonGroupedMM.apply(x, w, offs)
+
+
+class _FusedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, src: torch.Tensor,
+                inverse: torch.Tensor, offs: torch.Tensor, k: int, plain: str) -> torch.Tensor:
+        x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+        h13, act = grouped_gemm(x, w13, offs, src=src, rows=src.shape[0], epi=1)
+        y = _plain("fwd", act, w2, offs, plain)
+        ctx.save_for_backward(x, w13, w2, src, inverse, offs, h13, act)
+        ctx.k, ctx.plain = k, plain
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w13, w2, src, inverse, offs, h13, act = ctx.saved_tensors
+        dy = dy.contiguous()
+        dh13, _ = grouped_gemm(dy, w2, offs, epi=2, h=h13, b_transposed=True)
+        dw2 = _plain("dw", act, dy, offs, ctx.plain) if ctx.needs_input_grad[2] else None
+        dx = dw13 = None
+        if ctx.needs_input_grad[0]:
+            dx = sum_slots(_plain("dx", dh13, w13, offs, ctx.plain), inverse, ctx.k)
+        if ctx.needs_input_grad[1]:
+            dw13 = weight_grad(x, dh13, offs, src)
+        return dx, dw13, dw2, None, None, None, None, None
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, src: torch.Tensor, inverse: torch.Tensor,
+                  offs: torch.Tensor, k: int, plain: str = "torch_grouped") -> torch.Tensor:
+    """SwiGLU experts over the routed rows, gathering from token-major x.
+
+    x (T, d); w13 (E, d, 2f) = [gate | up]; w2 (E, f, d); src (T*k,) token of each expert-sorted
+    row; inverse (T*k,) sorted row of each (token, slot); offs (E,) int32 row ends. Returns the
+    expert outputs (T*k, d) in expert-sorted order (combine them with kernels.permute.unpermute).
+    """
+    return _FusedExperts.apply(x, w13, w2, src, inverse, offs, k, plain)
