@@ -190,6 +190,11 @@ class _CutlassGroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+@torch.compiler.disable  # a pybind extension call: run eagerly inside compiled blocks
+def _cutlass_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _CutlassGroupedMM.apply(x, w, offs)
+
+
 # ------------------------------------------------------------------------------------ the dispatch
 def backend_problem(backend: str, x: torch.Tensor, w: torch.Tensor) -> str | None:
     """Why `backend` cannot run these operands (None when it can)."""
@@ -255,7 +260,7 @@ def run_backend(name: str, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor)
             _group_sizes(offs, x.shape[0])
         return _torch_grouped(x, w, offs)
     if name == "cutlass":
-        return _CutlassGroupedMM.apply(x, w, offs)
+        return _cutlass_grouped_mm(x, w, offs)
     raise GroupedGemmError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
 
 

@@ -332,6 +332,7 @@ class _FusedExperts(torch.autograd.Function):
         return dx, dw13, dw2, None, None, None, None, None
 
 
+@torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, src: torch.Tensor, inverse: torch.Tensor,
                   offs: torch.Tensor, k: int, plain: str = "torch_grouped") -> torch.Tensor:
     """SwiGLU experts over the routed rows, gathering from token-major x.

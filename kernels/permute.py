@@ -173,11 +173,13 @@ def sum_slots(g: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     return gk.sum(dim=1, dtype=torch.float32).to(g.dtype)
 
 
+@torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
 def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     """x (T, d) -> x_perm (T*k, d) in expert order: x_perm[i] = x[order[i] // k]."""
     return _Permute.apply(x, order, inverse, k)
 
 
+@torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
 def unpermute(y_perm: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """y_perm (T*k, d) in expert order -> y (T, d) = sum over the k slots of weights * rows."""
     return _Unpermute.apply(y_perm, weights, order, inverse)

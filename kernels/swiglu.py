@@ -90,6 +90,7 @@ class _SwiGLU(torch.autograd.Function):
         return dh, None
 
 
+@torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
 def swiglu(h13: torch.Tensor, f: int) -> torch.Tensor:
     """silu(h13[:, :f]) * h13[:, f:] for h13 of shape (rows, 2f), differentiable in h13."""
     if h13.dim() != 2 or h13.shape[1] != 2 * f:
