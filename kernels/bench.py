@@ -180,7 +180,7 @@ def kind_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int) -> lis
 
 # --------------------------------------------------------------------------------------- layer part
 def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: int,
-               iters: int) -> list[dict[str, Any]]:
+               iters: int, compile_: bool = False) -> list[dict[str, Any]]:
     from stages.model import MoE, SwiGLU
 
     T, k, E, d, f = s
@@ -201,10 +201,14 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                 "fwd_ms": t_f, "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_ms": t_fb,
                 "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "note": note}
 
-    d_row = measure("dense_swiglu", dense, lambda: dense(x), expert_flops, f"SwiGLU d={d} hidden={k * f}")
+    dense_fn = torch.compile(dense) if compile_ else dense
+    d_row = measure("dense_swiglu" + (" compiled" if compile_ else ""), dense, lambda: dense_fn(x), expert_flops,
+                    f"SwiGLU d={d} hidden={k * f}")
     rows.append(d_row)
     ref_y = None
-    for b in backends:
+    for spec in backends:
+        b, _, opt = spec.partition(":")  # "fused:gather" = backend fused with moe_fused.OPTIONS wgrad=gather
+        moe_fused.OPTIONS["wgrad"] = opt or "permuted"
         torch.manual_seed(1)
         moe = MoE(d, f, E, k, backend=b).to(dev)
         with torch.no_grad():
@@ -217,8 +221,10 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                          "note": f"fell back: {moe.experts.last_fallback}"})
             continue
         ref_y = y if ref_y is None else ref_y
-        row = measure(f"moe_{moe.experts.last_backend}", moe, lambda moe=moe: moe(x).y, expert_flops + 2.0 * T * d * E,
-                      "route+permute+SwiGLU experts+combine")
+        name = f"moe_{moe.experts.last_backend}" + (f" wgrad={opt}" if opt else "")
+        fn = torch.compile(moe) if compile_ else moe
+        row = measure(name + (" compiled" if compile_ else ""), moe, lambda fn=fn: fn(x).y,
+                      expert_flops + 2.0 * T * d * E, "route+permute+SwiGLU experts+combine")
         row["max_rel_err"] = rel_err(y, ref_y)
         rows.append(row)
     for r in rows:
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time every cutlass tile config")
     ap.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop")
     ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference")
+    ap.add_argument("--compile", action="store_true",
+                    help="layer part: torch.compile the dense FFN and each MoE layer (as training does)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if "op" in parts:
             rows += op_rows(s, a.warmup, a.iters, a.sweep, not a.no_loop)
         if "layer" in parts:
-            rows += layer_rows(s, a.layer_backends.split(","), a.warmup, a.iters)
+            rows += layer_rows(s, a.layer_backends.split(","), a.warmup, a.iters, a.compile)
         for r in rows[printed:]:
             print(" ".join(f"{c}={fmt(r.get(c))}" for c in FIELDS if r.get(c) not in (None, "")), flush=True)
     out = Path(a.out)

@@ -40,6 +40,10 @@ SWIGLU_CONFIGS = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)
 # (BK_out, BN, BR, warps, stages) for the weight gradient: a (BK_out, BN) tile of dw[e], BR rows a step
 WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
                  (256, 128, 64, 8, 3)]
+# wgrad "permuted": dw13 = x_perm^T dh13 re-gathers x_perm and runs the plain (CUTLASS) weight-gradient
+# GEMM; "gather": the Triton kernel gathering rows inside (no x_perm, but one program per (expert,
+# tile) without split-K: few-expert shapes leave SMs idle). Measured: results/kernels/.
+OPTIONS = {"wgrad": "permuted"}
 INTERPRET_CONFIG = {"gmm": (32, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
 
 
@@ -328,7 +332,10 @@ class _FusedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = sum_slots(_plain("dx", dh13, w13, offs, ctx.plain), inverse, ctx.k)
         if ctx.needs_input_grad[1]:
-            dw13 = weight_grad(x, dh13, offs, src)
+            if OPTIONS["wgrad"] == "gather" or ctx.plain == "triton":
+                dw13 = weight_grad(x, dh13, offs, src)
+            else:  # gather x once more (one bandwidth pass), then the plain weight-gradient GEMM
+                dw13 = _plain("dw", x.index_select(0, src), dh13, offs, ctx.plain)
         return dx, dw13, dw2, None, None, None, None, None
 
 

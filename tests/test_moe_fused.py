@@ -96,7 +96,8 @@ print("RESULT " + json.dumps(out))
 
 
 def run_interpreted(code: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SHIM + code], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -137,8 +138,13 @@ def test_unknown_expert_backend_is_an_early_error() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("wgrad", ["permuted", "gather"])
 @pytest.mark.parametrize("shape", [(4096, 8, 64, 1024, 512), (8192, 1, 8, 512, 896), (1000, 2, 8, 264, 136)])
-def test_fused_layer_matches_unfused_on_gpu(shape: tuple[int, int, int, int, int]) -> None:
+def test_fused_layer_matches_unfused_on_gpu(shape: tuple[int, int, int, int, int], wgrad: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import moe_fused
+
+    monkeypatch.setitem(moe_fused.OPTIONS, "wgrad", wgrad)
     T, k, E, d, f = shape
     torch.manual_seed(0)
     ref = MoE(d, f, E, k, backend="auto").cuda()
