@@ -126,10 +126,12 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def compile_blocks(model: LM) -> None:
-    """torch.compile each transformer block in place (nn.Module.compile keeps the state_dict keys)."""
+def compile_blocks(model: LM, mode: str | None = None) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile keeps the state_dict keys), and the
+    training head (final norm + LM head + cross-entropy, so its float32 logits are never materialised)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(mode=mode)
+    model.compile_head(mode)
 
 
 # ------------------------------------------------------------------------------ DeepSpeed config
@@ -169,9 +171,9 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
                                            eps=ADAM_EPS, fused=cuda or None)
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         with autocast_context(self.device, self.cfg.dtype):
-            return self.module(x)
+            return self.module(x, targets)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
@@ -247,8 +249,8 @@ class DeepSpeedEngine:
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.config)
         self.module: LM = self.engine.module
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.engine(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
+        return self.engine(x, targets)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
@@ -285,7 +287,7 @@ def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, ba
     if batch_size is not None and batch_size != cfg.batch_size:
         cfg = cfg.model_copy(update={"batch_size": batch_size, "micro_batch_size": None})
     if cfg.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.compile_mode)
     if resolve_engine(cfg, device) == "torch":
         return TorchEngine(model, cfg, lr, device)
     return DeepSpeedEngine(model, cfg, lr, device)
