@@ -13,6 +13,12 @@ MFU is reported two ways:
 - `mfu_full`: also counting the tied LM head (6 * d * V) and causal attention scores
   (6 * L * S * d: half of the 12 L S d of a full attention matrix) per token.
 
+`--compile-mode` (train.compile_mode, e.g. max-autotune-no-cudagraphs) applies to the compiled
+variants (":1"; they compile each block and the loss head: final norm + LM head + cross-entropy);
+`--expert-backend` (train.expert_backend) picks the MoE kernels. Both are recorded in every row.
+On a machine without CUDA it runs too (slowly; MFU null), e.g. as a smoke test:
+`python bench/train_mfu.py --runs d512/dense --variants torch:0 --steps 2 --warmup 1 --batch 2`.
+
     python bench/train_mfu.py --out results/perf/train_mfu_h100.json [--profile]
 """
 
@@ -83,12 +89,14 @@ FAMILIES = {
 
 
 def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warmup: int, batch: int,
-            profile_dir: Path | None = None) -> dict[str, Any]:
+            profile_dir: Path | None = None, compile_mode: str | None = None,
+            expert_backend: str = "torch_grouped") -> dict[str, Any]:
     family, _, run = spec.rpartition("/")
     raw = json.loads(json.dumps(BENCH_PARAMS))
     raw["model"] |= FAMILIES[family or "d512"]
     engine, _, zero = engine.partition("@")  # "deepspeed@2": ZeRO stage 2
-    raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_, "zero_stage": int(zero or 1)}
+    raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_, "zero_stage": int(zero or 1),
+                     "compile_mode": compile_mode if compile_ else None, "expert_backend": expert_backend}
     p = parse_params(raw)
     plan = plan_run(p, run)
     torch.manual_seed(0)
@@ -99,7 +107,7 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
     if profile_dir is not None:
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available(),
                        schedule=schedule(wait=max(0, warmup - 2), warmup=1, active=3, repeat=1))
         prof.__enter__()
         loader = ProfiledLoader(plan.batch_size, plan.arch.seq_len, vocab, prof)
@@ -120,7 +128,8 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         "ffn_hidden": plan.arch.ffn_hidden, "nonvocab_params": plan.arch.nonvocab_total,
         "nonvocab_active": plan.arch.nonvocab_active, "activation_rate": round(plan.arch.activation_rate, 4),
         "engine": metrics["engine"], "zero_stage": int(zero or 1) if engine == "deepspeed" else None,
-        "compile": compile_, "dtype": "bf16", "batch": plan.batch_size,
+        "compile": compile_, "compile_mode": p.train.compile_mode, "expert_backend": p.train.expert_backend,
+        "dtype": "bf16", "batch": plan.batch_size,
         "seq_len": plan.arch.seq_len, "vocab": vocab, "expert_backends": metrics["expert_backends"],
         "ms_per_step": round(step_s * 1e3, 2), "tokens_per_s": round(tok_s), "flops_per_token": fpt,
         "flops_per_token_full": full, "mfu": round(fpt * tok_s / peak, 4) if peak else None,
@@ -178,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--compile-mode", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compiled variants (train.compile_mode; default: torch's)")
+    ap.add_argument("--expert-backend", default="torch_grouped", choices=["torch_grouped", "cutlass", "auto"],
+                    help="MoE expert kernels (train.expert_backend); each row names the backend that ran")
     ap.add_argument("--profile", default=None,
                     help="run:engine:compile[;run:engine:compile] to profile once (3 steps) after the table")
     ap.add_argument("--out", default=None)
@@ -189,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        cuda = torch.cuda.is_available()
         info = {"python": platform.python_version(), "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(0), "peak": device_peak_flops(torch.device("cuda"))[1]}
+                "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                "peak": device_peak_flops(torch.device("cuda" if cuda else "cpu"))[1]}
         cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
         out.write_text(json.dumps({"command": cmd, "machine": info, "rows": rows}, indent=2) + "\n")
 
@@ -198,18 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants.split(","):
             engine, comp = v.split(":")
             try:
-                r = measure(run, engine, comp == "1", a.vocab, a.steps, a.warmup, a.batch)
+                r = measure(run, engine, comp == "1", a.vocab, a.steps, a.warmup, a.batch,
+                            compile_mode=a.compile_mode, expert_backend=a.expert_backend)
             except Exception as err:  # report and go on
-                r = {"run": run, "engine": engine, "compile": comp == "1",
-                     "skipped": f"{type(err).__name__}: {err}"[:400]}
+                r = {"run": run, "engine": engine, "compile": comp == "1", "compile_mode": a.compile_mode,
+                     "expert_backend": a.expert_backend, "skipped": f"{type(err).__name__}: {err}"[:400]}
             rows.append(r)
             print(json.dumps(r), flush=True)
             save()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     for prof in (a.profile.split(";") if a.profile and a.out else []):
         run, engine, comp = prof.split(":")
-        r = measure(run, engine, comp == "1", a.vocab, 3, a.warmup, a.batch, profile_dir=Path(a.out).parent)
+        r = measure(run, engine, comp == "1", a.vocab, 3, a.warmup, a.batch, profile_dir=Path(a.out).parent,
+                    compile_mode=a.compile_mode, expert_backend=a.expert_backend)
         r["profiled"] = True
         rows.append(r)
         print(json.dumps(r), flush=True)

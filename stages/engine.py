@@ -126,32 +126,58 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def compile_blocks(model: LM) -> None:
-    """torch.compile each transformer block in place (nn.Module.compile keeps the state_dict keys)."""
+def compile_blocks(model: LM, mode: str | None = None) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile keeps the state_dict keys), and the
+    training head (final norm + LM head + cross-entropy, so its float32 logits are never materialised)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(mode=mode)
+    model.compile_head(mode)
 
 
 # ------------------------------------------------------------------------------ DeepSpeed config
 def deepspeed_config(cfg: TrainConfig, lr: float, device_type: str, world: int) -> dict[str, Any]:
-    """The DeepSpeed config of params.yaml `train:` (the LR schedule is applied by the loop, see above)."""
+    """The DeepSpeed config of params.yaml `train:` (the LR schedule is applied by the loop, see above).
+
+    Choices that are not numbers to tune:
+    - optimizer: torch's AdamW (no JIT build of DeepSpeed's FusedAdam), with `fused: true` on CUDA (one
+      kernel over all tensors; DeepSpeed passes extra params on to torch.optim.AdamW when torch_adam is
+      set; without it torch picks its multi-kernel foreach loop). On CPU torch's reference loop.
+    - bf16 `check_grad_overflow: false`: bf16 has float32's range and no loss scale, so DeepSpeed's
+      pre-step overflow check (a pass over every gradient, an all-reduce and a host sync each step)
+      only duplicates the loop's own guard: the loop stops on a non-finite or too large pre-clip norm
+      (DeepSpeedEngine.step reports DeepSpeed's invalid-norm sentinel, a negative norm, as NaN).
+    - ZeRO-2 overlaps the gradient reduction with the backward (overlap_comm) only with several
+      processes: one process has nothing to communicate, the side stream only adds synchronisation.
+    """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 2:
-        zero |= {"contiguous_gradients": True, "overlap_comm": device_type == "cuda",
+        zero |= {"contiguous_gradients": True, "overlap_comm": device_type == "cuda" and world > 1,
                  "reduce_scatter": True, "allgather_partitions": True}
+    adam: dict[str, Any] = {"lr": lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": cfg.weight_decay,
+                            "torch_adam": True}
+    if device_type == "cuda":
+        adam["fused"] = True
+    bf16: dict[str, Any] = {"enabled": cfg.dtype == "bf16"}
+    if cfg.dtype == "bf16":
+        bf16["check_grad_overflow"] = False
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro,
         "gradient_accumulation_steps": cfg.batch_size // (cfg.micro * world),
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        # torch's AdamW (fused on CUDA through foreach): no JIT build of DeepSpeed's fused Adam needed
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
-                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
-        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "bf16": bf16,
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
+
+
+def ds_grad_norm(norm: Any) -> float:
+    """DeepSpeed's pre-clip gradient norm as a float; None or its invalid-norm sentinel (-1) become NaN
+    (so the loop's non-finite check stops the run instead of reading -1 as a small norm)."""
+    n = float(norm) if norm is not None else float("nan")
+    return n if n >= 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------- engines
@@ -169,9 +195,9 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
                                            eps=ADAM_EPS, fused=cuda or None)
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         with autocast_context(self.device, self.cfg.dtype):
-            return self.module(x)
+            return self.module(x, targets)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
@@ -247,8 +273,8 @@ class DeepSpeedEngine:
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.config)
         self.module: LM = self.engine.module
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.engine(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
+        return self.engine(x, targets)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps itself
@@ -262,8 +288,7 @@ class DeepSpeedEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()
-        n = self.engine.get_global_grad_norm()
-        return float(n) if n is not None else float("nan")
+        return ds_grad_norm(self.engine.get_global_grad_norm())
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": client}, save_latest=False)
@@ -285,7 +310,7 @@ def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, ba
     if batch_size is not None and batch_size != cfg.batch_size:
         cfg = cfg.model_copy(update={"batch_size": batch_size, "micro_batch_size": None})
     if cfg.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.compile_mode)
     if resolve_engine(cfg, device) == "torch":
         return TorchEngine(model, cfg, lr, device)
     return DeepSpeedEngine(model, cfg, lr, device)

@@ -407,10 +407,11 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, S, V), float32
+    logits: torch.Tensor | None  # (B, S, V), float32; None when the forward was given targets
     aux_loss: torch.Tensor  # mean over MoE layers (0 for dense)
     z_loss: torch.Tensor  # mean over MoE layers (0 for dense)
     load: torch.Tensor | None  # (layers, E) fraction of routed slots per expert, MoE only
+    ce: torch.Tensor | None = None  # mean next-token cross-entropy, when the forward was given targets
 
 
 class LM(nn.Module):
@@ -425,6 +426,7 @@ class LM(nn.Module):
         self.norm = RMSNorm(arch.d_model)
         # Tied: the LM head is the embedding matrix (no extra module, so no shared-tensor aliasing)
         self.lm_head = None if arch.tie_embeddings else nn.Linear(arch.d_model, vocab_size, bias=False)
+        self._compiled_head_loss: Any = None  # set by compile_head
         self.reset_parameters()
 
     @torch.no_grad()
@@ -441,22 +443,44 @@ class LM(nn.Module):
             else:
                 p.normal_(0.0, INIT_STD)
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """Logits of `idx` (B, S); given `targets` (B, S), the mean cross-entropy `ce` instead of logits."""
         x = self.tok_emb(idx)
         moe: list[MoEOutput] = []
         for block in self.blocks:
             x, m = block(x)
             if m is not None:
                 moe.append(m)
-        x = self.norm(x)
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w).float()
-        zero = logits.new_zeros(())
+        if targets is None:
+            logits, ce = self.head(x), None
+        else:
+            logits, ce = None, (self._compiled_head_loss or self.head_loss)(x, targets)
+        zero = (logits if ce is None else ce).new_zeros(())
         if not moe:
-            return ModelOutput(logits, zero, zero, None)
+            return ModelOutput(logits, zero, zero, None, ce)
         aux = torch.stack([m.aux_loss for m in moe]).mean()
         z = torch.stack([m.z_loss for m in moe]).mean()
-        return ModelOutput(logits, aux, z, torch.stack([m.load for m in moe]))
+        return ModelOutput(logits, aux, z, torch.stack([m.load for m in moe]), ce)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: float32 logits (B, S, V) of the last hidden states."""
+        x = self.norm(x)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w).float()
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `head(x)` against `targets` (B, S): the training loss.
+
+        Eager, these are exactly the ops of `F.cross_entropy(model(idx).logits, ...)` (same bytes on
+        CPU). Compiled (`compile_head`), Inductor fuses the float32 upcast into the log-softmax and its
+        backward, so the (B*S, V) float32 logits and their gradient are never materialised.
+        """
+        logits = self.head(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def compile_head(self, mode: str | None = None) -> None:
+        """Use a torch.compile'd `head_loss` in `forward(idx, targets)` (no parameter or state_dict change)."""
+        self._compiled_head_loss = torch.compile(self.head_loss, mode=mode)
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing step of every MoE router (RouterConfig.bias_balancing); call it once

@@ -255,7 +255,10 @@ class TrainConfig(Strict):
         "no accumulation); gradient accumulation = batch_size / (gpus * micro_batch_size)")
     gpus: int = Field(default=1, ge=1, description="data-parallel processes (GPUs); >1 re-launches under torchrun")
     zero_stage: Literal[1, 2] = Field(default=1, description="DeepSpeed ZeRO stage (optimizer / +gradient sharding)")
-    compile: bool = Field(default=False, description="torch.compile each block (in place: state_dict keys unchanged)")
+    compile: bool = Field(default=False, description="torch.compile each block and the loss head (final norm, LM "
+                          "head, cross-entropy) in place: state_dict keys unchanged")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        default=None, description="torch.compile mode when compile is on (None: torch's default)")
     lr: float = Field(default=3e-3, gt=0)
     schedule: Literal["cosine", "wsd"] = Field(
         default="cosine", description="after warmup: cosine to min_lr_ratio*lr, or warmup-stable-decay (constant, "
@@ -286,6 +289,8 @@ class TrainConfig(Strict):
         if self.micro_batch_size is not None and share % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the per-GPU batch "
                              f"batch_size/gpus={share}")
+        if self.compile_mode is not None and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile: true")
         return self
 
     @property

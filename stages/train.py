@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from stages import checkpoint
 from stages.accounting import train_flops
@@ -200,8 +199,8 @@ class Trainer:
         for m in range(self.accumulation):
             mb = rows[m * self.micro:(m + 1) * self.micro].to(device, non_blocking=True)
             x, y = mb[:, :-1], mb[:, 1:]
-            out = self.engine.forward(x)
-            ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            out = self.engine.forward(x, y)  # the model's own cross-entropy (compiled with train.compile)
+            ce = out.ce
             loss = ce + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
             if self.fault and self.fault[1] == self.step + 1:
                 loss = loss * (float("nan") if self.fault[0] == "nan_loss" else 1e12)

@@ -274,3 +274,62 @@ def test_sequence_longer_than_seq_len_is_an_error() -> None:
     model = build_model(ARCHS["dense"].to_dict(), V)
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _cpu_compiler() -> str | None:
+    """The C++ compiler Inductor would use on CPU, or None (then torch.compile cannot run here)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception:
+        return None
+
+
+def _loss_and_grads(model: LM, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(idx, targets)
+    (out.ce + 0.01 * out.aux_loss).backward()
+    return out.ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_e18k2_untied"])
+def test_forward_with_targets_is_the_cross_entropy_of_the_logits(name: str) -> None:
+    """The training path (model computes its loss) gives the same bytes as the loss of the returned logits."""
+    torch.manual_seed(0)
+    m = build_model(ARCHS[name].to_dict(), V)
+    idx = torch.randint(0, V, (3, ARCHS[name].seq_len + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    ce, grads = _loss_and_grads(m, x, y)
+    m.zero_grad(set_to_none=True)
+    out = m(x)
+    ref = F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
+    (ref + 0.01 * out.aux_loss).backward()
+    assert out.ce is None and m(x, y).logits is None
+    assert torch.equal(ce, ref.detach())
+    assert grads.keys() == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(grads[n], p.grad), n
+
+
+@pytest.mark.skipif(_cpu_compiler() is None, reason="torch.compile needs a C++ compiler on CPU")
+@pytest.mark.parametrize("name", ["dense", "dense_untied"])
+def test_compiled_head_loss_equals_eager(name: str) -> None:
+    """compile_head (train.compile) changes how the loss is computed, not its value or its gradients."""
+    torch.manual_seed(0)
+    m = build_model(ARCHS[name].to_dict(), V)
+    idx = torch.randint(0, V, (2, ARCHS[name].seq_len + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    ce, grads = _loss_and_grads(m, x, y)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    m.compile_head()
+    ce_c, grads_c = _loss_and_grads(m, x, y)
+    assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["ok"] == 1  # really compiled
+    torch.testing.assert_close(ce_c, ce, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert m(x).logits is not None  # evaluation keeps its eager logits

@@ -475,10 +475,24 @@ def test_deepspeed_config_follows_params() -> None:
     assert sizes == (32, 4, 4)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    assert ds["optimizer"]["params"]["fused"] and ds["zero_optimization"]["overlap_comm"]
+    assert ds["bf16"]["check_grad_overflow"] is False  # the loop's own norm check guards bf16 steps
+    one = deepspeed_config(cfg.model_copy(update={"gpus": 1, "micro_batch_size": None}), 1e-3, "cuda", 1)
+    assert one["zero_optimization"]["overlap_comm"] is False  # nothing to overlap on one process
+    cpu = deepspeed_config(cfg.model_copy(update={"dtype": "fp32"}), 1e-3, "cpu", 2)
+    assert "fused" not in cpu["optimizer"]["params"] and cpu["bf16"] == {"enabled": False}
     bad = copy.deepcopy(raw)
     bad["train"]["micro_batch_size"] = 3
     with pytest.raises(Exception, match="micro_batch_size"):
         parse_params(bad)
+
+
+def test_deepspeed_invalid_norm_sentinel_is_nan() -> None:
+    """DeepSpeed reports a non-finite bf16 norm as -1 when it does not check overflow: the loop must see NaN."""
+    from stages.engine import ds_grad_norm
+
+    assert ds_grad_norm(torch.tensor(2.5)) == 2.5 and ds_grad_norm(0.0) == 0.0
+    assert all(math.isnan(ds_grad_norm(v)) for v in (-1.0, None, float("nan"), torch.tensor(-1.0)))
 
 
 def test_gradient_accumulation_matches_the_full_batch(params: Params) -> None:
