@@ -6,7 +6,8 @@
 #
 # Prepare on the CPU box (the GPU box has no network), then run from the repository root there:
 #   bash /work/shared/gpu/wheelhouse.sh          # deepspeed sdist + pydantic & co into .whl/
-#   bash bench/gpu_session.sh [kernels|train|all] # default all; each step has its own time limit
+#   bash bench/gpu_session.sh [STEPS|all]        # STEPS: comma list of build,tests,kernels,layers,mfu_moe,
+#                                                # mfu_dense (default all); each step has its own time limit
 # About 9 min on an H100 for `all`: ~2 min CUTLASS build (MAX_JOBS=16), ~1 min tests, ~2 min kernel
 # benchmark (Triton autotuning included), ~4 min training MFU (torch.compile included).
 # The 2-GPU loss check is separate: `python bench/multi_gpu.py prepare DIR` here, then
@@ -18,7 +19,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0  # 9.0 (not 9.0a): DeepSpeed's JIT parses it
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  if [ "$what" != kernels ]; then
+  if [[ "$what" == all || "$what" == *mfu* ]]; then
     DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
       .whl/deepspeed-*.tar.gz
   fi
@@ -32,14 +33,16 @@ step() {  # step SECONDS LOGNAME CMD...: run with a time limit, keep its log in 
 nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv | tee "$out/device.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$out/device.txt" || true
 
-step 240 cutlass_build.txt python3 -m kernels.cutlass_ext
-if [ "$what" != train ]; then
-  step 150 gpu_tests.txt python3 -m pytest -q -x tests/test_moe_fused.py tests/test_kernels.py tests/test_moe.py
-  step 240 kernels_bench.txt python3 kernels/bench.py --shapes 0,4,5 --no-loop --iters 20 \
-    --layer-backends fused,cutlass,torch_grouped --out "$out/grouped_gemm_h100.csv"
-fi
-if [ "$what" != kernels ]; then
-  step 300 train_mfu.txt python3 bench/train_mfu.py --batch 64 \
-    --runs d512/moe_k1,d512/dense,d1024/dense --variants torch:1 --expert-backend fused \
-    --out "$out/train_mfu_h100.json"
-fi
+has() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
+has build && step 240 cutlass_build.txt python3 -m kernels.cutlass_ext
+has tests && step 150 gpu_tests.txt python3 -m pytest -q tests/test_moe_fused.py tests/test_kernels.py tests/test_moe.py
+has kernels && step 240 kernels_bench.txt python3 kernels/bench.py --shapes 0,4,5 --no-loop --iters 20 \
+  --layer-backends fused,fused:gather,cutlass,torch_grouped --out "$out/grouped_gemm_h100.csv"
+has layers && step 200 layers_bench.txt python3 kernels/bench.py --shapes 0,4 --parts layer --compile --iters 20 \
+  --layer-backends fused,fused:gather,cutlass,torch_grouped --out "$out/moe_layer_compiled_h100.csv"
+has mfu_moe && step 240 train_mfu_moe.txt python3 bench/train_mfu.py --batch 64 --runs d512/moe_k1 \
+  --variants torch:1 --expert-backend fused --out "$out/train_mfu_moe_fused_h100.json" && \
+  step 150 train_mfu_moe2.txt python3 bench/train_mfu.py --batch 64 --runs d512/moe_k1 \
+  --variants torch:1 --expert-backend torch_grouped --out "$out/train_mfu_moe_torch_h100.json"
+has mfu_dense && step 300 train_mfu_dense.txt python3 bench/train_mfu.py --batch 64 \
+  --runs d512/dense,d1024/dense --variants torch:1,deepspeed:1 --out "$out/train_mfu_dense_h100.json"

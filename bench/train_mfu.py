@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-mode", default=None,
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the compiled variants (train.compile_mode; default: torch's)")
-    ap.add_argument("--expert-backend", default="torch_grouped", choices=["torch_grouped", "cutlass", "auto"],
+    ap.add_argument("--expert-backend", default="torch_grouped", choices=["torch_grouped", "cutlass", "fused", "auto"],
                     help="MoE expert kernels (train.expert_backend); each row names the backend that ran")
     ap.add_argument("--profile", default=None,
                     help="run:engine:compile[;run:engine:compile] to profile once (3 steps) after the table")
