@@ -38,11 +38,21 @@ def main() -> None:
     for _ in range(5):
         step()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / 10
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
+    busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / 5
+    print(f"{a.backend} shape {SHAPES[a.shape]}: {wall_ms:.3f} ms per fwd+bwd (CUDA events), kernels busy "
+          f"{busy_ms:.3f} ms ({busy_ms / wall_ms:.0%}; the rest is the GPU waiting for the host)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
 
