@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kernels.permute import sum_slots
+from kernels.permute import pow2_at_least, sum_slots
 
 # (BM, BN, BK, warps, stages) tried by the autotuner on CUDA; the first is the interpreter's.
 GMM_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -74,6 +74,13 @@ if triton is not None:
         return expert, row0, row_end
 
     @triton.jit
+    def source_rows(src_ptr, rows, rmask, GATHER: tl.constexpr):
+        """int64 rows of the A operand for the permuted rows `rows`: src[rows] when gathering."""
+        if GATHER:
+            return tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        return rows.to(tl.int64)
+
+    @triton.jit
     def gmm(a_ptr, src_ptr, b_ptr, c_ptr, act_ptr, h_ptr, offs_ptr, E, N, K,
             stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_hm,
             EP: tl.constexpr, GATHER: tl.constexpr, EPI: tl.constexpr,
@@ -89,10 +96,7 @@ if triton is not None:
             return
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row_end
-        if GATHER:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
-            arows = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        else:
-            arows = rows.to(tl.int64)
+        arows = source_rows(src_ptr, rows, rmask, GATHER)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < N
         ks = tl.arange(0, BK)
@@ -150,10 +154,7 @@ if triton is not None:
         for r0 in range(start, end, BR):
             rows = r0 + tl.arange(0, BR)
             rmask = rows < end
-            if GATHER:  # noqa: SIM108 (a constexpr branch: Triton compiles only one side)
-                arows = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            else:
-                arows = rows.to(tl.int64)
+            arows = source_rows(src_ptr, rows, rmask, GATHER)
             a = tl.load(a_ptr + arows[None, :] * stride_am + kk[:, None], mask=kmask[:, None] & rmask[None, :],
                         other=0.0)
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + nn[None, :],
@@ -192,10 +193,6 @@ def problem(x: torch.Tensor) -> str | None:
     return None
 
 
-def _ep(e: int) -> int:
-    return 1 << max(4, (e - 1).bit_length())
-
-
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, src: torch.Tensor | None = None,
                  rows: int | None = None, epi: int = 0, h: torch.Tensor | None = None,
                  b_transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -223,16 +220,16 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, src: t
     h = out if h is None else h
     srcp = src if src is not None else offs
     args = (a, srcp, b, out, act, h, offs, E, N, K, a.stride(0), sbe, sbk, sbn, out.stride(0), h.stride(0))
-    meta = {"EP": _ep(E), "GATHER": src is not None, "EPI": epi}
+    meta = {"EP": pow2_at_least(E), "GATHER": src is not None, "EPI": epi}
     if rows == 0:
         return out, (act if epi == 1 else None)
     if interpreting():
         bm, bn, bk, _, _ = INTERPRET_CONFIG["gmm"]
-        grid = (triton_cdiv(N, bn), triton_cdiv(rows, bm) + E)
+        grid = (triton.cdiv(N, bn), triton.cdiv(rows, bm) + E)
         kern["gmm"][grid](*args, **meta, BM=bm, BN=bn, BK=bk)
     else:
         fn = kern["tuned"]["swiglu" if epi == 1 else "gmm"]
-        fn[lambda m: (triton_cdiv(N, m["BN"]), triton_cdiv(rows, m["BM"]) + E)](*args, **meta)
+        fn[lambda m: (triton.cdiv(N, m["BN"]), triton.cdiv(rows, m["BM"]) + E)](*args, **meta)
     return out, (act if epi == 1 else None)
 
 
@@ -246,16 +243,12 @@ def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, src: torch
     args = (a, srcp, g, dw, offs, K, N, a.stride(0), g.stride(0))
     if interpreting():
         bko, bn, br, _, _ = INTERPRET_CONFIG["wgrad"]
-        kern["wgrad"][(triton_cdiv(K, bko) * triton_cdiv(N, bn), E)](*args, GATHER=src is not None, BKO=bko, BN=bn,
+        kern["wgrad"][(triton.cdiv(K, bko) * triton.cdiv(N, bn), E)](*args, GATHER=src is not None, BKO=bko, BN=bn,
                                                                      BR=br)
     else:
-        kern["tuned"]["wgrad"][lambda m: (triton_cdiv(K, m["BKO"]) * triton_cdiv(N, m["BN"]), E)](
+        kern["tuned"]["wgrad"][lambda m: (triton.cdiv(K, m["BKO"]) * triton.cdiv(N, m["BN"]), E)](
             *args, GATHER=src is not None)
     return dw
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------- the autograd op

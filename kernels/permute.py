@@ -98,8 +98,9 @@ def _launch(kern: dict[str, Any], name: str, grid: tuple[int, ...], *args: Any, 
     return True
 
 
-def _bd(d: int) -> int:
-    return 1 << max(4, (d - 1).bit_length())
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= n (and >= 16): Triton block sizes must be powers of two."""
+    return 1 << max(4, (n - 1).bit_length())
 
 
 class _Permute(torch.autograd.Function):
@@ -111,7 +112,8 @@ class _Permute(torch.autograd.Function):
         if kern is not None and x.shape[0] > 0:
             x = x.contiguous()
             out = x.new_empty(x.shape[0] * k, x.shape[1])
-            if _launch(kern, "scatter_rows", (x.shape[0],), x, inverse, out, x.shape[1], K=k, BD=_bd(x.shape[1])):
+            if _launch(kern, "scatter_rows", (x.shape[0],), x, inverse, out, x.shape[1], K=k,
+                       BD=pow2_at_least(x.shape[1])):
                 return out
         return x.index_select(0, order // k)
 
@@ -132,7 +134,7 @@ class _Unpermute(torch.autograd.Function):
         if kern is not None and T > 0:
             y = y_perm.new_empty(T, d)
             if _launch(kern, "gather_sum", (T,), y_perm.contiguous(), inverse, weights.contiguous(), y, d, K=k,
-                       BD=_bd(d), WEIGHTED=True):
+                       BD=pow2_at_least(d), WEIGHTED=True):
                 return y
         yk = y_perm.index_select(0, inverse).view(T, k, d)
         return (yk * weights.unsqueeze(-1).to(yk.dtype)).sum(dim=1)
@@ -148,7 +150,7 @@ class _Unpermute(torch.autograd.Function):
             dy_perm = torch.empty_like(y_perm)
             dw = torch.empty(T, k, device=g.device, dtype=torch.float32)
             if _launch(kern, "unpermute_bwd", (T,), g, y_perm.contiguous(), inverse, weights.contiguous(), dy_perm,
-                       dw, d, K=k, BD=_bd(d)):
+                       dw, d, K=k, BD=pow2_at_least(d)):
                 return dy_perm, dw.to(weights.dtype), None, None
         w = weights.to(g.dtype)
         dy_perm = g.index_select(0, order // k) * w.reshape(-1).index_select(0, order).unsqueeze(-1)
@@ -167,7 +169,7 @@ def sum_slots(g: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     if kern is not None and T > 0:
         g = g.contiguous()
         out = g.new_empty(T, d)
-        if _launch(kern, "gather_sum", (T,), g, inverse, g, out, d, K=k, BD=_bd(d), WEIGHTED=False):
+        if _launch(kern, "gather_sum", (T,), g, inverse, g, out, d, K=k, BD=pow2_at_least(d), WEIGHTED=False):
             return out
     gk = g.index_select(0, inverse).view(T, k, d)
     return gk.sum(dim=1, dtype=torch.float32).to(g.dtype)

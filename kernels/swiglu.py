@@ -15,35 +15,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+try:  # Triton is optional: CPU-only installs run the eager maths
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
-@functools.cache
-def _triton_kernels() -> Any:
-    """(fwd, bwd) Triton kernels, or None where Triton is unavailable."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit
-    def fwd(h_ptr, out_ptr, rows, f, BM: tl.constexpr, BN: tl.constexpr):
+    def load_tile(h_ptr, rows, f, BM: tl.constexpr, BN: tl.constexpr):
+        """This program's (BM, BN) tile: rows r, columns c, mask, offsets into h13, and the gate and
+        up values a, b (fp32)."""
         r = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
         c = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
         mask = (r < rows) & (c < f)
         base = r.to(tl.int64) * (2 * f) + c
         a = tl.load(h_ptr + base, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(h_ptr + base + f, mask=mask, other=0.0).to(tl.float32)
+        return r, c, mask, base, a, b
+
+    @triton.jit
+    def fwd(h_ptr, out_ptr, rows, f, BM: tl.constexpr, BN: tl.constexpr):
+        r, c, mask, base, a, b = load_tile(h_ptr, rows, f, BM, BN)
         out = a * tl.sigmoid(a) * b
         tl.store(out_ptr + r.to(tl.int64) * f + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def bwd(h_ptr, g_ptr, dh_ptr, rows, f, BM: tl.constexpr, BN: tl.constexpr):
-        r = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
-        c = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
-        mask = (r < rows) & (c < f)
-        base = r.to(tl.int64) * (2 * f) + c
-        a = tl.load(h_ptr + base, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(h_ptr + base + f, mask=mask, other=0.0).to(tl.float32)
+        r, c, mask, base, a, b = load_tile(h_ptr, rows, f, BM, BN)
         g = tl.load(g_ptr + r.to(tl.int64) * f + c, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(a)
         da = g * b * s * (1.0 + a * (1.0 - s))
@@ -51,6 +50,12 @@ def _triton_kernels() -> Any:
         tl.store(dh_ptr + base, da.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + base + f, db.to(dh_ptr.dtype.element_ty), mask=mask)
 
+
+@functools.cache
+def _triton_kernels() -> Any:
+    """(fwd, bwd) Triton kernels, or None where Triton is unavailable."""
+    if triton is None:
+        return None
     return triton, fwd, bwd
 
 

@@ -91,6 +91,21 @@ for name, m in (("ref", ref), ("fused", fused)):
     outs[name] = (o.y, xi.grad, m.experts.w13.grad, m.experts.w2.grad, m.router.gate.weight.grad)
 out["layer"] = errors([(n, a, b) for n, a, b in zip(["y", "dx", "dw13", "dw2", "dgate"], outs["fused"], outs["ref"])])
 out["layer_backend"] = fused.experts.last_backend
+
+# the SwiGLU kernels of the unfused path (kernels/swiglu.py), launched directly
+import torch.nn.functional as F
+from kernels import swiglu as sw
+rows, f = 37, 40
+h = torch.randn(rows, 2 * f)
+act = torch.empty(rows, f)
+sw.fwd[sw._grid(rows, f)](h, act, rows, f, BM=sw.BM, BN=sw.BN)
+g = torch.randn(rows, f)
+dh = torch.empty_like(h)
+sw.bwd[sw._grid(rows, f)](h, g, dh, rows, f, BM=sw.BM, BN=sw.BN)
+hr = h.clone().requires_grad_()
+ar = F.silu(hr[:, :f]) * hr[:, f:]
+ar.backward(g)
+out["swiglu"] = errors([("fwd", act, ar), ("bwd", dh, hr.grad)])
 print("RESULT " + json.dumps(out))
 """
 
