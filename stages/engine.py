@@ -181,7 +181,22 @@ def ds_grad_norm(norm: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------- engines
-class TorchEngine:
+class _InMemoryState:
+    """Model + optimizer state in memory (what the resume tests compare); both engines expose
+    `module` and `optimizer`."""
+
+    module: Any
+    optimizer: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class TorchEngine(_InMemoryState):
     """Plain PyTorch: AdamW, clip_grad_norm_, autocast for bf16; gradients all-reduced across processes."""
 
     name = "torch"
@@ -235,15 +250,8 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client"]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(_InMemoryState):
     """DeepSpeed ZeRO-1/2 through deepspeed.initialize with the generated config.
 
     On CPU: DS_ACCELERATOR=cpu, fp32, torch's AdamW and single-process rendezvous variables. The
@@ -296,13 +304,6 @@ class DeepSpeedEngine:
     def load(self, directory: Path) -> dict[str, Any]:
         _, client = self.engine.load_checkpoint(str(directory), tag="ds")
         return client["client"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
