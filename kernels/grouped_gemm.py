@@ -155,6 +155,35 @@ def cutlass_problem(x: torch.Tensor, w: torch.Tensor) -> str | None:
     return cutlass_ext.problem()
 
 
+def product(kind: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    """One grouped product, no autograd, on "cutlass" or "torch_grouped" (the pieces of a backward
+    pass; kernels/moe_fused.py composes them too):
+      fwd: a (rows, k) @ b[e] (k, n)        -> (rows, n)
+      dx:  a (rows, n) @ b[e]^T, b (E, k, n) -> (rows, k)   (b read transposed in place)
+      dw:  a[rows of e]^T @ b[rows of e]     -> (E, a.shape[1], b.shape[1]); experts without rows zeroed
+    """
+    if backend == "torch_grouped":
+        if kind == "fwd":
+            return torch._grouped_mm(a, b, offs=offs)
+        if kind == "dx":
+            return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(a.t(), b, offs=offs)
+    if backend != "cutlass":
+        raise GroupedGemmError(f"no plain grouped product on backend {backend!r}")
+    from kernels import cutlass_ext
+
+    if kind == "fwd":
+        out = a.new_empty(a.shape[0], b.shape[2])
+        cutlass_ext.run("fwd", offs, a, b, out, b.shape[1], b.shape[2])
+    elif kind == "dx":
+        out = a.new_empty(a.shape[0], b.shape[1])
+        cutlass_ext.run("dx", offs, a, b, out, b.shape[1], b.shape[2])
+    else:
+        out = a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+        cutlass_ext.run("dw", offs, a, b, out, a.shape[1], b.shape[1])
+    return out
+
+
 class _CutlassGroupedMM(torch.autograd.Function):
     """Three grouped GEMMs of the SM90 extension; offsets stay on the device (no host sync).
 
@@ -164,29 +193,16 @@ class _CutlassGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        from kernels import cutlass_ext
-
         x, w = x.contiguous(), w.contiguous()
-        k, n = w.shape[1], w.shape[2]
-        out = x.new_empty(x.shape[0], n)
-        cutlass_ext.run("fwd", offs, x, w, out, k, n)
         ctx.save_for_backward(x, w, offs)
-        return out
+        return product("fwd", x, w, offs, "cutlass")
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        from kernels import cutlass_ext
-
         x, w, offs = ctx.saved_tensors
-        k, n = w.shape[1], w.shape[2]
         dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)  # dx_e = dy_e @ w_e^T: w_e read transposed in place (column-major B)
-            cutlass_ext.run("dx", offs, dy, w, dx, k, n)
-        if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w)  # dw_e = x_e^T @ dy_e; experts without rows are zeroed on the device
-            cutlass_ext.run("dw", offs, x, dy, dw, k, n)
+        dx = product("dx", dy, w, offs, "cutlass") if ctx.needs_input_grad[0] else None
+        dw = product("dw", x, dy, offs, "cutlass") if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kernels.grouped_gemm import product
 from kernels.permute import pow2_at_least, sum_slots
 
 # (BM, BN, BK, warps, stages) tried by the autotuner on CUDA; the first is the interpreter's.
@@ -253,29 +254,10 @@ def weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, src: torch
 
 # --------------------------------------------------------------------------------- the autograd op
 def _plain(kind: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
-    """One grouped product without autograd: fwd a @ b[e]; dx a @ b[e]^T; dw a^T @ b (per expert).
-
-    backend "cutlass" (the SM90 extension), "torch_grouped" (torch._grouped_mm) or "triton" (ours;
-    what the interpreter tests use)."""
-    if backend == "cutlass":
-        from kernels import cutlass_ext
-
-        if kind == "fwd":
-            out = a.new_empty(a.shape[0], b.shape[2])
-            cutlass_ext.run("fwd", offs, a, b, out, b.shape[1], b.shape[2])
-        elif kind == "dx":  # b: (E, k, n), a: (rows, n) -> (rows, k)
-            out = a.new_empty(a.shape[0], b.shape[1])
-            cutlass_ext.run("dx", offs, a, b, out, b.shape[1], b.shape[2])
-        else:  # a: (rows, k), b: (rows, n) -> (E, k, n)
-            out = a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
-            cutlass_ext.run("dw", offs, a, b, out, a.shape[1], b.shape[1])
-        return out
-    if backend == "torch_grouped":
-        if kind == "fwd":
-            return torch._grouped_mm(a, b, offs=offs)
-        if kind == "dx":
-            return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(a.t(), b, offs=offs)
+    """One grouped product without autograd (kinds as kernels.grouped_gemm.product): on "cutlass" or
+    "torch_grouped" that function, on "triton" the kernels here (what the interpreter tests use)."""
+    if backend != "triton":
+        return product(kind, a, b, offs, backend)
     if kind == "fwd":
         return grouped_gemm(a, b, offs)[0]
     if kind == "dx":
@@ -290,13 +272,13 @@ class _TritonGroupedMM(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         x, w = x.contiguous(), w.contiguous()
         ctx.save_for_backward(x, w, offs)
-        return grouped_gemm(x, w, offs)[0]
+        return _plain("fwd", x, w, offs, "triton")
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        return grouped_gemm(dy, w, offs, b_transposed=True)[0], weight_grad(x, dy, offs), None
+        return _plain("dx", dy, w, offs, "triton"), _plain("dw", x, dy, offs, "triton"), None
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -325,7 +307,7 @@ class _FusedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = sum_slots(_plain("dx", dh13, w13, offs, ctx.plain), inverse, ctx.k)
         if ctx.needs_input_grad[1]:
-            if OPTIONS["wgrad"] == "gather" or ctx.plain == "triton":
+            if OPTIONS["wgrad"] == "gather":
                 dw13 = weight_grad(x, dh13, offs, src)
             else:  # gather x once more (one bandwidth pass), then the plain weight-gradient GEMM
                 dw13 = _plain("dw", x.index_select(0, src), dh13, offs, ctx.plain)

@@ -293,9 +293,9 @@ class GroupedExperts(nn.Module):
 
     def fused_plan(self, x: torch.Tensor) -> tuple[str | None, str | None]:
         """For backend "fused": (grouped GEMM backend of its plain products, None) when the fused
-        kernels (kernels/moe_fused.py) take x, else (None, why not)."""
+        kernels (kernels/moe_fused.py) take x, else (None, why not; None when not requested)."""
         if self.backend != "fused":
-            return None, "not requested"
+            return None, None
         why = moe_fused.problem(x)
         dtype = self._dtype(x)
         if why is None and x.is_cuda and dtype != torch.bfloat16:
@@ -322,13 +322,11 @@ class GroupedExperts(nn.Module):
         """The expert outputs of already permuted rows x; `why` is the reason a fused request fell
         back to this path (recorded in last_fallback)."""
         probe = x.new_empty(0, x.shape[1], dtype=self._dtype(x))  # backends are chosen by device, dtype, shape
-        b, why2 = resolve_backend("auto" if self.backend == "fused" else self.backend, probe, self.w13)
-        why = why2 if why is None else why
-        if why2 is None:  # w2 (f, d) must suit the same backend, else both use the fallback
-            b2, why2 = resolve_backend(b, probe.new_empty(0, self.f), self.w2)
-            b = b2 if why2 is not None else b
-            why = why2 if why is None else why
-        self.last_backend, self.last_fallback = b, why
+        b, why_b = resolve_backend("auto" if self.backend == "fused" else self.backend, probe, self.w13)
+        if why_b is None:  # w2 (f, d) must suit the same backend, else both use the fallback
+            b2, why_b = resolve_backend(b, probe.new_empty(0, self.f), self.w2)
+            b = b2 if why_b is not None else b
+        self.last_backend, self.last_fallback = b, why or why_b
         h13 = grouped_mm(x, self.w13, offs, b)
         return grouped_mm(swiglu(h13, self.f), self.w2, offs, b)
 
@@ -360,7 +358,7 @@ class MoE(nn.Module):
             y_perm = self.experts.fused(flat, disp, self.top_k, plain)
         else:
             x_perm, disp = dispatch(flat, r.indices, self.experts_n)
-            y_perm = self.experts(x_perm, disp.offs, None if self.experts.backend != "fused" else why)
+            y_perm = self.experts(x_perm, disp.offs, why)
         y = combine(y_perm, disp, r.weights)
         return MoEOutput(y.view(shape), r.aux_loss, r.z_loss, r.load)
 

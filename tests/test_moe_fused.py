@@ -58,7 +58,9 @@ def errors(pairs):
             for n, a, b in pairs}
 
 out = {}
-for T, k, E, d, f, empty in [(37, 2, 5, 48, 40, [3]), (20, 1, 4, 32, 24, [0, 2]), (64, 3, 6, 40, 56, [])]:
+for (T, k, E, d, f, empty), wgrad in [((37, 2, 5, 48, 40, [3]), "gather"), ((37, 2, 5, 48, 40, [3]), "permuted"),
+                                      ((20, 1, 4, 32, 24, [0, 2]), "gather"), ((64, 3, 6, 40, 56, []), "permuted")]:
+    moe_fused.OPTIONS["wgrad"] = wgrad
     torch.manual_seed(T)
     x = torch.randn(T, d, requires_grad=True)
     w13 = (torch.randn(E, d, 2 * f) / d ** 0.5).requires_grad_()
@@ -71,9 +73,9 @@ for T, k, E, d, f, empty in [(37, 2, 5, 48, 40, [3]), (20, 1, 4, 32, 24, [0, 2])
     xr, w13r, w2r = (t.detach().clone().requires_grad_() for t in (x, w13, w2))
     yr = _reference(swiglu(_reference(xr[disp.order // k], w13r, disp.offs), f), w2r, disp.offs)
     yr.backward(gy)
-    out[f"T{T}k{k}E{E}"] = errors([("y", y, yr), ("dx", x.grad, xr.grad), ("dw13", w13.grad, w13r.grad),
+    out[f"T{T}k{k}E{E}_{wgrad}"] = errors([("y", y, yr), ("dx", x.grad, xr.grad), ("dw13", w13.grad, w13r.grad),
                                   ("dw2", w2.grad, w2r.grad)])
-    out[f"T{T}k{k}E{E}"]["empty_dw_zero"] = all(float(w13.grad[e].abs().max()) == 0.0 for e in empty)
+    out[f"T{T}k{k}E{E}_{wgrad}"]["empty_dw_zero"] = all(float(w13.grad[e].abs().max()) == 0.0 for e in empty)
 
 # the whole layer: backend "fused" vs "reference" from the same weights
 torch.manual_seed(0)
