@@ -71,8 +71,7 @@ def _kernels() -> dict[str, Any] | None:
             tl.store(dw_ptr + t * K + j, tl.sum(g * y, axis=0))
             tl.store(dy_ptr + src * d + cols, (wj * g).to(dy_ptr.dtype.element_ty), mask=mask)
 
-    return {"triton": triton, "scatter_rows": scatter_rows, "gather_sum": gather_sum,
-            "unpermute_bwd": unpermute_bwd}
+    return {"scatter_rows": scatter_rows, "gather_sum": gather_sum, "unpermute_bwd": unpermute_bwd}
 
 
 _disabled: list[str] = []  # set to the reason once a Triton launch has failed in this process

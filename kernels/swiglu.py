@@ -9,7 +9,6 @@ Triton kernels, elsewhere (CPU tests, no Triton) the same maths in eager PyTorch
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -51,12 +50,8 @@ if triton is not None:
         tl.store(dh_ptr + base + f, db.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _triton_kernels() -> Any:
-    """(fwd, bwd) Triton kernels, or None where Triton is unavailable."""
-    if triton is None:
-        return None
-    return triton, fwd, bwd
+def _use_triton(h13: torch.Tensor) -> bool:
+    return triton is not None and h13.is_cuda and h13.shape[0] > 0
 
 
 BM, BN = 16, 128
@@ -72,11 +67,10 @@ class _SwiGLU(torch.autograd.Function):
         h13 = h13.contiguous()
         ctx.save_for_backward(h13)
         ctx.f = f
-        kernels = _triton_kernels() if h13.is_cuda else None
-        if kernels is None or h13.shape[0] == 0:
+        if not _use_triton(h13):
             return F.silu(h13[:, :f]) * h13[:, f:]
         out = h13.new_empty(h13.shape[0], f)
-        kernels[1][_grid(h13.shape[0], f)](h13, out, h13.shape[0], f, BM=BM, BN=BN)
+        fwd[_grid(h13.shape[0], f)](h13, out, h13.shape[0], f, BM=BM, BN=BN)
         return out
 
     @staticmethod
@@ -84,14 +78,13 @@ class _SwiGLU(torch.autograd.Function):
         (h13,) = ctx.saved_tensors
         f = ctx.f
         g = g.contiguous()
-        kernels = _triton_kernels() if h13.is_cuda else None
-        if kernels is None or h13.shape[0] == 0:
+        if not _use_triton(h13):
             a, b = h13[:, :f].float(), h13[:, f:].float()
             s = torch.sigmoid(a)
             gf = g.float()
             return torch.cat([gf * b * s * (1 + a * (1 - s)), gf * a * s], dim=1).to(h13.dtype), None
         dh = torch.empty_like(h13)
-        kernels[2][_grid(h13.shape[0], f)](h13, g, dh, h13.shape[0], f, BM=BM, BN=BN)
+        bwd[_grid(h13.shape[0], f)](h13, g, dh, h13.shape[0], f, BM=BM, BN=BN)
         return dh, None
 
 
