@@ -322,8 +322,9 @@ def count_summary(a: Architecture, vocab_size: int) -> dict[str, Any]:
         "kind": a.kind,
         "total_params": a.total_params(vocab_size, "with_embeddings"),
         "active_params": a.active_params(vocab_size, "with_embeddings"),
-        # DeepSeek-V2/V3 report activated params without the input embedding (a lookup, no compute)
-        "active_params_no_input_embedding": a.active_params(vocab_size, "with_embeddings") - vocab_size * a.d_model,
+        # DeepSeek-V2/V3 report activated params without the input embedding (a lookup, no compute);
+        # the LM head (V x d) stays, also when it is tied to that embedding
+        "active_params_no_input_embedding": a.nonvocab_active + vocab_size * a.d_model,
         "nonvocab_params": a.nonvocab_total,
         "nonvocab_active": a.nonvocab_active,
         "activation_rate": a.activation_rate,

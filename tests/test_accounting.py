@@ -115,6 +115,9 @@ def test_embedding_conventions() -> None:
     assert m.active_params(V, "with_embeddings") == m.nonvocab_active + V * D  # embeddings count as active
     with pytest.raises(ValueError, match="count_embeddings"):
         m.total_params(V, "all")
+    # without the input embedding (DeepSeek's activated count) the LM head stays, tied or not
+    for a in (tied, untied):
+        assert count_summary(a, V)["active_params_no_input_embedding"] == a.nonvocab_active + V * D
 
 
 def test_flops_terms_and_conventions() -> None:
