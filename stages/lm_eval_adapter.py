@@ -32,6 +32,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from stages.common import write_bytes, write_json
 from stages.model import load_model
 from stages.tasks import score_continuations
 
@@ -53,7 +54,9 @@ class ProjectLM(LM):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, config = load_model(model_dir, device=self._device)
         self.model.eval()
-        self.eos_id = int(config.get("eos_id", 0))
+        if "eos_id" not in config:  # the document separator the model was trained with; no safe default
+            raise ValueError(f"{Path(model_dir) / 'config.json'}: no eos_id (not a model saved by the train stage?)")
+        self.eos_id = int(config["eos_id"])
         self.seq_len = self.model.arch.seq_len
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
@@ -149,7 +152,7 @@ def write_study_tasks(tasks_dir: Path | str, out_dir: Path | str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in study_task_yamls(tasks_dir).items():
-        (out_dir / f"{name}.yaml").write_text(text)
+        write_bytes(out_dir / f"{name}.yaml", text.encode())
         paths.append(out_dir / f"{name}.yaml")
     return paths
 
@@ -189,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tasks and --include-path (or --export-study-tasks) are needed to evaluate")
     lm = ProjectLM(work / "runs" / a.run / "model", work / "tokens", batch_size=a.batch_size)
     results = run_harness(lm, a.tasks.split(","), a.include_path or a.export_study_tasks, a.limit)
-    text = json.dumps(results, indent=2, sort_keys=True, default=str)
     if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
+        write_json(a.out, results)
+    print(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
 
