@@ -450,7 +450,8 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     if router is not None:  # part of provenance and of the checkpoint key: another router never resumes
         section["router"] = router.model_dump()
     prov = provenance("train", inputs, section, CODE_MODULES)
-    key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), section, prov["code_sha256"])
+    run_section = {k: v for k, v in section.items() if k != "train"}  # train goes in filtered (NOT_IN_KEY)
+    key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), run_section, prov["code_sha256"])
     ckpt_dir = checkpoint.checkpoint_dir(run, key, work)
     checkpoint.prune_stale_keys(ckpt_dir)
     rank = dist_env()[0]

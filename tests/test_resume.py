@@ -107,6 +107,20 @@ def test_changed_config_does_not_resume_a_stale_checkpoint(straight: Path, tmp_p
     assert Path(res["checkpoint_dir"]).name not in old_keys
 
 
+def test_logging_settings_keep_the_checkpoint_key(straight: Path, tmp_path: Path) -> None:
+    """log_every / checkpoint_every do not change what is trained: the same key, so a re-run resumes
+    (here: from the final checkpoint) instead of pruning it and starting over."""
+    work = tmp_path / "work"
+    shutil.copytree(straight, work)
+    raw = raw_params()
+    raw["train"]["log_every"] = raw["train"].get("log_every", 10) + 1
+    raw["train"]["checkpoint_every"] = CKPT_EVERY + 1
+    key = {d.name for d in (work / "ckpt" / "dense").iterdir()}
+    res = run_train(parse_params(raw), "dense", work=work)
+    assert {Path(res["checkpoint_dir"]).name} == key
+    assert res["resumed_from_step"] == ckpt_step(straight, "dense")
+
+
 @pytest.mark.parametrize("fault, message", [("nan_loss@6", "step 6: non-finite loss"),
                                             ("grad_spike@7", "step 7: gradient norm")])
 def test_blow_up_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
