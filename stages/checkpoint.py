@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common import WORK, read_json, sha256_json, write_json
+from stages.common import WORK, dist_env, read_json, sha256_json, write_json
 
 LATEST = "latest.json"
 NOT_IN_KEY = ("log_every", "checkpoint_every")
@@ -49,7 +49,7 @@ def prune_stale_keys(directory: Path) -> list[Path]:
     """Remove the run's checkpoints of other keys (an older config or code): they can never resume
     this run, and left alone they would fill the disk one full model + optimizer state per edit.
     Rank 0 only; the stage's lock (DVC, Snakemake) means no other config of this run is training."""
-    if _rank() != 0 or not directory.parent.is_dir():
+    if dist_env()[0] != 0 or not directory.parent.is_dir():
         return []
     stale = [d for d in sorted(directory.parent.iterdir()) if d.is_dir() and d.name != directory.name]
     for d in stale:
@@ -80,23 +80,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def save(directory: Path, engine: Any, step: int, client: dict[str, Any]) -> Path:
     """Write checkpoint `step` (all processes call this), then point latest.json at it (rank 0)."""
     target = directory / f"step_{step:09d}"
-    if _rank() == 0:
+    if dist_env()[0] == 0:
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
     _barrier()
     engine.save(target, client)
     _barrier()
-    if _rank() == 0:
+    if dist_env()[0] == 0:
         write_json(directory / LATEST, {"step": step, "dir": target.name, "engine": engine.name})
         for old in directory.glob("step_*"):
             if old.name != target.name:

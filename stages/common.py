@@ -298,3 +298,10 @@ def per_run_main(
     except (ParamsError, KeyError, FileNotFoundError, ValueError, *errors) as err:
         fail(str(err).strip("'\""))
     return 0
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by torchrun / the deepspeed launcher (1 process: 0, 1, 0);
+    valid before torch.distributed is initialised (checkpoint pruning runs then)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))

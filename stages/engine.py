@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from stages.common import dist_env
 from stages.model import LM
 from stages.schema import TrainConfig
 
@@ -80,12 +81,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 # ----------------------------------------------------------------------------- device, processes
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as set by torchrun / the deepspeed launcher (1 process: 0, 1, 0)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise EngineError("train.device=cuda but no CUDA device is visible (use auto or cpu)")
@@ -241,13 +236,11 @@ class TorchEngine(_InMemoryState):
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         if dist_env()[0] == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "client": client}, directory / "torch_state.pt")
+            torch.save({**self.state_dict(), "client": client}, directory / "torch_state.pt")
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = torch.load(directory / "torch_state.pt", map_location=self.device, weights_only=False)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_state_dict(state)
         return state["client"]
 
 
