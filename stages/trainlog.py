@@ -95,7 +95,7 @@ def load_stats(load_sum: torch.Tensor | None, steps: int) -> dict[str, Any] | No
         return None
     mean = load_sum / max(1, steps)  # (layers, E), each row sums to 1
     E = mean.shape[1]
-    ent = [float(-(row * row.clamp_min(1e-12).log()).sum() / math.log(E)) for row in mean]
+    _, ent = layer_load_stats(mean)
     return {
         "fraction_per_expert": [[round(float(v), 6) for v in row] for row in mean],
         "max_over_uniform": [round(float(row.max() * E), 6) for row in mean],
