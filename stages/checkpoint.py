@@ -99,12 +99,17 @@ def save(directory: Path, engine: Any, step: int, client: dict[str, Any]) -> Pat
     return target
 
 
-def latest(directory: Path) -> Path | None:
-    """The complete checkpoint latest.json names, or None (no checkpoint, or one of another engine)."""
+def latest(directory: Path, engine: str) -> Path | None:
+    """The complete checkpoint latest.json names, or None (no checkpoint, or one `engine` cannot load:
+    `train.engine: auto` is DeepSpeed on a GPU and torch on the CPU, under the same key)."""
     pointer = directory / LATEST
     if not pointer.exists():
         return None
     info = read_json(pointer)
+    if info.get("engine") != engine:
+        log.warning("not resuming from %s: written by the %s engine, this run uses %s", directory,
+                    info.get("engine"), engine)
+        return None
     target = directory / info["dir"]
     return target if target.is_dir() else None
 

@@ -279,7 +279,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint in ckpt_dir, if there is one."""
-        target = checkpoint.latest(self.ckpt_dir) if self.ckpt_dir is not None else None
+        target = checkpoint.latest(self.ckpt_dir, self.engine.name) if self.ckpt_dir is not None else None
         if target is None:
             return False
         self.load_client_state(checkpoint.load(target, self.engine))

@@ -21,7 +21,7 @@ import yaml
 from test_train_eval import PARAMS, make_work
 
 from stages import checkpoint
-from stages.common import ROOT, read_json
+from stages.common import ROOT, read_json, write_json
 from stages.schema import parse_params
 from stages.train import NonFiniteError, run_train
 
@@ -119,6 +119,19 @@ def test_logging_settings_keep_the_checkpoint_key(straight: Path, tmp_path: Path
     res = run_train(parse_params(raw), "dense", work=work)
     assert {Path(res["checkpoint_dir"]).name} == key
     assert res["resumed_from_step"] == ckpt_step(straight, "dense")
+
+
+def test_a_checkpoint_of_another_engine_is_not_loaded(straight: Path, tmp_path: Path) -> None:
+    """`engine: auto` trains with DeepSpeed on a GPU and torch on the CPU under one key: a work dir
+    moved between them starts over instead of failing to load the other engine's files."""
+    work = tmp_path / "work"
+    shutil.copytree(straight, work)
+    (pointer,) = (work / "ckpt" / "dense").glob(f"*/{checkpoint.LATEST}")
+    write_json(pointer, read_json(pointer) | {"engine": "deepspeed"})
+    res = run_train(parse_params(raw_params()), "dense", work=work)
+    assert res["resumed_from_step"] is None
+    for f in ("train_log.csv", "model/model.safetensors"):
+        assert (work / "runs/dense" / f).read_bytes() == (straight / "runs/dense" / f).read_bytes(), f
 
 
 @pytest.mark.parametrize("fault, message", [("nan_loss@6", "step 6: non-finite loss"),
