@@ -48,7 +48,6 @@ from typing import Any, Protocol
 import torch
 
 from stages import checkpoint
-from stages.accounting import train_flops
 from stages.audit import audit_run
 from stages.common import (
     WORK,
@@ -334,7 +333,7 @@ def log_csv(history: list[StepStats]) -> bytes:
 # ---------------------------------------------------------------------------------------- stage
 def check_plan(plan: dict[str, Any], plan_path: Path | str, cfg: TrainConfig) -> None:
     """The plan fields the loop relies on, and that it matches the current train section."""
-    for key in ("arch", "steps", "batch_size", "tokens", "tokens_per_step"):
+    for key in ("arch", "steps", "batch_size", "tokens", "tokens_per_step", "flops_per_token", "compute_convention"):
         if key not in plan:
             raise TrainError(f"{plan_path}: missing key {key!r} (re-run the plan stage)")
     if plan["batch_size"] != cfg.batch_size:
@@ -402,11 +401,6 @@ def hf_config(arch: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str, A
             "eos_token_id": eos_id, "torch_dtype": "float32"}
 
 
-def planned_flops_per_token(plan: dict[str, Any]) -> float:
-    """The planner's training FLOPs per token (its compute convention); 6 N_active for older plans."""
-    return float(plan.get("flops_per_token") or train_flops(plan["nonvocab_active"], 1))
-
-
 def run_dir(run: str, work: Path = WORK) -> Path:
     return work / "runs" / run
 
@@ -461,7 +455,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
              plan["arch"]["kind"], total, active, plan["steps"], plan["tokens_per_step"], lr, seed, ckpt_dir)
     loader = loader if loader is not None else ReplayLoader(replay_path, plan["batch_size"])
     trainer, metrics = train(model, loader, cfg, steps=plan["steps"], batch_size=plan["batch_size"], lr=lr,
-                             seed=seed, flops_per_token=planned_flops_per_token(plan),
+                             seed=seed, flops_per_token=float(plan["flops_per_token"]),
                              ckpt_dir=ckpt_dir)
     if loader.tokens_served != plan["tokens"] or metrics["tokens"] != plan["tokens"]:
         raise TrainError(f"consumed {loader.tokens_served} tokens (loop counted {metrics['tokens']}) but the "
@@ -480,7 +474,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
     result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,
               "tokens_seen": loader.tokens_served, "plan_tokens": plan["tokens"], "lr": lr, "seed": seed,
-              **metrics, "flops_convention": plan.get("compute_convention", "6n"), "checkpoint_dir": str(ckpt_dir),
+              **metrics, "flops_convention": plan["compute_convention"], "checkpoint_dir": str(ckpt_dir),
               "provenance": prov}
     result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
     keys = ("final_train_loss", "tokens_per_second", "mfu", "final_aux_loss", "wall_seconds")
