@@ -72,12 +72,6 @@ def prepare(d: Path) -> None:
             stage(d, name, run)
 
 
-def final_loss(path: Path) -> tuple[float, list[float]]:
-    losses = [float(r["loss"]) for r in csv.DictReader(path.read_text().splitlines())]
-    tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail), losses
-
-
 def train_in_copy(d: Path, tag: str, gpus: int, runs: list[str]) -> dict[str, Any]:
     """Train `runs` in a copy of d's work/ (so the 1- and 2-GPU outputs never overwrite each other)."""
     c = d.parent / f"{d.name}_{tag}"
@@ -95,8 +89,8 @@ def train_in_copy(d: Path, tag: str, gpus: int, runs: list[str]) -> dict[str, An
             out[run] = {"failed": str(err)}
             continue
         res = json.loads((c / "work/runs" / run / "train.json").read_text())
-        loss, curve = final_loss(c / "work/runs" / run / "train_log.csv")
-        out[run] = {"final_loss": loss, "curve_every_50": curve[::50]} | {
+        curve = [float(r["loss"]) for r in csv.DictReader((c / "work/runs" / run / "train_log.csv").open())]
+        out[run] = {"final_loss": res["final_train_loss"], "curve_every_50": curve[::50]} | {
             k: res[k] for k in ("steps", "engine", "processes", "device_name", "tokens_per_second", "mfu",
                                 "wall_seconds", "resumed_from_step")}
     return out

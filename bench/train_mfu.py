@@ -44,7 +44,7 @@ from stages.accounting import plan_run, train_flops  # noqa: E402
 from stages.model import build_model  # noqa: E402
 from stages.schema import parse_params  # noqa: E402
 from stages.train import train  # noqa: E402
-from stages.trainlog import device_peak_flops  # noqa: E402
+from stages.trainlog import device_peak_flops, mfu  # noqa: E402
 
 BENCH_PARAMS: dict[str, Any] = {
     "study": "bench",
@@ -111,8 +111,9 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
                        schedule=schedule(wait=max(0, warmup - 2), warmup=1, active=3, repeat=1))
         prof.__enter__()
         loader = ProfiledLoader(plan.batch_size, plan.arch.seq_len, vocab, prof)
+    fpt, full = train_flops(plan.arch.nonvocab_active, 1), full_flops_per_token(plan.arch, vocab)
     trainer, metrics = train(model, loader, p.train, steps=steps + warmup, batch_size=plan.batch_size,
-                             lr=p.train.lr, seed=0, flops_per_token=train_flops(plan.arch.nonvocab_active, 1))
+                             lr=p.train.lr, seed=0, flops_per_token=fpt)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -120,8 +121,7 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         prof.__exit__(None, None, None)
     step_s = statistics.median(h.seconds for h in trainer.history[warmup:])
     tok_s = plan.tokens_per_step / step_s
-    peak, _ = device_peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    fpt, full = train_flops(plan.arch.nonvocab_active, 1), full_flops_per_token(plan.arch, vocab)
+    run_mfu, run_mfu_full = mfu(fpt, tok_s, trainer.peak_flops), mfu(full, tok_s, trainer.peak_flops)
     row = {
         "run": spec, "family": family or "d512", "d_model": plan.arch.d_model, "n_layers": plan.arch.n_layers,
         "kind": plan.arch.kind, "experts": plan.arch.experts, "top_k": plan.arch.top_k,
@@ -132,8 +132,8 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         "dtype": "bf16", "batch": plan.batch_size,
         "seq_len": plan.arch.seq_len, "vocab": vocab, "expert_backends": metrics["expert_backends"],
         "ms_per_step": round(step_s * 1e3, 2), "tokens_per_s": round(tok_s), "flops_per_token": fpt,
-        "flops_per_token_full": full, "mfu": round(fpt * tok_s / peak, 4) if peak else None,
-        "mfu_full": round(full * tok_s / peak, 4) if peak else None,
+        "flops_per_token_full": full, "mfu": None if run_mfu is None else round(run_mfu, 4),
+        "mfu_full": None if run_mfu_full is None else round(run_mfu_full, 4),
         "loss_first": round(trainer.history[0].loss, 4), "loss_last": round(trainer.history[-1].loss, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "wall_s": round(wall, 1),
