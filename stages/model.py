@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import grouped_mm, moe_fused, resolve_backend
+from kernels import router as fused_router
 from kernels.grouped_gemm import CHOICES, backend_problem
 from kernels.permute import permute, unpermute
 from kernels.swiglu import swiglu
@@ -140,6 +141,7 @@ class RouterOutput:
     aux_loss: torch.Tensor  # scalar, E * sum_i f_i P_i (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2
     load: torch.Tensor  # (E,) fraction of the T*k routed slots that went to each expert
+    counts: torch.Tensor | None = None  # (E,) int64 routed slots per expert (route() reuses them)
 
 
 def expert_counts(indices: torch.Tensor, experts: int) -> torch.Tensor:
@@ -175,12 +177,34 @@ class Router(nn.Module):
         self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d, experts, bias=False)
         self.bias_balancing = cfg.bias_balancing
+        self.last_path: str | None = None  # "fused" (kernels/router.py) or "eager": what the last forward ran
         if cfg.bias_balancing:
             self.register_buffer("expert_bias", torch.zeros(experts))
             self.register_buffer("pending_load", torch.zeros(experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.gate(x)  # (T, E); router maths in (at least) fp32, also under autocast
+        self.last_path = "eager"
+        if fused_router.problem(logits, self.top_k) is None:  # CUDA: kernels/router.py, the same maths
+            out = self._fused(logits)
+            if out is not None:
+                self.last_path = "fused"
+                return out
+        return self._eager(logits)
+
+    def _fused(self, logits: torch.Tensor) -> RouterOutput | None:
+        """The router outputs from kernels/router.py (None if its launch failed: then run eagerly)."""
+        bias = self.expert_bias if self.bias_balancing else None
+        res = fused_router.fused_router(logits, self.top_k, self.score, bias)
+        if res is None:
+            return None
+        top_w, top_i, counts, load, aux, z = res
+        if self.bias_balancing and self.training:
+            self.pending_load += counts.to(self.pending_load.dtype)
+        return RouterOutput(top_w, top_i, aux, z, load, counts)
+
+    def _eager(self, logits: torch.Tensor) -> RouterOutput:
+        """The reference router maths in PyTorch (CPU always; CUDA when the fused router cannot run)."""
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         if self.score == "softmax":
@@ -195,13 +219,14 @@ class Router(nn.Module):
             top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
             top_w = scores.gather(-1, top_i)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = expert_counts(top_i, self.experts).to(scores.dtype)
+        slots = expert_counts(top_i, self.experts)
+        counts = slots.to(scores.dtype)
         if self.bias_balancing and self.training:
             self.pending_load += counts.detach()
         load = counts / counts.sum()  # f_i: no gradient (a count), as in Switch Transformer
         aux = self.experts * (load * importance).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return RouterOutput(top_w, top_i, aux, z, load.detach())
+        return RouterOutput(top_w, top_i, aux, z, load.detach(), slots)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Router:
         """Keep the balancing state in fp32 under model.to(bf16)/.half(): a bias step of 1e-3
@@ -235,22 +260,35 @@ class Dispatch:
     offs: torch.Tensor  # (E,) int32 cumulative row ends (kernels.grouped_mm contract)
 
 
-def route(indices: torch.Tensor, experts: int) -> Dispatch:
-    """The expert-sorted order of the (token, slot) pairs (a stable sort, so deterministic)."""
+def sort_keys(flat: torch.Tensor, experts: int) -> torch.Tensor:
+    """The expert ids in the narrowest integer dtype that holds them: a radix sort does one pass per
+    key byte (int64 keys took 8 onesweep passes on an H100, uint8 keys take 1). A stable sort's order
+    does not depend on the key dtype, so route() gives the same permutation either way."""
+    if experts <= 256:
+        return flat.to(torch.uint8)
+    return flat.to(torch.int16 if experts <= 32768 else torch.int32)
+
+
+def route(indices: torch.Tensor, experts: int, counts: torch.Tensor | None = None) -> Dispatch:
+    """The expert-sorted order of the (token, slot) pairs (a stable sort, so deterministic).
+
+    `counts` (E,) int64 slots per expert, when the caller has them (RouterOutput.counts), saves their
+    recount; they must be expert_counts(indices, experts)."""
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(sort_keys(flat, experts), stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = expert_counts(flat, experts)
+    counts = expert_counts(flat, experts) if counts is None else counts
     return Dispatch(order, inverse, counts, counts.cumsum(0).to(torch.int32))
 
 
-def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, Dispatch]:
+def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int,
+             counts: torch.Tensor | None = None) -> tuple[torch.Tensor, Dispatch]:
     """Rows of x repeated once per routed slot and sorted by expert.
 
-    x: (T, d), indices: (T, k). Returns (x_perm (T*k, d), Dispatch).
+    x: (T, d), indices: (T, k), counts: see route. Returns (x_perm (T*k, d), Dispatch).
     """
-    d = route(indices, experts)
+    d = route(indices, experts, counts)
     return permute(x, d.order, d.inverse, indices.shape[1]), d
 
 
@@ -354,10 +392,10 @@ class MoE(nn.Module):
         r = self.router(flat)
         plain, why = self.experts.fused_plan(flat)
         if plain is not None:  # gather, SwiGLU and its backward fused into the expert GEMMs
-            disp = route(r.indices, self.experts_n)
+            disp = route(r.indices, self.experts_n, r.counts)
             y_perm = self.experts.fused(flat, disp, self.top_k, plain)
         else:
-            x_perm, disp = dispatch(flat, r.indices, self.experts_n)
+            x_perm, disp = dispatch(flat, r.indices, self.experts_n, r.counts)
             y_perm = self.experts(x_perm, disp.offs, why)
         y = combine(y_perm, disp, r.weights)
         return MoEOutput(y.view(shape), r.aux_loss, r.z_loss, r.load)
