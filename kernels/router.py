@@ -234,7 +234,7 @@ def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: t
       softmax: dx = p * (g + dlse - sum_e p_e g_e);   sigmoid: dx = g * p (1 - p) + dlse * softmax(x)
     with dlse = 2 lse dL/dz / T.
     """
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     T, E = x.shape
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     sm = (x - lse).exp()
@@ -248,7 +248,7 @@ def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: t
         p = sm
         g = (dimp / T).expand(T, E).clone()
     if gw is not None:
-        gw = gw.float()
+        gw = gw.to(x.dtype)
         dws = (gw * w).sum(-1, keepdim=True)
         g = g.scatter_add(1, idx, (gw - dws) / s.unsqueeze(-1))
     if sigmoid:

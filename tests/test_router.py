@@ -1,0 +1,325 @@
+"""The fused Triton router (kernels/router.py) against the eager Router maths, and route() on narrow keys.
+
+- CPU, in-process: the eager Router and route() give the same bytes as the code before the fused
+  router existed (reproduced here), and the hand-derived backward (`backward_reference`, the maths of
+  the backward kernel) equals autograd through the eager Router in float64.
+- CPU, Triton's interpreter (subprocess, fp32): the kernels against Router's eager path, forward and
+  the gradient of each loss term (weights, aux, z) w.r.t. the logits, over softmax/sigmoid, bias on/off,
+  k=1, E not a power of two, tokens not a multiple of the block; ties go to the lowest expert id; the
+  launch-error fallback.
+- GPU (skipped without CUDA): bf16 logits at the benchmark shape and a ragged one, against the eager
+  maths with a tie rule made explicit (ties -> lowest id, as the kernel does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_moe_fused import HAVE_TRITON, run_interpreted
+
+from kernels import router as fused
+from stages.model import MoE, Router, expert_counts, route
+from stages.schema import RouterConfig
+
+CUDA = torch.cuda.is_available()
+
+
+def old_router(r: Router, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Router.forward as it was before kernels/router.py (commit e64d66c), for the byte-identity test."""
+    logits = r.gate(x)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if r.score == "softmax":
+        scores = logits.softmax(dim=-1)
+        importance = scores.mean(dim=0)
+    else:
+        scores = logits.sigmoid()
+        importance = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
+    if not r.bias_balancing:
+        top_w, top_i = scores.topk(r.top_k, dim=-1)
+    else:
+        top_i = (scores.detach() + r.expert_bias).topk(r.top_k, dim=-1).indices
+        top_w = scores.gather(-1, top_i)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    counts = expert_counts(top_i, r.experts).to(scores.dtype)
+    load = counts / counts.sum()
+    aux = r.experts * (load * importance).sum()
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return top_w, top_i, aux, z, load
+
+
+def stable_router(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The eager Router maths with ties made explicit: top-k by a stable descending sort (ties -> the
+    lowest expert id, the kernel's rule). Returns (weights, indices, counts, load, aux, z)."""
+    x = logits.float()
+    E = x.shape[1]
+    if score == "softmax":
+        p = x.softmax(-1)
+        importance = p.mean(0)
+    else:
+        p = x.sigmoid()
+        importance = (p / p.sum(-1, keepdim=True)).mean(0)
+    sel = p.detach() + (bias if bias is not None else 0.0)
+    idx = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = p.gather(-1, idx)
+    w = w / w.sum(-1, keepdim=True)
+    counts = expert_counts(idx, E)
+    load = counts.float() / counts.sum()
+    aux = E * (load * importance).sum()
+    z = torch.logsumexp(x, dim=-1).pow(2).mean()
+    return w, idx, counts, load, aux, z
+
+
+@pytest.mark.parametrize("score,bias", [("softmax", False), ("sigmoid", True), ("softmax", True)])
+def test_cpu_router_bytes_unchanged(score: str, bias: bool) -> None:
+    """CPU runs the eager router: its outputs are the same bytes as before, and it reports the counts."""
+    torch.manual_seed(11)
+    r = Router(16, 10, 3, RouterConfig(score=score, bias_balancing=bias))
+    torch.nn.init.normal_(r.gate.weight, std=0.3)
+    if bias:
+        r.expert_bias.copy_(torch.randn(10) * 0.05)
+    x = torch.randn(57, 16)
+    out = r(x)
+    assert r.last_path == "eager"
+    for name, a, b in zip(("weights", "indices", "aux", "z", "load"),
+                          (out.weights, out.indices, out.aux_loss, out.z_loss, out.load), old_router(r, x), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(out.counts, expert_counts(out.indices, 10))
+
+
+def test_route_narrow_keys_and_given_counts_match_int64_sort() -> None:
+    torch.manual_seed(12)
+    for E, T, k in ((64, 300, 8), (300, 200, 4), (7, 50, 1)):
+        idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+        d = route(idx, E)
+        order = torch.argsort(idx.reshape(-1), stable=True)  # the int64 sort route() ran before
+        assert torch.equal(d.order, order)
+        assert torch.equal(d.order[d.inverse], torch.arange(T * k))
+        assert torch.equal(d.counts, expert_counts(idx, E))
+        d2 = route(idx, E, expert_counts(idx, E))
+        assert torch.equal(d2.offs, d.offs) and d2.offs.dtype == torch.int32
+
+
+@pytest.mark.parametrize("T,E,k,score,bias", [(23, 6, 2, "softmax", False), (31, 9, 1, "sigmoid", True),
+                                              (40, 64, 8, "softmax", True), (17, 13, 4, "sigmoid", False)])
+def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, bias: bool) -> None:
+    """The derivation the backward kernel implements, against autograd through Router's eager maths
+    (float64), for each output separately and for a mix."""
+    torch.manual_seed(T * E)
+    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
+    if bias:
+        r.expert_bias.copy_(torch.randn(E) * 0.1)
+    r.double()  # the bias stays fp32 (Router._apply); the scores it is added to are fp64
+    logits = (torch.randn(T, E, dtype=torch.float64) * 2).requires_grad_()
+    out = r._eager(logits)
+    p = logits.detach().softmax(-1) if score == "softmax" else logits.detach().sigmoid()
+    s = p.gather(-1, out.indices).sum(-1)
+    gw = torch.randn(T, k, dtype=torch.float64)
+    for cw, ca, cz in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.7, -0.3)):
+        loss = cw * (out.weights * gw).sum() + ca * out.aux_loss + cz * out.z_loss
+        (want,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        got = fused.backward_reference(logits.detach(), out.weights.detach(), out.indices, s, out.load,
+                                       cw * gw if cw else None, torch.tensor(ca, dtype=torch.float64),
+                                       torch.tensor(cz, dtype=torch.float64), score == "sigmoid")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+CASES = r"""
+import json, torch
+from kernels import router as R
+from stages.model import MoE, Router, route
+from stages.schema import RouterConfig
+
+def err(a, b, floor=1e-12):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
+
+out = {}
+# (T, E, k, score, bias): ragged token blocks (BT is 64 at E<=32, 32 at E=64, 8 at E=256), E not a power
+# of two, k=1, the largest E
+for T, E, k, score, bias in [(37, 6, 2, "softmax", False), (37, 6, 2, "sigmoid", True), (70, 13, 1, "softmax", True),
+                             (70, 64, 8, "softmax", False), (70, 64, 8, "sigmoid", True), (19, 150, 5, "sigmoid", False),
+                             (21, 256, 3, "softmax", True), (130, 5, 4, "softmax", False)]:
+    torch.manual_seed(T + E)
+    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
+    if bias:
+        r.expert_bias.copy_(torch.randn(E) * 0.1)
+    logits = torch.randn(T, E) * 2
+    gw = torch.randn(T, k)
+    key = f"T{T}_E{E}_k{k}_{score}" + ("_bias" if bias else "")
+    res = {}
+    for path in ("eager", "fused"):
+        fn = r._eager if path == "eager" else r._fused
+        grads = []
+        for term in ("weights", "aux", "z"):
+            l = logits.clone().requires_grad_()
+            o = fn(l)
+            loss = {"weights": lambda: (o.weights * gw).sum(), "aux": lambda: o.aux_loss, "z": lambda: o.z_loss}[term]()
+            loss.backward()
+            grads.append(l.grad)
+        res[path] = (o, grads)
+    (oe, ge), (of, gf) = res["eager"], res["fused"]
+    out[key] = {"indices_equal": bool(torch.equal(oe.indices, of.indices)),
+                "counts_equal": bool(torch.equal(oe.counts, of.counts)) and of.counts.dtype == torch.int64,
+                "weights": err(of.weights, oe.weights), "aux": err(of.aux_loss, oe.aux_loss),
+                "z": err(of.z_loss, oe.z_loss), "load": err(of.load, oe.load),
+                # with k=1 the weights are 1 and their true gradient 0 (eager: rounding noise): the floor
+                "d_weights": err(gf[0], ge[0], 1e-2), "d_aux": err(gf[1], ge[1]), "d_z": err(gf[2], ge[2])}
+
+# the whole layer through Router.forward (fused router) vs the eager router, and the balancing counts
+torch.manual_seed(0)
+moe = MoE(16, 8, 6, 2, backend="reference", router=RouterConfig(bias_balancing=True))
+for p in moe.parameters():
+    torch.nn.init.normal_(p, std=0.3)
+moe.train()
+x = torch.randn(45, 16)
+layer = {}
+for opt in ("eager", "auto"):
+    R.OPTIONS["router"] = opt
+    moe.router.pending_load.zero_()
+    xi = x.clone().requires_grad_()
+    o = moe(xi)
+    (o.y.square().sum() + o.aux_loss + o.z_loss).backward()
+    layer[opt] = (moe.router.last_path, o.y, xi.grad, moe.router.gate.weight.grad.clone(), moe.router.pending_load.clone())
+    moe.zero_grad()
+out["layer"] = {n: err(a, b) for n, a, b in zip(["y", "dx", "dgate", "pending_load"], layer["auto"][1:], layer["eager"][1:])}
+out["layer_paths"] = [layer["eager"][0], layer["auto"][0]]
+
+# ties go to the lowest expert id (all-equal logits; and a tie between experts 5 and 2 for the second slot)
+r = Router(4, 8, 3)
+t = torch.zeros(3, 8)
+t[1, 5] = t[1, 2] = 1.0
+t[1, 7] = 2.0
+out["ties"] = r._fused(t).indices.tolist()
+
+# a launch error: logged once, the eager router runs from then on, with its result
+R.OPTIONS["router"] = "auto"
+kern = R._kernels()
+R._kernels = lambda: {name: None for name in kern}  # 'NoneType' is not subscriptable at launch
+xs = torch.randn(9, 4)
+o = r(xs)
+ref = r._eager(r.gate(xs))
+out["fallback"] = [r.last_path, bool(R._disabled), bool(torch.equal(o.indices, ref.indices)),
+                   bool(torch.equal(o.weights, ref.weights))]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_fused_router_matches_eager_in_interpreter() -> None:
+    res = run_interpreted(CASES)
+    assert res.pop("layer_paths") == ["eager", "fused"]
+    assert res.pop("ties") == [[0, 1, 2], [7, 2, 5], [0, 1, 2]]
+    assert res.pop("fallback") == ["eager", True, True, True]
+    for case, errs in res.items():
+        for name, v in errs.items():
+            if isinstance(v, bool):
+                assert v, f"{case}: {name}"
+            else:
+                # gradients: cancellation in p * (g - sum p g) when the loads are nearly even
+                assert v < (5e-5 if name.startswith("d") else 1e-5), f"{case} {name}: relative error {v:.2e}"
+
+
+def test_eager_option_and_cpu_keep_the_eager_router() -> None:
+    assert fused.problem(torch.zeros(4, 8), 2) is not None or fused.interpreting()
+    prev = fused.OPTIONS["router"]
+    try:
+        fused.OPTIONS["router"] = "eager"
+        assert "eager" in (fused.problem(torch.zeros(4, 8), 2) or "")
+    finally:
+        fused.OPTIONS["router"] = prev
+
+
+# ------------------------------------------------------------------------------------------- GPU
+def _compare_on_gpu(T: int, E: int, k: int, score: str, bias: bool, dtype: torch.dtype) -> None:
+    torch.manual_seed(T + E)
+    logits = (torch.randn(T, E, device="cuda") * 1.5).to(dtype)
+    b = torch.randn(E, device="cuda") * 0.05 if bias else None
+    gw = torch.randn(T, k, device="cuda")
+    outs, grads = {}, {}
+    for name in ("fused", "ref"):
+        lg = logits.clone().requires_grad_()
+        o = fused.fused_router(lg, k, score, b) if name == "fused" else stable_router(lg, k, score, b)
+        assert o is not None, fused._disabled
+        w, idx, counts, load, aux, z = o
+        ((w * gw).sum() + 0.7 * aux + 0.3 * z).backward()
+        outs[name], grads[name] = o, lg.grad
+    (w, idx, counts, load, aux, z), (w2, idx2, counts2, load2, aux2, z2) = outs["fused"], outs["ref"]
+    assert torch.equal(idx, idx2) and torch.equal(counts, counts2)
+    assert grads["fused"].dtype == dtype
+    torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load, load2, rtol=0, atol=0)
+    for name, a, b_ in (("aux", aux, aux2), ("z", z, z2)):
+        assert abs(float(a) - float(b_)) <= 1e-4 * abs(float(b_)), name
+    g, g2 = grads["fused"].float(), grads["ref"].float()
+    rel = float((g - g2).norm() / g2.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), f"dlogits: relative error {rel:.3g}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(16384, 64, 8), (1000, 13, 3), (777, 256, 1), (4097, 8, 2)])
+@pytest.mark.parametrize("score,bias", [("softmax", False), ("sigmoid", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fused_router_matches_eager_maths(shape: tuple[int, int, int], score: str, bias: bool,
+                                              dtype: torch.dtype) -> None:
+    _compare_on_gpu(*shape, score, bias, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_stable_reference_is_the_eager_router_without_ties() -> None:
+    """stable_router equals Router's eager maths (torch.topk) on fp32 logits, where ties do not occur."""
+    torch.manual_seed(5)
+    r = Router(32, 64, 8).cuda()
+    x = torch.randn(4096, 32, device="cuda")
+    o = r._eager(r.gate(x))
+    w, idx, counts, load, aux, z = stable_router(r.gate(x), 8, "softmax", None)
+    assert torch.equal(o.indices, idx) and torch.equal(o.counts, counts)
+    torch.testing.assert_close(o.weights, w)
+    torch.testing.assert_close(o.aux_loss, aux)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(16384, 8, 64, 1024, 512), (1000, 2, 8, 264, 136)])
+def test_gpu_moe_layer_same_with_fused_and_eager_router(shape: tuple[int, int, int, int, int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole layer (fp32) with the fused router equals the eager router, and route() with the
+    router's counts equals route() recounting them. A near-tie of two scores (a few ulps apart) may
+    round differently in the two softmaxes and swap an expert: such tokens (at most 0.1%) are left out
+    of the per-token comparison and loosen the one for the gate's gradient."""
+    T, k, E, d, f = shape
+    torch.manual_seed(0)
+    moe = MoE(d, f, E, k, backend="auto").cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(T, d, device="cuda")
+    outs = {}
+    for opt in ("eager", "auto"):
+        monkeypatch.setitem(fused.OPTIONS, "router", opt)
+        xi = x.clone().requires_grad_()
+        o = moe(xi)
+        (o.y.square().mean() + 0.01 * o.aux_loss + 1e-3 * o.z_loss).backward()
+        path = moe.router.last_path
+        with torch.no_grad():
+            r = moe.router(x)
+        outs[opt] = (path, r.indices, o.y, xi.grad, moe.router.gate.weight.grad.clone())
+        moe.zero_grad()
+        a, b = route(r.indices, E, r.counts), route(r.indices, E)
+        assert all(torch.equal(u, v) for u, v in ((a.order, b.order), (a.inverse, b.inverse), (a.offs, b.offs)))
+    assert [outs["eager"][0], outs["auto"][0]] == ["eager", "fused"]
+    same = (outs["eager"][1] == outs["auto"][1]).all(-1)
+    assert float(same.float().mean()) >= 0.999
+    for name, a, b in zip(("y", "dx"), outs["auto"][2:4], outs["eager"][2:4], strict=True):
+        rel = float((a[same] - b[same]).norm() / b[same].norm())
+        assert rel < 1e-4, f"{name}: relative error {rel:.3g}"
+    a, b = outs["auto"][4], outs["eager"][4]
+    rel = float((a - b).norm() / b.norm())
+    assert rel < (1e-4 if bool(same.all()) else 1e-2), f"dgate: relative error {rel:.3g}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_route_uint8_sort_equals_int64_sort() -> None:
+    torch.manual_seed(3)
+    idx = torch.randint(0, 64, (16384, 8), device="cuda")
+    d = route(idx, 64)
+    assert torch.equal(d.order, torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(d.counts, expert_counts(idx, 64))
