@@ -165,7 +165,7 @@ def _kernels() -> dict[str, Any] | None:
                 dws += gj * wj
             s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
             g += tl.where(chosen, (gsel - dws[:, None]) / s[:, None], 0.0)
-        if SIGMOID:
+        if SIGMOID:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
             dx = g * p * (1.0 - p) + dlse[:, None] * sm
         else:
             dx = p * (g + dlse[:, None] - tl.sum(p * g, 1)[:, None])

@@ -81,8 +81,8 @@ def test_cpu_router_bytes_unchanged(score: str, bias: bool) -> None:
     x = torch.randn(57, 16)
     out = r(x)
     assert r.last_path == "eager"
-    for name, a, b in zip(("weights", "indices", "aux", "z", "load"),
-                          (out.weights, out.indices, out.aux_loss, out.z_loss, out.load), old_router(r, x), strict=True):
+    new = (out.weights, out.indices, out.aux_loss, out.z_loss, out.load)
+    for name, a, b in zip(("weights", "indices", "aux", "z", "load"), new, old_router(r, x), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert torch.equal(out.counts, expert_counts(out.indices, 10))
 
@@ -137,8 +137,9 @@ def err(a, b, floor=1e-12):
 out = {}
 # (T, E, k, score, bias): ragged token blocks (BT is 64 at E<=32, 32 at E=64, 8 at E=256), E not a power
 # of two, k=1, the largest E
-for T, E, k, score, bias in [(37, 6, 2, "softmax", False), (37, 6, 2, "sigmoid", True), (70, 13, 1, "softmax", True),
-                             (70, 64, 8, "softmax", False), (70, 64, 8, "sigmoid", True), (19, 150, 5, "sigmoid", False),
+for T, E, k, score, bias in [(37, 6, 2, "softmax", False), (37, 6, 2, "sigmoid", True),
+                             (70, 13, 1, "softmax", True), (70, 64, 8, "softmax", False),
+                             (70, 64, 8, "sigmoid", True), (19, 150, 5, "sigmoid", False),
                              (21, 256, 3, "softmax", True), (130, 5, 4, "softmax", False)]:
     torch.manual_seed(T + E)
     r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
@@ -180,9 +181,11 @@ for opt in ("eager", "auto"):
     xi = x.clone().requires_grad_()
     o = moe(xi)
     (o.y.square().sum() + o.aux_loss + o.z_loss).backward()
-    layer[opt] = (moe.router.last_path, o.y, xi.grad, moe.router.gate.weight.grad.clone(), moe.router.pending_load.clone())
+    r = moe.router
+    layer[opt] = (r.last_path, o.y, xi.grad, r.gate.weight.grad.clone(), r.pending_load.clone())
     moe.zero_grad()
-out["layer"] = {n: err(a, b) for n, a, b in zip(["y", "dx", "dgate", "pending_load"], layer["auto"][1:], layer["eager"][1:])}
+names = ["y", "dx", "dgate", "pending_load"]
+out["layer"] = {n: err(a, b) for n, a, b in zip(names, layer["auto"][1:], layer["eager"][1:])}
 out["layer_paths"] = [layer["eager"][0], layer["auto"][0]]
 
 # ties go to the lowest expert id (all-equal logits; and a tie between experts 5 and 2 for the second slot)
