@@ -6,11 +6,11 @@ a scatter_add for the counts, logsumexp, pow, mean, ...) and a long autograd cha
 backward; at T=16384 tokens, top-8 of 64 it was ~0.45 ms of a ~3.5 ms MoE layer step on an H100
 (results/kernels/profile_moe_layer_fused_shape0_h100.txt). Here, from the router logits x (T, E):
 
-  forward   router_fwd       one program per BT tokens, the whole row of E <= 256 scores in registers:
+  forward   router_fwd       tiles of BT tokens, the whole row of E <= 256 scores in registers:
                              p = softmax(x) (or sigmoid(x)), top-k by k rounds of argmax (ties -> lowest
                              index; an optional selection bias added for choosing only), renormalised
-                             weights w, lse = logsumexp(x); per-block partial sums of the importance
-                             scores, of the counts and of lse^2 written to small (blocks, E) buffers
+                             weights w, lse = logsumexp(x); each of <= MAX_PROGRAMS programs writes its
+                             partial sums of the importance scores, counts and lse^2 to (programs, E)
             router_finalize  one program sums those partials in a fixed order (deterministic: no float
                              atomics) into counts, load = counts / sum(counts), importance P = mean of
                              the scores, aux = E * sum(load * P) and z = mean(lse^2)
@@ -54,54 +54,61 @@ def _kernels() -> dict[str, Any] | None:
                    T, E, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * BT + tl.arange(0, BT)
+        nprog = tl.num_programs(0)
         cols = tl.arange(0, BE)
         kcols = tl.arange(0, BK)
-        rmask = rows < T
         cmask = cols < E
-        m2 = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * E + cols[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-        mx = tl.where(rmask, tl.max(x, 1), 0.0)  # rows past T: all -inf, kept finite
-        ex = tl.exp(x - mx[:, None])
-        se = tl.where(rmask, tl.sum(ex, 1), 1.0)
-        lse = mx + tl.log(se)
-        if SIGMOID:
-            p = tl.where(m2, tl.sigmoid(x), 0.0)
-            ps = tl.where(rmask, tl.sum(p, 1), 1.0)
-            q = p / ps[:, None]  # DeepSeek-V3's normalised affinity: the importance scores
-        else:
-            p = ex / se[:, None]
-            q = p
-        sel = p
         if HAS_BIAS:
-            sel = p + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-        sel = tl.where(cmask[None, :], sel, float("-inf"))
-        wt = tl.zeros([BT, BK], dtype=tl.float32)
-        it = tl.zeros([BT, BK], dtype=tl.int32)
-        chosen = tl.zeros([BT, BE], dtype=tl.int32)
-        for j in tl.static_range(K):  # k rounds of argmax, ties -> the lowest expert id
-            best = tl.max(sel, 1)
-            pick = tl.min(tl.where(sel == best[:, None], cols[None, :], BE), 1)
-            pick = tl.minimum(pick, E - 1)  # only a NaN row matches nothing: keep the index in range
-            hit = cols[None, :] == pick[:, None]
-            wj = tl.sum(tl.where(hit, p, 0.0), 1)
-            wt = tl.where(kcols[None, :] == j, wj[:, None], wt)
-            it = tl.where(kcols[None, :] == j, pick[:, None], it)
-            sel = tl.where(hit, float("-inf"), sel)
-            chosen += hit.to(tl.int32)
-        s = tl.where(rmask, tl.sum(wt, 1), 1.0)
-        km = rmask[:, None] & (kcols[None, :] < K)
-        out = rows64[:, None] * K + kcols[None, :]
-        tl.store(w_ptr + out, wt / s[:, None], mask=km)
-        tl.store(idx_ptr + out, it.to(tl.int64), mask=km)
-        tl.store(lse_ptr + rows, lse, mask=rmask)
-        tl.store(s_ptr + rows, s, mask=rmask)
-        chosen = tl.where(rmask[:, None], chosen, 0)
-        q = tl.where(m2, q, 0.0)
-        tl.store(imp_part_ptr + pid * E + cols, tl.sum(q, 0), mask=cmask)
-        tl.store(cnt_part_ptr + pid * E + cols, tl.sum(chosen, 0), mask=cmask)
-        tl.store(z_part_ptr + pid, tl.sum(tl.where(rmask, lse * lse, 0.0), 0))
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+        imp_acc = tl.zeros([BE], dtype=tl.float32)
+        cnt_acc = tl.zeros([BE], dtype=tl.int32)
+        z_acc = tl.zeros([BT], dtype=tl.float32)
+        for t0 in range(pid * BT, T, nprog * BT):  # tiles pid, pid + nprog, ...: partial sums per program
+            rows = t0 + tl.arange(0, BT)
+            rmask = rows < T
+            m2 = rmask[:, None] & cmask[None, :]
+            rows64 = rows.to(tl.int64)
+            x = tl.load(x_ptr + rows64[:, None] * E + cols[None, :], mask=m2, other=float("-inf")).to(tl.float32)
+            mx = tl.where(rmask, tl.max(x, 1), 0.0)  # rows past T: all -inf, kept finite
+            ex = tl.exp(x - mx[:, None])
+            se = tl.where(rmask, tl.sum(ex, 1), 1.0)
+            lse = mx + tl.log(se)
+            if SIGMOID:
+                p = tl.where(m2, tl.sigmoid(x), 0.0)
+                ps = tl.where(rmask, tl.sum(p, 1), 1.0)
+                imp_acc += tl.sum(p / ps[:, None], 0)  # DeepSeek-V3's normalised affinity
+            else:
+                p = ex / se[:, None]
+                imp_acc += tl.sum(p, 0)  # rows past T and columns past E have p = 0
+            sel = p
+            if HAS_BIAS:
+                sel = p + bias[None, :]
+            sel = tl.where(cmask[None, :], sel, float("-inf"))
+            wt = tl.zeros([BT, BK], dtype=tl.float32)
+            it = tl.zeros([BT, BK], dtype=tl.int32)
+            for j in tl.static_range(K):  # k rounds of argmax, ties -> the lowest expert id
+                best = tl.max(sel, 1)
+                pick = tl.min(tl.where(sel == best[:, None], cols[None, :], BE), 1)
+                pick = tl.minimum(pick, E - 1)  # only a NaN row matches nothing: keep the index in range
+                hit = cols[None, :] == pick[:, None]
+                wj = tl.sum(tl.where(hit, p, 0.0), 1)
+                wt = tl.where(kcols[None, :] == j, wj[:, None], wt)
+                it = tl.where(kcols[None, :] == j, pick[:, None], it)
+                sel = tl.where(hit, float("-inf"), sel)
+            s = tl.where(rmask, tl.sum(wt, 1), 1.0)
+            km = rmask[:, None] & (kcols[None, :] < K)
+            out = rows64[:, None] * K + kcols[None, :]
+            tl.store(w_ptr + out, wt / s[:, None], mask=km)
+            tl.store(idx_ptr + out, it.to(tl.int64), mask=km)
+            tl.store(lse_ptr + rows, lse, mask=rmask)
+            tl.store(s_ptr + rows, s, mask=rmask)
+            # chosen = the -inf'd columns of sel (E - chosen are still finite: p and the bias are finite)
+            chosen = (sel == float("-inf")) & m2
+            cnt_acc += tl.sum(chosen.to(tl.int32), 0)
+            z_acc += tl.where(rmask, lse * lse, 0.0)
+        tl.store(imp_part_ptr + pid * E + cols, imp_acc, mask=cmask)
+        tl.store(cnt_part_ptr + pid * E + cols, cnt_acc, mask=cmask)
+        tl.store(z_part_ptr + pid, tl.sum(z_acc, 0))
 
     @triton.jit
     def router_finalize(imp_part_ptr, cnt_part_ptr, z_part_ptr, counts_ptr, load_ptr, aux_ptr, z_ptr,
@@ -179,13 +186,22 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 def blocks(experts: int) -> tuple[int, int]:
-    """(BT tokens per program, BE padded experts): about 2048 fp32 scores a program (16 a thread at 4
-    warps) so the k argmax rounds stay in registers; at E=64 that is 32 tokens, 512 programs at T=16384."""
+    """(BT tokens per tile, BE padded experts): 1024 scores a tile (4 a thread at WARPS=8) keep the k argmax
+    rounds and the backward in registers; 2048 spilled in the backward (AOT-compiled for sm_90). At E=64
+    a tile is 16 tokens."""
     be = pow2_at_least(experts)
-    return max(4, min(64, 2048 // be)), be
+    return max(1, min(64, 1024 // be)), be
 
 
-FINALIZE_ROWS = 32  # partial rows summed per step of router_finalize
+WARPS = 8
+# router_fwd runs at most this many programs, each over every nprog-th tile, so router_finalize sums
+# at most this many partial rows (a fixed number: the summation order depends on T only, not the GPU)
+MAX_PROGRAMS = 512
+
+
+def finalize_rows(be: int) -> int:
+    """Partial rows summed per step of router_finalize (4096 values of each kind a step, 16 a thread)."""
+    return max(1, min(128, 4096 // be))
 
 
 def problem(logits: torch.Tensor, top_k: int) -> str | None:
@@ -263,7 +279,7 @@ class _FusedRouter(torch.autograd.Function):
         x = logits.contiguous()
         T, E = x.shape
         bt, be = blocks(E)
-        nb = -(-T // bt)
+        nb = min(-(-T // bt), MAX_PROGRAMS)
         dev = x.device
         w = torch.empty(T, k, device=dev, dtype=torch.float32)
         idx = torch.empty(T, k, device=dev, dtype=torch.int64)
@@ -274,13 +290,14 @@ class _FusedRouter(torch.autograd.Function):
         z_part = torch.empty(nb, device=dev, dtype=torch.float32)
         bias_arg = bias.float().contiguous() if bias is not None else lse  # unread without HAS_BIAS
         _launch("router_fwd", (nb,), x, bias_arg, w, idx, lse, s, imp_part, cnt_part, z_part, T, E, K=k,
-                BK=pow2_at_least(k, 1), BT=bt, BE=be, SIGMOID=sigmoid, HAS_BIAS=bias is not None)
+                BK=pow2_at_least(k, 1), BT=bt, BE=be, SIGMOID=sigmoid, HAS_BIAS=bias is not None,
+                num_warps=WARPS)
         counts = torch.empty(E, device=dev, dtype=torch.int64)
         load = torch.empty(E, device=dev, dtype=torch.float32)
         aux = torch.empty((), device=dev, dtype=torch.float32)
         z = torch.empty((), device=dev, dtype=torch.float32)
         _launch("router_finalize", (1,), imp_part, cnt_part, z_part, counts, load, aux, z, nb, T, E,
-                BB=FINALIZE_ROWS, BE=be)
+                BB=finalize_rows(be), BE=be, num_warps=WARPS)
         ctx.save_for_backward(x, lse, s, w, idx, load)
         ctx.sigmoid = sigmoid
         ctx.mark_non_differentiable(idx, counts, load)
@@ -299,7 +316,8 @@ class _FusedRouter(torch.autograd.Function):
         bt, be = blocks(E)
         try:
             _launch("router_bwd", (-(-T // bt),), x, lse, s, w, idx, gw.contiguous() if gw is not None else w,
-                    load, gaux_t, gz_t, dx, T, E, K=k, BT=bt, BE=be, SIGMOID=ctx.sigmoid, HAS_GW=gw is not None)
+                    load, gaux_t, gz_t, dx, T, E, K=k, BT=bt, BE=be, SIGMOID=ctx.sigmoid, HAS_GW=gw is not None,
+                    num_warps=WARPS)
         except _LaunchFailed:
             dx = backward_reference(x, w, idx, s, load, gw, gaux_t, gz_t, ctx.sigmoid).to(x.dtype)
         return dx, None, None, None

@@ -135,19 +135,22 @@ def err(a, b, floor=1e-12):
     return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
 
 out = {}
-# (T, E, k, score, bias): ragged token blocks (BT is 64 at E<=32, 32 at E=64, 8 at E=256), E not a power
-# of two, k=1, the largest E
-for T, E, k, score, bias in [(37, 6, 2, "softmax", False), (37, 6, 2, "sigmoid", True),
-                             (70, 13, 1, "softmax", True), (70, 64, 8, "softmax", False),
-                             (70, 64, 8, "sigmoid", True), (19, 150, 5, "sigmoid", False),
-                             (21, 256, 3, "softmax", True), (130, 5, 4, "softmax", False)]:
+# (T, E, k, score, bias, programs): ragged token tiles (BT is 64 at E<=16, 16 at E=64, 4 at E=256), E not
+# a power of two, k=1, the largest E; few programs (each loops over several tiles); more partial rows
+# (23) than router_finalize sums a step (16 at E=256)
+for T, E, k, score, bias, progs in [(37, 6, 2, "softmax", False, 512), (37, 6, 2, "sigmoid", True, 512),
+                                    (70, 13, 1, "softmax", True, 512), (70, 64, 8, "softmax", False, 512),
+                                    (70, 64, 8, "sigmoid", True, 2), (19, 150, 5, "sigmoid", False, 512),
+                                    (21, 256, 3, "softmax", True, 512), (130, 5, 4, "softmax", False, 1),
+                                    (90, 256, 2, "sigmoid", True, 512), (150, 40, 6, "softmax", True, 3)]:
+    R.MAX_PROGRAMS = progs
     torch.manual_seed(T + E)
     r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
     if bias:
         r.expert_bias.copy_(torch.randn(E) * 0.1)
     logits = torch.randn(T, E) * 2
     gw = torch.randn(T, k)
-    key = f"T{T}_E{E}_k{k}_{score}" + ("_bias" if bias else "")
+    key = f"T{T}_E{E}_k{k}_{score}_p{progs}" + ("_bias" if bias else "")
     res = {}
     for path in ("eager", "fused"):
         fn = r._eager if path == "eager" else r._fused
@@ -168,6 +171,7 @@ for T, E, k, score, bias in [(37, 6, 2, "softmax", False), (37, 6, 2, "sigmoid",
                 "d_weights": err(gf[0], ge[0], 1e-2), "d_aux": err(gf[1], ge[1]), "d_z": err(gf[2], ge[2])}
 
 # the whole layer through Router.forward (fused router) vs the eager router, and the balancing counts
+R.MAX_PROGRAMS = 512
 torch.manual_seed(0)
 moe = MoE(16, 8, 6, 2, backend="reference", router=RouterConfig(bias_balancing=True))
 for p in moe.parameters():
