@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import cutlass_ext, moe_fused  # noqa: E402
+from kernels import router as fused_router  # noqa: E402
 from kernels.grouped_gemm import _CutlassGroupedMM, backend_status, run_backend  # noqa: E402
 
 # (tokens T, top-k, experts E, d_model d, expert hidden f); the first is the goal shape of issue 5
@@ -221,7 +222,7 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                          "note": f"fell back: {moe.experts.last_fallback}"})
             continue
         ref_y = y if ref_y is None else ref_y
-        name = f"moe_{moe.experts.last_backend}" + (f" wgrad={opt}" if opt else "")
+        name = f"moe_{moe.experts.last_backend}" + (f" wgrad={opt}" if opt else "") + f" router={moe.router.last_path}"
         fn = torch.compile(moe) if compile_ else moe
         row = measure(name + (" compiled" if compile_ else ""), moe, lambda fn=fn: fn(x).y,
                       expert_flops + 2.0 * T * d * E, "route+permute+SwiGLU experts+combine")
@@ -266,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference")
     ap.add_argument("--compile", action="store_true",
                     help="layer part: torch.compile the dense FFN and each MoE layer (as training does)")
+    ap.add_argument("--router", choices=["eager", "fused"], default=None,
+                    help="layer part: the MoE router as eager PyTorch or the Triton kernels of kernels/router.py "
+                         f"(default: the model's, kernels.router.OPTIONS = {fused_router.OPTIONS['router']!r}); "
+                         "the backend column names the one that ran")
     a = ap.parse_args(argv)
+    if a.router is not None:
+        fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])

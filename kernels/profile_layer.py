@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kernels import router as fused_router  # noqa: E402
 from kernels.bench import SHAPES  # noqa: E402
 from stages.model import MoE  # noqa: E402
 
@@ -22,7 +23,11 @@ def main() -> None:
     ap.add_argument("--backend", default="cutlass")
     ap.add_argument("--shape", type=int, default=0)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--router", choices=["eager", "fused"], default=None,
+                    help="the router as eager PyTorch or kernels/router.py (default: the model's)")
     a = ap.parse_args()
+    if a.router is not None:
+        fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
     T, k, E, d, f = SHAPES[a.shape]
     moe = MoE(d, f, E, k, backend=a.backend).cuda()
     with torch.no_grad():
@@ -50,7 +55,8 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"{a.backend} shape {SHAPES[a.shape]}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
+    print(f"{a.backend} shape {SHAPES[a.shape]}, router {moe.router.last_path}: {wall_ms:.3f} ms per fwd+bwd "
+          "(CUDA events, mean of 10)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,7 +137,7 @@ def _kernels() -> dict[str, Any] | None:
     @triton.jit
     def router_bwd(x_ptr, lse_ptr, s_ptr, w_ptr, idx_ptr, gw_ptr, load_ptr, gaux_ptr, gz_ptr, dx_ptr,
                    T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SIGMOID: tl.constexpr,
-                   HAS_GW: tl.constexpr):
+                   HAS_GW: tl.constexpr, HAS_GAUX: tl.constexpr, HAS_GZ: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
@@ -148,8 +149,12 @@ def _kernels() -> dict[str, Any] | None:
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         sm = tl.where(m2, tl.exp(x - lse[:, None]), 0.0)  # softmax(x): d lse / dx
         inv_t = 1.0 / T
-        dimp = E * tl.load(load_ptr + cols, mask=cmask, other=0.0) * tl.load(gaux_ptr)  # dL/dP (E,)
-        dlse = 2.0 * lse * tl.load(gz_ptr) * inv_t
+        dimp = tl.zeros([BE], dtype=tl.float32)  # dL/dP (E,)
+        if HAS_GAUX:
+            dimp = E * tl.load(load_ptr + cols, mask=cmask, other=0.0) * tl.load(gaux_ptr).to(tl.float32)
+        dlse = tl.zeros([BT], dtype=tl.float32)
+        if HAS_GZ:
+            dlse = 2.0 * lse * tl.load(gz_ptr).to(tl.float32) * inv_t
         if SIGMOID:
             p = tl.where(m2, tl.sigmoid(x), 0.0)
             S = tl.where(rmask, tl.sum(p, 1), 1.0)
@@ -221,6 +226,53 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
     if _kernels() is None:
         return "Triton is not installed"
     return None
+
+
+def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: str = "bf16",
+                   arch: int = 90) -> dict[str, dict[str, int]]:
+    """AOT-compile the three kernels for `arch` at the constexprs a call with these arguments uses (no GPU
+    needed) and read registers and spill bytes from `ptxas -v`: {kernel: {"registers", "spill_stores",
+    "spill_loads"}}. Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    kern = _kernels()
+    bt, be = blocks(experts)
+    x = f"*{dtype}"
+    f32, i32 = "*fp32", "i32"
+    plans = {
+        "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "lse_ptr": f32, "s_ptr": f32,
+                        "imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "T": i32, "E": i32},
+                       {"K": top_k, "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid,
+                        "HAS_BIAS": bias}),
+        "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "counts_ptr": "*i64",
+                             "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": i32, "T": i32, "E": i32},
+                            {"BB": finalize_rows(be), "BE": be}),
+        "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "gw_ptr": f32,
+                        "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, "T": i32, "E": i32},
+                       {"K": top_k, "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True,
+                        "HAS_GZ": True}),
+    }
+    out = {}
+    for name, (sig, const) in plans.items():
+        sig = {**sig, **{c: "constexpr" for c in const}}
+        src = triton.compiler.ASTSource(fn=kern[name], signature=sig, constexprs=const)
+        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": WARPS}).asm["ptx"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.ptx"
+            path.write_text(ptx)
+            log_ = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", str(path), "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+        num = {key: int(m.group(1)) if (m := re.search(pat, log_)) else -1 for key, pat in
+               (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                ("spill_loads", r"(\d+) bytes spill loads"))}
+        out[name] = num
+    return out
 
 
 class _LaunchFailed(RuntimeError):
@@ -299,6 +351,7 @@ class _FusedRouter(torch.autograd.Function):
         _launch("router_finalize", (1,), imp_part, cnt_part, z_part, counts, load, aux, z, nb, T, E,
                 BB=finalize_rows(be), BE=be, num_warps=WARPS)
         ctx.save_for_backward(x, lse, s, w, idx, load)
+        ctx.set_materialize_grads(False)
         ctx.sigmoid = sigmoid
         ctx.mark_non_differentiable(idx, counts, load)
         return w, idx, counts, load, aux, z
@@ -309,17 +362,15 @@ class _FusedRouter(torch.autograd.Function):
         x, lse, s, w, idx, load = ctx.saved_tensors
         T, E = x.shape
         k = w.shape[1]
-        zero = torch.zeros((), device=x.device, dtype=torch.float32)
-        gaux_t = zero if gaux is None else gaux.float().reshape(())
-        gz_t = zero if gz is None else gz.float().reshape(())
         dx = torch.empty_like(x)
         bt, be = blocks(E)
-        try:
-            _launch("router_bwd", (-(-T // bt),), x, lse, s, w, idx, gw.contiguous() if gw is not None else w,
-                    load, gaux_t, gz_t, dx, T, E, K=k, BT=bt, BE=be, SIGMOID=ctx.sigmoid, HAS_GW=gw is not None,
+        try:  # an unused output's gradient is None (no materialised zeros): its term is compiled out
+            _launch("router_bwd", (-(-T // bt),), x, lse, s, w, idx, w if gw is None else gw.contiguous(), load,
+                    load if gaux is None else gaux, load if gz is None else gz, dx, T, E, K=k, BT=bt, BE=be,
+                    SIGMOID=ctx.sigmoid, HAS_GW=gw is not None, HAS_GAUX=gaux is not None, HAS_GZ=gz is not None,
                     num_warps=WARPS)
         except _LaunchFailed:
-            dx = backward_reference(x, w, idx, s, load, gw, gaux_t, gz_t, ctx.sigmoid).to(x.dtype)
+            dx = backward_reference(x, w, idx, s, load, gw, gaux, gz, ctx.sigmoid).to(x.dtype)
         return dx, None, None, None
 
 

@@ -237,6 +237,20 @@ def test_eager_option_and_cpu_keep_the_eager_router() -> None:
         fused.OPTIONS["router"] = prev
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("E,k,sigmoid,bias", [(64, 8, False, False), (64, 8, True, True), (256, 8, False, True),
+                                              (8, 2, False, False), (13, 1, True, False)])
+def test_kernels_compile_for_sm90_without_spills(E: int, k: int, sigmoid: bool, bias: bool) -> None:
+    """AOT for the H100 (no GPU needed): every kernel keeps its tiles in registers at its block sizes."""
+    try:
+        report = fused.compile_report(E, k, sigmoid, bias)
+    except (ImportError, FileNotFoundError) as err:  # a Triton build without the NVIDIA backend or ptxas
+        pytest.skip(f"cannot AOT-compile for sm_90 here: {err}")
+    for name, num in report.items():
+        assert num["spill_stores"] == 0 and num["spill_loads"] == 0, (name, num)
+        assert 0 < num["registers"] <= 255, (name, num)
+
+
 # ------------------------------------------------------------------------------------------- GPU
 def _compare_on_gpu(T: int, E: int, k: int, score: str, bias: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(T + E)
