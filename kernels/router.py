@@ -128,7 +128,8 @@ def _kernels() -> dict[str, Any] | None:
             zacc += tl.load(z_part_ptr + r, mask=rm, other=0.0)
         importance = tl.sum(acc, 0) / T
         cnt = tl.sum(cacc, 0)
-        load = cnt.to(tl.float32) / tl.sum(cnt, 0).to(tl.float32)
+        # correctly rounded, as torch divides: the same load bits as the eager router (`/` is approximate)
+        load = tl.div_rn(cnt.to(tl.float32), tl.zeros([BE], dtype=tl.float32) + tl.sum(cnt, 0).to(tl.float32))
         tl.store(counts_ptr + cols, cnt.to(tl.int64), mask=cmask)
         tl.store(load_ptr + cols, load, mask=cmask)
         tl.store(aux_ptr, E * tl.sum(tl.where(cmask, load * importance, 0.0), 0))
