@@ -164,6 +164,11 @@ class Router(nn.Module):
     optimizer step `update_bias()` moves every bias by rate * sign(mean load - load) (all-reduced
     over data-parallel ranks when torch.distributed is up) and clears the counts, so an overloaded
     expert gets picked less and an idle one more, without a gradient that fights the LM loss.
+
+    On CUDA the maths after the gate GEMM runs in the Triton kernels of kernels/router.py (two launches
+    forward, one backward, deterministic; ties in the top-k go to the lowest expert id), unless
+    kernels.router.OPTIONS["router"] is "eager"; `_eager` is the reference and what CPU runs. Both
+    return the per-expert slot counts, which route() reuses. `last_path` says which one ran.
     """
 
     def __init__(self, d: int, experts: int, top_k: int, router: RouterConfig | None = None) -> None:
