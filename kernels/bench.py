@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import cutlass_ext, moe_fused  # noqa: E402
+from kernels import cutlass_ext, grouped_gemm, moe_fused  # noqa: E402
 from kernels.grouped_gemm import _CutlassGroupedMM, backend_status, run_backend  # noqa: E402
 
 # (tokens T, top-k, experts E, d_model d, expert hidden f); the first is the goal shape of issue 5
@@ -120,6 +120,13 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
             prev = cutlass_ext.choose(**({kk: cfg for kk in cutlass_ext.KINDS} if cfg else {}))
             label = cfg or "default " + "+".join(f"{kk}:{cutlass_ext._choice[kk]}" for kk in cutlass_ext.KINDS)
             rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs)))
+            if cfg is None:  # the same kernels with dx and dw one after the other (no side stream)
+                grouped_gemm.OPTIONS["overlap_wgrad"] = False
+                try:
+                    rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs),
+                                        "serial backward (dw after dx on one stream)"))
+                finally:
+                    grouped_gemm.OPTIONS["overlap_wgrad"] = True
             if cfg == "auto":
                 picked = {key[0]: c for key, c in cutlass_ext._tuned.items() if key[1:4] == (E, d, f)}
                 rows[-1]["note"] = "autotuned: " + ", ".join(f"{kk}={picked.get(kk)}" for kk in cutlass_ext.KINDS)

@@ -1,40 +1,84 @@
-"""Where the time of one MoE FFN layer goes (forward + backward), per CUDA kernel, on the GPU.
+"""Where the time of one MoE FFN layer (or one grouped-GEMM op) goes, forward + backward, per CUDA
+kernel, on the GPU; --timeline also lists one step's kernels in start order with the idle gaps
+between them (launch latency, the setup kernels, tails of persistent kernels).
 
     python kernels/profile_layer.py --backend cutlass --shape 0
+    python kernels/profile_layer.py --part op --backend cutlass --shape 0 --timeline
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.bench import SHAPES  # noqa: E402
+from kernels import grouped_gemm  # noqa: E402
+from kernels.bench import SHAPES, unbalanced_offsets  # noqa: E402
 from stages.model import MoE  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="cutlass")
-    ap.add_argument("--shape", type=int, default=0)
-    ap.add_argument("--rows", type=int, default=30)
-    a = ap.parse_args()
-    T, k, E, d, f = SHAPES[a.shape]
-    moe = MoE(d, f, E, k, backend=a.backend).cuda()
+def layer_step(backend: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
+    T, k, E, d, f = shape
+    moe = MoE(d, f, E, k, backend=backend).cuda()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.02)
     moe = moe.to(torch.bfloat16)
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    return lambda: torch.autograd.grad(moe(x).y, [x, *moe.parameters()], dy)
 
-    def step() -> None:
-        torch.autograd.grad(moe(x).y, [x, *moe.parameters()], dy)
 
+def op_step(backend: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
+    """One projection x (T*k, d) @ w (E, d, f) fwd+bwd, as in kernels/bench.py's op part."""
+    T, k, E, d, f = shape
+    offs = unbalanced_offsets(T * k, E).cuda()
+    x = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(E, d, f, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T * k, f, device="cuda", dtype=torch.bfloat16)
+    if backend == "torch":
+        return lambda: torch.autograd.grad(torch._grouped_mm(x, w, offs=offs), (x, w), dy)
+    return lambda: torch.autograd.grad(grouped_gemm.run_backend(backend, x, w, offs), (x, w), dy)
+
+
+def timeline(prof: torch.profiler.profile) -> list[str]:
+    """The last step's CUDA kernels in start order: start, duration and the gap before each (us)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.name not in ("Memset (Device)",)), key=lambda e: e.time_range.start)
+    marks = [e for e in prof.events() if e.name == "step"]
+    if marks:
+        last = max(marks, key=lambda e: e.time_range.start)
+        first_k = [e for e in kernels if e.time_range.start >= last.time_range.start]
+        kernels = first_k or kernels
+    if not kernels:
+        return []
+    t0 = kernels[0].time_range.start
+    lines, prev_end = [], t0
+    for e in kernels:
+        s, dur = e.time_range.start, e.time_range.end - e.time_range.start
+        lines.append(f"{s - t0:9.1f} us  {dur:8.1f} us  gap {s - prev_end:7.1f}  {e.name[:90]}")
+        prev_end = max(prev_end, e.time_range.end)
+    lines.append(f"busy span {prev_end - t0:.1f} us")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("layer", "op"), default="layer")
+    ap.add_argument("--backend", default="cutlass", help="an expert backend (layer) or cutlass/torch (op)")
+    ap.add_argument("--shape", type=int, default=0)
+    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--serial", action="store_true", help="op/layer: no side stream for the weight gradient")
+    a = ap.parse_args()
+    grouped_gemm.OPTIONS["overlap_wgrad"] = not a.serial
+    shape = SHAPES[a.shape]
+    step = (op_step if a.part == "op" else layer_step)(a.backend, shape)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -48,10 +92,14 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(5):
-            step()
+            with torch.profiler.record_function("step"):
+                step()
         torch.cuda.synchronize()
-    print(f"{a.backend} shape {SHAPES[a.shape]}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
+    what = "serial" if a.serial else "overlapped wgrad"
+    print(f"{a.part} {a.backend} shape {shape} ({what}): {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+    if a.timeline:
+        print("\n".join(timeline(prof)))
 
 
 if __name__ == "__main__":
