@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import cutlass_ext, grouped_gemm, moe_fused  # noqa: E402
+from kernels import cutlass_ext, moe_fused  # noqa: E402
 from kernels.grouped_gemm import _CutlassGroupedMM, backend_status, run_backend  # noqa: E402
 
 # (tokens T, top-k, experts E, d_model d, expert hidden f); the first is the goal shape of issue 5
@@ -62,7 +62,38 @@ def unbalanced_offsets(rows: int, experts: int, seed: int = 0, spread: float = 0
     return counts.cumsum(0).to(torch.int32)
 
 
+# --graphs: time CUDA-graph replays of each call instead of eager calls. An eager call also pays its
+# host work (Python, autograd, the launches); where that is longer than the GPU work, the GPU waits
+# and the timing measures the host: torch._grouped_mm's ~0.2 ms of host time per call on the lent
+# H100 VM is near its 0.24 ms of GPU time at the goal shape, so eager ratios mix kernel speed and
+# host overhead. Replays measure the kernels and the gaps between them alone.
+TIMING = {"graphs": False, "eager_fallbacks": 0}
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn captured once in a CUDA graph (after warm-up calls on a side stream, which also run any
+    autotuning); returns the replay. Raises if fn cannot be captured (e.g. a host sync)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def median_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    if TIMING["graphs"]:
+        try:
+            fn = graphed(fn)
+        except Exception as err:  # e.g. a host sync inside: time it eagerly, and say so in the output
+            TIMING["eager_fallbacks"] += 1
+            print(f"graph capture failed ({type(err).__name__}: {str(err)[:120]}), timing eager calls",
+                  file=sys.stderr)
+            torch.cuda.synchronize()
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -120,13 +151,6 @@ def op_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int, sweep: b
             prev = cutlass_ext.choose(**({kk: cfg for kk in cutlass_ext.KINDS} if cfg else {}))
             label = cfg or "default " + "+".join(f"{kk}:{cutlass_ext._choice[kk]}" for kk in cutlass_ext.KINDS)
             rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs)))
-            if cfg is None:  # the same kernels with dx and dw one after the other (no side stream)
-                grouped_gemm.OPTIONS["overlap_wgrad"] = False
-                try:
-                    rows.append(measure("cutlass", label, lambda: _CutlassGroupedMM.apply(x, w, offs),
-                                        "serial backward (dw after dx on one stream)"))
-                finally:
-                    grouped_gemm.OPTIONS["overlap_wgrad"] = True
             if cfg == "auto":
                 picked = {key[0]: c for key, c in cutlass_ext._tuned.items() if key[1:4] == (E, d, f)}
                 rows[-1]["note"] = "autotuned: " + ", ".join(f"{kk}={picked.get(kk)}" for kk in cutlass_ext.KINDS)
@@ -254,7 +278,10 @@ def markdown(rows: list[dict[str, Any]], command: str, machine: str) -> str:
     out = [f"# MoE expert kernels ({machine})", "", f"`{command}`", "",
            "op: one projection x(T*k,d) @ w(E,d,f), TFLOP/s of 2*T*k*d*f per product (3 for fwd+bwd); "
            "layer: stages.model.MoE vs dense SwiGLU of hidden k*f (same expert FLOPs); vs_*: speed ratio "
-           "(>1 = faster than torch._grouped_mm / the dense equivalent). Median of CUDA-event timings.", "",
+           "(>1 = faster than torch._grouped_mm / the dense equivalent). Median of CUDA-event timings"
+           + (f" of CUDA-graph replays (kernel time, no host overhead; {TIMING['eager_fallbacks']} timings fell back"
+               " to eager calls)." if TIMING["graphs"] else
+              " of eager calls (includes host overhead where the host is slower than the GPU)."), "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
@@ -271,11 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time every cutlass tile config")
     ap.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop")
     ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference")
+    ap.add_argument("--graphs", action="store_true",
+                    help="time CUDA-graph replays (kernel time without the host overhead of eager calls)")
     ap.add_argument("--compile", action="store_true",
                     help="layer part: torch.compile the dense FFN and each MoE layer (as training does)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
+    TIMING["graphs"] = a.graphs
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     p = torch.cuda.get_device_properties(0)
     machine = f"{p.name}, torch {torch.__version__}, CUDA {torch.version.cuda}, {platform.node() or 'host'}"

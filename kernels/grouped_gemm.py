@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -185,35 +184,6 @@ def product(kind: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, bac
     return out
 
 
-# Run the weight gradient on a side stream beside the input gradient (both only read dy): the
-# persistent CUTLASS kernels each fill every SM, so on one stream the last partial wave of one and
-# the launch of the next leave SMs idle; side by side the second's tiles start on the SMs the
-# first's tail frees. Off = the strict serial order (for A/B measurements: kernels/bench.py).
-OPTIONS = {"overlap_wgrad": True}
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def side_by_side(main: Callable[[], torch.Tensor | None], side: Callable[[], torch.Tensor | None],
-                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(main(), side()) with side() on a second CUDA stream concurrent with main() on the current
-    one; the current stream waits for both before anything queued after returns. Serial (side()
-    after main()) off CUDA or with OPTIONS["overlap_wgrad"] off. Also inside CUDA graph capture:
-    the fork/join through events is captured as graph edges."""
-    if device.type != "cuda" or not OPTIONS["overlap_wgrad"]:
-        return main(), side()
-    cur = torch.cuda.current_stream(device)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _side_streams.get(idx) or _side_streams.setdefault(idx, torch.cuda.Stream(idx))
-    stream.wait_stream(cur)  # the inputs are ready
-    with torch.cuda.stream(stream):
-        b = side()
-    a = main()
-    cur.wait_stream(stream)
-    if b is not None:  # allocated on the side stream, used on the current one from now on
-        b.record_stream(cur)
-    return a, b
-
-
 class _CutlassGroupedMM(torch.autograd.Function):
     """Three grouped GEMMs of the SM90 extension; offsets stay on the device (no host sync).
 
@@ -231,9 +201,8 @@ class _CutlassGroupedMM(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx, dw = side_by_side(
-            lambda: product("dx", dy, w, offs, "cutlass") if ctx.needs_input_grad[0] else None,
-            lambda: product("dw", x, dy, offs, "cutlass") if ctx.needs_input_grad[1] else None, dy.device)
+        dx = product("dx", dy, w, offs, "cutlass") if ctx.needs_input_grad[0] else None
+        dw = product("dw", x, dy, offs, "cutlass") if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 

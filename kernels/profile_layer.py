@@ -74,9 +74,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, default=0)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--timeline", action="store_true")
-    ap.add_argument("--serial", action="store_true", help="op/layer: no side stream for the weight gradient")
     a = ap.parse_args()
-    grouped_gemm.OPTIONS["overlap_wgrad"] = not a.serial
     shape = SHAPES[a.shape]
     step = (op_step if a.part == "op" else layer_step)(a.backend, shape)
     for _ in range(5):
@@ -95,8 +93,7 @@ def main() -> None:
             with torch.profiler.record_function("step"):
                 step()
         torch.cuda.synchronize()
-    what = "serial" if a.serial else "overlapped wgrad"
-    print(f"{a.part} {a.backend} shape {shape} ({what}): {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
+    print(f"{a.part} {a.backend} shape {shape}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
     if a.timeline:
         print("\n".join(timeline(prof)))
