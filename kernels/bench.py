@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import cutlass_ext, moe_fused  # noqa: E402
+from kernels import cutlass_ext, moe_fused, profiling  # noqa: E402
 from kernels.grouped_gemm import _CutlassGroupedMM, backend_status, run_backend  # noqa: E402
 
 # (tokens T, top-k, experts E, d_model d, expert hidden f); the first is the goal shape of issue 5
@@ -96,14 +96,7 @@ def busy_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for s0, s1 in spans:
-        if s1 > end:
-            busy += s1 - max(s0, end)
-            end = s1
-    return busy / iters / 1000.0
+    return profiling.busy_us(profiling.kernel_spans(prof)) / iters / 1000.0
 
 
 def median_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import grouped_gemm  # noqa: E402
+from kernels import grouped_gemm, profiling  # noqa: E402
 from kernels.bench import SHAPES, unbalanced_offsets  # noqa: E402
 from stages.model import MoE  # noqa: E402
 
@@ -47,23 +47,21 @@ def op_step(backend: str, shape: tuple[int, int, int, int, int]) -> Callable[[],
 
 
 def timeline(prof: torch.profiler.profile) -> list[str]:
-    """The last step's CUDA kernels in start order: start, duration and the gap before each (us)."""
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                      and e.name not in ("Memset (Device)",)), key=lambda e: e.time_range.start)
+    """The last step's device events in start order: start, duration and the gap before each (us)."""
+    spans = profiling.kernel_spans(prof)
     marks = [e for e in prof.events() if e.name == "step"]
-    if marks:
-        last = max(marks, key=lambda e: e.time_range.start)
-        first_k = [e for e in kernels if e.time_range.start >= last.time_range.start]
-        kernels = first_k or kernels
-    if not kernels:
+    if marks:  # from the last step's host-side start on (the GPU may still be finishing the one before)
+        last = max(e.time_range.start for e in marks)
+        spans = [s for s in spans if s.start_us >= last] or spans
+    if not spans:
         return []
-    t0 = kernels[0].time_range.start
+    t0 = spans[0].start_us
     lines, prev_end = [], t0
-    for e in kernels:
-        s, dur = e.time_range.start, e.time_range.end - e.time_range.start
-        lines.append(f"{s - t0:9.1f} us  {dur:8.1f} us  gap {s - prev_end:7.1f}  {e.name[:90]}")
-        prev_end = max(prev_end, e.time_range.end)
-    lines.append(f"busy span {prev_end - t0:.1f} us")
+    for s in spans:
+        lines.append(f"{s.start_us - t0:9.1f} us  {s.end_us - s.start_us:8.1f} us  gap {s.start_us - prev_end:7.1f}"
+                     f"  {s.name[:90]}")
+        prev_end = max(prev_end, s.end_us)
+    lines.append(f"span {prev_end - t0:.1f} us, GPU busy {profiling.busy_us(spans):.1f} us")
     return lines
 
 
