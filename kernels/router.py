@@ -1,5 +1,5 @@
 """Fused MoE router: scores, top-k, renormalised weights, counts, balancing and z losses in two small
-Triton kernels forward and one backward.
+Triton kernels forward and one backward; and a counting-sort dispatch order.
 
 The eager router (stages/model.py `Router`) is ~15 launches forward (softmax, mean, topk, sum, div,
 a scatter_add for the counts, logsumexp, pow, mean, ...) and a long autograd chain of small kernels
@@ -15,6 +15,12 @@ backward; at T=16384 tokens, top-8 of 64 it was ~0.45 ms of a ~3.5 ms MoE layer 
                              atomics) into counts, load = counts / sum(counts), importance P = mean of
                              the scores, aux = E * sum(load * P) and z = mean(lse^2)
   backward  router_bwd       dL/dx in one pass (maths in `backward_reference`)
+
+and, opt-in (OPTIONS["route"] = "count"), stages.model.route's permutation as a counting sort:
+  route_tile_counts          slots per expert per tile of tokens (tiles, E)
+  route_scatter              after a cumsum over tiles, each slot's row = expert start + earlier tiles'
+                             + earlier tokens' + earlier slots' rows of that expert: order and inverse
+                             written directly, the same as the stable argsort (no sort, no inverse scatter)
 
 The formulas are those of `Router.forward` (the reference; CPU always runs it). Launch errors fall
 back to the eager router (forward) or the eager backward maths (backward), logged once.
