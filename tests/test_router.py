@@ -276,10 +276,24 @@ def test_kernels_compile_for_sm90_without_spills(E: int, k: int, sigmoid: bool, 
 
 
 # ------------------------------------------------------------------------------------------- GPU
+def clean_rows(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None) -> torch.Tensor:
+    """(T,) bool: tokens whose top-k (and its order) cannot depend on how either softmax rounds: every
+    adjacent pair of the k+1 largest selection scores is 1e-5 apart, or an exact tie of equal logits
+    (and biases), which both implementations break towards the lowest id."""
+    x = logits.float()
+    p = x.softmax(-1) if score == "softmax" else x.sigmoid()
+    b = bias if bias is not None else torch.zeros(x.shape[1], device=x.device)
+    sel = p + b
+    o = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k + 1]
+    v, xs, bs = sel.gather(-1, o), x.gather(-1, o), b[o]
+    same = (xs[:, :-1] == xs[:, 1:]) & (bs[:, :-1] == bs[:, 1:])
+    return ((v[:, :-1] - v[:, 1:] > 1e-5) | same).all(-1)
+
+
 def _compare_on_gpu(T: int, E: int, k: int, score: str, bias: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(T + E)
     # bf16-representable values also for fp32: distinct logits are then far apart relative to the
-    # rounding of either softmax (ties, which do occur, go to the lowest id in both)
+    # rounding of either softmax; near-ties through the bias are left out (clean_rows)
     logits = (torch.randn(T, E, device="cuda") * 1.5).to(torch.bfloat16).to(dtype)
     b = torch.randn(E, device="cuda") * 0.05 if bias else None
     gw = torch.randn(T, k, device="cuda")
@@ -292,15 +306,20 @@ def _compare_on_gpu(T: int, E: int, k: int, score: str, bias: bool, dtype: torch
         ((w * gw).sum() + 0.7 * aux + 0.3 * z).backward()
         outs[name], grads[name] = o, lg.grad
     (w, idx, counts, load, aux, z), (w2, idx2, counts2, load2, aux2, z2) = outs["fused"], outs["ref"]
-    assert torch.equal(idx, idx2) and torch.equal(counts, counts2)
+    ok = clean_rows(logits, k, score, b)
+    unclean = int((~ok).sum())
+    assert unclean <= max(2, T // 1000), f"{unclean} near-tied tokens of {T}"
+    assert torch.equal(idx[ok], idx2[ok])
+    torch.testing.assert_close(w[ok], w2[ok], rtol=1e-5, atol=1e-6)
+    assert int((counts - counts2).abs().sum()) <= 2 * k * unclean
+    if unclean == 0:
+        torch.testing.assert_close(load, load2, rtol=0, atol=0)  # the same correctly rounded division
+    assert abs(float(aux) - float(aux2)) <= (1e-4 + 1e-3 * unclean) * abs(float(aux2)), "aux"
+    assert abs(float(z) - float(z2)) <= 1e-4 * abs(float(z2)), "z"
     assert grads["fused"].dtype == dtype
-    torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(load, load2, rtol=0, atol=0)
-    for name, a, b_ in (("aux", aux, aux2), ("z", z, z2)):
-        assert abs(float(a) - float(b_)) <= 1e-4 * abs(float(b_)), name
-    g, g2 = grads["fused"].float(), grads["ref"].float()
+    g, g2 = grads["fused"].float()[ok], grads["ref"].float()[ok]
     rel = float((g - g2).norm() / g2.norm())
-    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), f"dlogits: relative error {rel:.3g}"
+    assert rel < (1e-4 if dtype == torch.float32 else 1e-2), f"dlogits: relative error {rel:.3g}"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -348,7 +367,7 @@ def test_gpu_moe_layer_same_with_fused_and_eager_router(shape: tuple[int, int, i
         path = moe.router.last_path
         with torch.no_grad():
             r = moe.router(x)
-        outs[opt] = (path, r.indices, o.y, xi.grad, moe.router.gate.weight.grad.clone())
+        outs[opt] = (path, r.indices, o.y.detach(), xi.grad, moe.router.gate.weight.grad.clone())
         moe.zero_grad()
         a, b = route(r.indices, E, r.counts), route(r.indices, E)
         assert all(torch.equal(u, v) for u, v in ((a.order, b.order), (a.inverse, b.inverse), (a.offs, b.offs)))
