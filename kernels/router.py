@@ -255,9 +255,13 @@ WARPS = 8
 MAX_PROGRAMS = 512
 
 
+FINALIZE_WARPS = 16  # one program: all its threads load partial rows at once (fewer serial steps)
+
+
 def finalize_rows(be: int) -> int:
-    """Partial rows summed per step of router_finalize (4096 values of each kind a step, 16 a thread)."""
-    return max(1, min(128, 4096 // be))
+    """Partial rows summed per step of router_finalize: 8192 values of each kind a step (16 a thread), so
+    the 512 partial rows at E=64 are 4 steps."""
+    return max(1, min(128, 8192 // be))
 
 
 def problem(logits: torch.Tensor, top_k: int) -> str | None:
@@ -318,7 +322,8 @@ def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: s
     for name, (sig, const) in plans.items():
         sig = {**sig, **{c: "constexpr" for c in const}}
         src = triton.compiler.ASTSource(fn=kern[name], signature=sig, constexprs=const)
-        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": WARPS}).asm["ptx"]
+        warps = FINALIZE_WARPS if name == "router_finalize" else WARPS
+        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.ptx"
             path.write_text(ptx)
@@ -405,7 +410,7 @@ class _FusedRouter(torch.autograd.Function):
         aux = torch.empty((), device=dev, dtype=torch.float32)
         z = torch.empty((), device=dev, dtype=torch.float32)
         _launch("router_finalize", (1,), imp_part, cnt_part, z_part, counts, load, aux, z, nb, T, E,
-                BB=finalize_rows(be), BE=be, num_warps=WARPS)
+                BB=finalize_rows(be), BE=be, num_warps=FINALIZE_WARPS)
         ctx.save_for_backward(x, lse, s, w, idx, load)
         ctx.set_materialize_grads(False)
         ctx.sigmoid = sigmoid
