@@ -52,8 +52,10 @@ WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4
 OPTIONS = {"wgrad": "permuted", "combine": "slots"}
 COMBINE_MODES = ("slots", "atomic", "unfused")
 INTERPRET_CONFIG = {"gmm": (32, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
+# the combine's down projection (EPI 3) and the dact GEMM with the gate-gradient epilogue (EPI 4); every one
+# compiles for sm_90 without register spills (tests/test_moe_fused.py), unlike GMM_CONFIGS' widest tiles in EPI 4
 COMBINE_CONFIGS = GMM_CONFIGS
-DACT_CONFIGS = SWIGLU_CONFIGS
+DACT_CONFIGS = [*SWIGLU_CONFIGS, (64, 256, 64, 8, 3)]
 # the narrowest N tile of any config: the column count of combine_dact's partial gate-gradient buffer
 MIN_BN = min(c[1] for c in [*DACT_CONFIGS, INTERPRET_CONFIG["gmm"]])
 
@@ -166,10 +168,13 @@ if triton is not None:
                     tl.store(c_ptr + slots[:, None] * stride_cm + cols[None, :],
                              (acc * gw[:, None]).to(c_ptr.dtype.element_ty), mask=m2)
             else:
-                av = tl.load(act_ptr + r64 * N + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-                tl.store(pw_ptr + slots * stride_pw + pid_n, tl.sum(av * acc, axis=1), mask=rmask)
+                # tile-local int32 offsets from a 64-bit row base: fewer live 64-bit pointers (no spills)
+                local = tl.arange(0, BM)[:, None]
+                av = tl.load(act_ptr + row0.to(tl.int64) * N + (local * N + cols[None, :]), mask=m2, other=0.0)
+                tl.store(pw_ptr + slots * stride_pw + pid_n, tl.sum(av.to(tl.float32) * acc, axis=1), mask=rmask)
                 da = (acc * gw[:, None]).to(c_ptr.dtype.element_ty).to(tl.float32)  # dact, rounded as unfused
-                swiglu_bwd_store(da, h_ptr + r64 * stride_hm + cols[None, :], c_ptrs, m2, N)
+                swiglu_bwd_store(da, h_ptr + row0.to(tl.int64) * stride_hm + (local * stride_hm + cols[None, :]),
+                                 c_ptr + row0.to(tl.int64) * stride_cm + (local * stride_cm + cols[None, :]), m2, N)
 
     @triton.jit
     def wgrad(a_ptr, src_ptr, g_ptr, dw_ptr, offs_ptr, KD, N, stride_am, stride_gm,
