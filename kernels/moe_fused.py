@@ -273,10 +273,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, src: t
     epi 2 (h = h13) -> (dh13 (rows, 2f), None).
     """
     rows = a.shape[0] if rows is None else rows
-    if b_transposed:
-        N = b.shape[1]
-    else:
-        N = b.shape[2] // 2 if epi == 1 else b.shape[2]
+    N = b.shape[1] if b_transposed else b.shape[2] // (2 if epi == 1 else 1)
     out = a.new_empty(rows, 2 * N if epi in (1, 2) else N)
     act = a.new_empty(rows, N) if epi == 1 else None
     _run_gmm("swiglu" if epi == 1 else "gmm", a, b, offs, out, rows, N, b_transposed=b_transposed, src=src, act=act,
