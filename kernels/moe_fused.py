@@ -1,22 +1,31 @@
 """Fused MoE expert block: the dispatch gather folded into the first grouped GEMM's A load, SwiGLU in
-its epilogue, and the SwiGLU backward in the epilogue of the down projection's input-gradient GEMM.
+its epilogue, the gate-weighted combine (un-permutation) in the down projection's epilogue, and the
+SwiGLU backward plus the gate-weight gradient in the epilogue of the down projection's input-gradient GEMM.
 
 The unfused path (stages/model.py with the `cutlass`/`torch_grouped` backends) runs
     x_perm = permute(x)          (P, d) written          h13 = x_perm @ w13[e]      (P, 2f) written
-    act = swiglu(h13)            (P, 2f) read again      y = act @ w2[e]
-and in the backward dact = dy @ w2[e]^T is written and read back by the SwiGLU backward. At
-T=16384 tokens, top-8 of 64, d=1024, f=512 those extra passes are ~1 GB of HBM traffic per layer
-step (results/kernels/profile_moe_layer_h100.txt). Here (P = T*k routed rows, sorted by expert):
+    act = swiglu(h13)            (P, 2f) read again      y_perm = act @ w2[e]       (P, d) written
+    y = unpermute(y_perm, w)     (P, d) gathered back
+and in the backward dy_perm = w * dy and d_w = <dy, y_perm> (unpermute's backward reads y_perm again),
+dact = dy_perm @ w2[e]^T is written and read back by the SwiGLU backward. At T=16384 tokens, top-8
+of 64, d=1024, f=512 those extra passes are ~1 GB of HBM traffic per layer step
+(results/kernels/profile_moe_layer_h100.txt). Here (P = T*k routed rows, sorted by expert; row p
+is slot s = order[p] of token t = src[p], gate weight w_s):
 
     forward   h13, act = gather(x, src) @ w13[e]  -> silu(h13[:, :f]) * h13[:, f:]   (Triton, one kernel)
-              y_perm   = act @ w2[e]                                    (plain grouped GEMM)
-    backward  dh13     = swiglu'(h13) * (dy @ w2[e]^T)                   (Triton, one kernel)
-              dw2      = act^T dy,  dx_perm = dh13 @ w13[e]^T            (plain grouped GEMMs)
-              dx       = sum of each token's k rows of dx_perm           (kernels.permute)
-              dw13     = gather(x, src)^T dh13                           (Triton, gathered weight grad)
+              ys[s]    = w_s * (act @ w2[e])[p]      stored at its slot of a (T*k, d) token-major buffer
+              y[t]     = sum_j ys[t*k + j]           (one contiguous fp32-accumulated sum; OPTIONS
+                                                     combine="atomic": fp32 atomics into y instead)
+    backward  g        = gather(dy, src) @ w2[e]^T  (Triton, one kernel, epilogue:)
+                 d_w_s = <act[p], g[p]>  (= <dy[t], (act @ w2[e])[p]>, per-tile partial sums, no atomics)
+                 dh13  = swiglu'(h13) * (w_s g)
+              dw2      = act^T dy_perm, dy_perm[p] = w_s dy[t]  (weighted scatter, kernels.permute)
+              dx_perm  = dh13 @ w13[e]^T,  dx = sum of each token's k rows of dx_perm   (kernels.permute)
+              dw13     = gather(x, src)^T dh13                   (plain GEMM on re-gathered x, or Triton)
 
 "Plain grouped GEMM" is the CUTLASS extension where it runs, else torch._grouped_mm. The Triton
 kernels walk the experts' row ranges in BM-row tiles found on the device from `offs` (no host sync).
+OPTIONS["combine"] = "unfused" keeps the plain down projection and kernels.permute.unpermute (A/B).
 
 Everything here runs only on CUDA with Triton; tests run the same kernels on CPU tensors in Triton's
 interpreter (TRITON_INTERPRET=1) against the unfused reference maths (tests/test_moe_fused.py).
@@ -49,7 +58,8 @@ WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4
 # (token, slot) place, then the k rows of a token summed (default; deterministic); "atomic": the
 # epilogue adds the scaled rows into a (T, d) fp32 output with atomics (no (T*k, d) buffer; summation
 # order not reproducible on a GPU); "unfused": the plain down projection, then kernels.permute.unpermute.
-OPTIONS = {"wgrad": "permuted", "combine": "slots"}
+DEFAULT_OPTIONS = {"wgrad": "permuted", "combine": "slots"}
+OPTIONS = dict(DEFAULT_OPTIONS)
 COMBINE_MODES = ("slots", "atomic", "unfused")
 INTERPRET_CONFIG = {"gmm": (32, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
 # the combine's down projection (EPI 3) and the dact GEMM with the gate-gradient epilogue (EPI 4); every one

@@ -1,6 +1,7 @@
 """Where the time of one MoE FFN layer goes (forward + backward), per CUDA kernel, on the GPU.
 
     python kernels/profile_layer.py --backend cutlass --shape 0
+    python kernels/profile_layer.py --backend fused:combine=atomic --shape 0   (moe_fused options as in bench.py)
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.bench import SHAPES  # noqa: E402
+from kernels import moe_fused  # noqa: E402
+from kernels.bench import SHAPES, parse_backend  # noqa: E402
 from stages.model import MoE  # noqa: E402
 
 
@@ -23,8 +25,10 @@ def main() -> None:
     ap.add_argument("--shape", type=int, default=0)
     ap.add_argument("--rows", type=int, default=30)
     a = ap.parse_args()
+    backend, opts = parse_backend(a.backend)
+    moe_fused.OPTIONS.update(opts)
     T, k, E, d, f = SHAPES[a.shape]
-    moe = MoE(d, f, E, k, backend=a.backend).cuda()
+    moe = MoE(d, f, E, k, backend=backend).cuda()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.02)

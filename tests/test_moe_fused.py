@@ -355,3 +355,14 @@ def test_combine_kernels_compile_for_sm90_without_spills(shape: tuple[int, int, 
     r = aot.sm90_resources(permute._kernels()["scatter_rows"], scatter, 4, 3)
     spills["scatter_rows weighted"] = r["spill_stores"] + r["spill_loads"]
     assert not any(spills.values()), {n: s for n, s in spills.items() if s}
+
+
+def test_bench_layer_backend_options_parse_and_reject_typos() -> None:
+    from kernels.bench import parse_backend
+
+    assert parse_backend("fused") == ("fused", {})
+    assert parse_backend("fused:gather") == ("fused", {"wgrad": "gather"})
+    assert parse_backend("fused:combine=atomic:wgrad=gather") == ("fused", {"combine": "atomic", "wgrad": "gather"})
+    for bad in ("fused:combine=atomc", "fused:nosuch=1"):
+        with pytest.raises(ValueError, match="is not one of"):
+            parse_backend(bad)
