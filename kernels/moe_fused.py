@@ -306,7 +306,8 @@ def combine_gemm(act: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, slot: 
     T = rows // topk
     out = (torch.zeros(T, N, device=act.device, dtype=torch.float32) if atomic else act.new_empty(rows, N))
     _run_gmm("combine", act, w2, offs, out, rows, N, slot=slot, gate=gate, topk=topk, epi=3, atomic=atomic)
-    return out.to(act.dtype) if atomic else out.view(T, topk, N).sum(dim=1)
+    # dtype given: autocast runs sum in fp32 otherwise (CUDA sums of bf16 accumulate in fp32 either way)
+    return out.to(act.dtype) if atomic else out.view(T, topk, N).sum(dim=1, dtype=act.dtype)
 
 
 def combine_dact(dout: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, src: torch.Tensor, slot: torch.Tensor,
