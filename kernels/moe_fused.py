@@ -235,6 +235,7 @@ def _kernels() -> dict[str, Any] | None:
     }
     return {"gmm": gmm, "wgrad": wgrad, "tuned": tuned}
 
+
 def problem(x: torch.Tensor) -> str | None:
     """Why the fused kernels cannot run on x (None when they can)."""
     if _kernels() is None:

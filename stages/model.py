@@ -38,8 +38,9 @@ from stages.accounting import Architecture
 from stages.schema import RouterConfig
 
 INIT_STD = 0.02
-# grouped GEMM backends (kernels.grouped_gemm) + "fused": the Triton gather/SwiGLU-fused expert block
-# (kernels/moe_fused.py) with its plain products on cutlass or torch_grouped; "auto" elsewhere
+# grouped GEMM backends (kernels.grouped_gemm) + "fused": the Triton expert block with the gather, SwiGLU
+# and the gate-weighted combine fused into its GEMMs (kernels/moe_fused.py), its plain products on
+# cutlass or torch_grouped; "auto" elsewhere
 EXPERT_BACKENDS = (*CHOICES, "fused")
 
 
