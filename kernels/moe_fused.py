@@ -34,6 +34,7 @@ interpreter (TRITON_INTERPRET=1) against the unfused reference maths (tests/test
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -41,6 +42,8 @@ import torch
 
 from kernels.grouped_gemm import product
 from kernels.permute import pow2_at_least, scatter_weighted, sum_slots, unpermute
+
+log = logging.getLogger("kernels.moe_fused")
 
 # (BM, BN, BK, warps, stages) tried by the autotuner on CUDA; the first is the interpreter's.
 GMM_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -446,7 +449,13 @@ class _FusedCombined(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w13, w2, weights, src, order, inverse, offs, h13, act = ctx.saved_tensors
         dy = dy.contiguous()
-        dh13, dgate = combine_dact(dy, w2, offs, src, order, weights.reshape(-1).contiguous(), act, h13)
+        try:
+            dh13, dgate = combine_dact(dy, w2, offs, src, order, weights.reshape(-1).contiguous(), act, h13)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # e.g. a Triton version that cannot compile this epilogue: the unfused maths
+            _disable_combine("the dact/gate-gradient GEMM", err)
+            dh13, dgate = _combine_dact_unfused(dy, w2, offs, src, order, weights, inverse, act, h13, ctx.plain)
         dweights = dgate.view(weights.shape).to(weights.dtype) if ctx.needs_input_grad[3] else None
         dw2 = None
         if ctx.needs_input_grad[2]:  # dy_perm[p] = gate * dy[token of p]: one weighted scatter pass
@@ -467,6 +476,34 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     mode = OPTIONS["combine"]
     if mode not in COMBINE_MODES:
         raise ValueError(f"moe_fused.OPTIONS['combine']={mode!r} is not one of {COMBINE_MODES}")
-    if mode == "unfused":
-        return unpermute(_FusedExperts.apply(x, w13, w2, src, inverse, offs, k, plain), weights, order, inverse)
-    return _FusedCombined.apply(x, w13, w2, weights, src, order, inverse, offs, k, plain, mode == "atomic")
+    if mode != "unfused" and not combine_disabled:
+        try:
+            return _FusedCombined.apply(x, w13, w2, weights, src, order, inverse, offs, k, plain, mode == "atomic")
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # a launch/compile failure: this call and the next ones run unfused
+            _disable_combine("the combine GEMM", err)
+    return unpermute(_FusedExperts.apply(x, w13, w2, src, inverse, offs, k, plain), weights, order, inverse)
+
+
+combine_disabled: list[str] = []  # why the fused combine is off in this process (empty while it runs)
+
+
+def _disable_combine(what: str, err: Exception) -> None:
+    """Log once and turn the fused combine off: results never depend on which path ran, only speed."""
+    if not combine_disabled:
+        combine_disabled.append(f"{what}: {type(err).__name__}: {str(err).strip()[:200]}")
+        log.warning("kernels.moe_fused: fused combine disabled, using combine='unfused' (%s)", combine_disabled[-1])
+
+
+def _combine_dact_unfused(dy: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, src: torch.Tensor,
+                          order: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor, act: torch.Tensor,
+                          h13: torch.Tensor, plain: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """combine_dact's results the unfused way (its fallback): dh13 from the weighted dy_perm through
+    the SwiGLU-backward GEMM, the gate gradient <dy[t], y_perm[p]> from a recomputed y_perm."""
+    dy_perm = scatter_weighted(dy, weights, order, inverse)
+    dh13, _ = grouped_gemm(dy_perm, w2, offs, epi=2, h=h13, b_transposed=True)
+    y_perm = _plain("fwd", act, w2, offs, plain)
+    dgate = torch.empty(order.shape[0], device=dy.device, dtype=torch.float32)
+    dgate[order] = (y_perm.float() * dy.index_select(0, src).float()).sum(-1)
+    return dh13, dgate

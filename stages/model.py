@@ -318,9 +318,11 @@ class GroupedExperts(nn.Module):
         otherwise)."""
         dt = self._dtype(x)
         k = weights.shape[1]
-        self.last_backend, self.last_fallback = f"fused+{plain}", None
-        return moe_fused.fused_moe(x.to(dt), self.w13.to(dt), self.w2.to(dt), weights,
-                                   (d.order // k).to(torch.int32), d.order, d.inverse, d.offs, k, plain)
+        y = moe_fused.fused_moe(x.to(dt), self.w13.to(dt), self.w2.to(dt), weights, (d.order // k).to(torch.int32),
+                                d.order, d.inverse, d.offs, k, plain)
+        why = moe_fused.combine_disabled[0] if moe_fused.combine_disabled else None
+        self.last_backend, self.last_fallback = f"fused+{plain}", why and f"fused combine -> 'unfused': {why}"
+        return y
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor, why: str | None = None) -> torch.Tensor:
         """The expert outputs of already permuted rows x; `why` is the reason a fused request fell

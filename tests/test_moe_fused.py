@@ -105,6 +105,21 @@ for (T, k, E, d, f, empty), wgrad in [((37, 2, 5, 48, 40, [3]), "permuted"), ((2
         out[name]["empty_dw_zero"] = all(float(ins[1].grad[e].abs().max()) == 0.0 for e in empty)
 moe_fused.OPTIONS.update(wgrad="permuted", combine="slots")
 
+# a combine kernel that fails (forward or backward) falls back to the unfused maths, same results
+for broken in ("combine_gemm", "combine_dact"):
+    real = getattr(moe_fused, broken)
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+    setattr(moe_fused, broken, fail)
+    ins = [t.clone().requires_grad_() for t in (x, w13, w2, weights)]
+    y = moe_fused.fused_moe(*ins, src, disp.order, disp.inverse, disp.offs, k, plain="triton")
+    y.backward(gy)
+    out[f"fallback_{broken}"] = errors([("y", y, yr), *((n, a.grad, b.grad) for n, a, b in
+                                                          zip(["dx", "dw13", "dw2", "dweights"], ins, ref))])
+    out[f"fallback_{broken}"]["disabled"] = float(len(moe_fused.combine_disabled))
+    setattr(moe_fused, broken, real)
+    moe_fused.combine_disabled.clear()
+
 # the whole layer: backend "fused" (each combine option) vs "reference" from the same weights
 torch.manual_seed(0)
 ref = MoE(32, 24, 6, 2, backend="reference")
@@ -172,6 +187,8 @@ def test_fused_kernels_match_reference_in_interpreter() -> None:
     res = run_interpreted(CASES)
     assert res.pop("layer_backend") == "fused+triton"
     for case, errs in res.items():
+        if errs.pop("disabled", 1.0) != 1.0:
+            raise AssertionError(f"{case}: the failing combine kernel did not disable the fused combine once")
         if "empty_dw_zero" in errs:
             assert errs.pop("empty_dw_zero"), f"{case}: an expert without rows got a nonzero weight gradient"
         for name, rel in errs.items():
