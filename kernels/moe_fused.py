@@ -230,9 +230,11 @@ def _kernels() -> dict[str, Any] | None:
     tuned = {
         "gmm": triton.autotune(configs(GMM_CONFIGS, ("BM", "BN", "BK")), key=key)(gmm),
         "swiglu": triton.autotune(configs(SWIGLU_CONFIGS, ("BM", "BN", "BK")), key=key)(gmm),
+        "combine": triton.autotune(configs(COMBINE_CONFIGS, ("BM", "BN", "BK")), key=key)(gmm),
         # the autotuner runs every config on the same buffers: zero what they accumulate into (atomic
         # combine output; the per-column partial gate gradients, whose column count depends on BN)
-        "combine": triton.autotune(configs(COMBINE_CONFIGS, ("BM", "BN", "BK")), key=key, reset_to_zero=["c_ptr"])(gmm),
+        "combine_atomic": triton.autotune(configs(COMBINE_CONFIGS, ("BM", "BN", "BK")), key=key,
+                                          reset_to_zero=["c_ptr"])(gmm),
         "dact": triton.autotune(configs(DACT_CONFIGS, ("BM", "BN", "BK")), key=key, reset_to_zero=["pw_ptr"])(gmm),
         "wgrad": triton.autotune(configs(WGRAD_CONFIGS, ("BKO", "BN", "BR")), key=["KD", "N", "GATHER"])(wgrad),
     }
@@ -309,7 +311,8 @@ def combine_gemm(act: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, slot: 
     rows, N = act.shape[0], w2.shape[2]
     T = rows // topk
     out = (torch.zeros(T, N, device=act.device, dtype=torch.float32) if atomic else act.new_empty(rows, N))
-    _run_gmm("combine", act, w2, offs, out, rows, N, slot=slot, gate=gate, topk=topk, epi=3, atomic=atomic)
+    _run_gmm("combine_atomic" if atomic else "combine", act, w2, offs, out, rows, N, slot=slot, gate=gate, topk=topk,
+             epi=3, atomic=atomic)
     # dtype given: autocast runs sum in fp32 otherwise (CUDA sums of bf16 accumulate in fp32 either way)
     return out.to(act.dtype) if atomic else out.view(T, topk, N).sum(dim=1, dtype=act.dtype)
 

@@ -290,7 +290,7 @@ def test_gpu_fused_combine_matches_eager_maths(shape: tuple[int, int, int, int, 
     T, k, E, d, f = shape
     inp = _gpu_block_inputs(shape)
     got = _fused_block_grads(inp, k)
-    ref = [inp[n].float().requires_grad_() for n in ("x", "w13", "w2", "weights")]
+    ref = [inp[n].float().clone().requires_grad_() for n in ("x", "w13", "w2", "weights")]
     order, inverse, offs = inp["order"], inp["inverse"], inp["offs"]
     h13 = _reference(ref[0][order // k], ref[1], offs)
     y_perm = _reference(torch.nn.functional.silu(h13[:, :f]) * h13[:, f:], ref[2], offs)
