@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import RandomLoader  # noqa: E402
 
+from kernels import profiling  # noqa: E402
 from stages.accounting import plan_run, train_flops  # noqa: E402
 from stages.model import build_model  # noqa: E402
 from stages.schema import parse_params  # noqa: E402
@@ -61,6 +62,8 @@ BENCH_PARAMS: dict[str, Any] = {
               "log_every": 10**6, "checkpoint_every": 0},
 }
 
+
+PROFILED_STEPS = 3  # steps recorded by --profile (after warm-up)
 
 class ProfiledLoader(RandomLoader):
     """Random batches that advance the profiler's schedule once per step."""
@@ -108,7 +111,7 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         from torch.profiler import ProfilerActivity, profile, schedule
 
         prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available(),
-                       schedule=schedule(wait=max(0, warmup - 2), warmup=1, active=3, repeat=1))
+                       schedule=schedule(wait=max(0, warmup - 2), warmup=1, active=PROFILED_STEPS, repeat=1))
         prof.__enter__()
         loader = ProfiledLoader(plan.batch_size, plan.arch.seq_len, vocab, prof)
     fpt, full = train_flops(plan.arch.nonvocab_active, 1), full_flops_per_token(plan.arch, vocab)
@@ -143,39 +146,11 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
         name = f"profile_{spec.replace('/', '_')}_{engine}_{'compiled' if compile_ else 'eager'}.txt"
         (profile_dir / name).write_text(table)
-        cats, kernel_us = categories(prof)
-        row["profile_gpu_share"] = cats
-        row["profile_gpu_busy"] = round(kernel_us / 1e3 / (3 * step_s * 1e3), 3)  # kernel time / wall, 3 steps
+        spans = profiling.kernel_spans(prof)
+        row["profile_gpu_share"] = profiling.shares(spans)
+        # GPU-busy time / wall time over the profiled steps (profiled by the schedule above)
+        row["profile_gpu_busy"] = round(profiling.busy_us(spans) / 1e3 / (PROFILED_STEPS * step_s * 1e3), 3)
     return row
-
-
-def categories(prof: Any) -> tuple[dict[str, float], float]:
-    """Share of GPU kernel time by kind, and the total kernel time (us) of the profiled steps."""
-    out: dict[str, float] = {}
-    total = 0.0
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0.0) or 0.0
-        n = e.key.lower()
-        if t <= 0 or "profilerstep" in n or "#" in n or n.startswith(("torch-compiled", "compiledfunction")):
-            continue  # ranges, not kernels
-        if "grouped" in n or "group_gemm" in n:
-            c = "grouped_gemm"
-        elif "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
-            c = "attention"
-        elif "gemm" in n or "cutlass" in n or "nvjet" in n or "aten::mm" in n or "aten::addmm" in n or "xmma" in n:
-            c = "gemm"
-        elif "adam" in n or "multi_tensor" in n or "foreach" in n:
-            c = "optimizer"
-        elif "triton" in n:
-            c = "triton_fused"
-        elif "nccl" in n:
-            c = "nccl"
-        else:
-            c = "other"
-        out[c] = out.get(c, 0.0) + t
-        total += t
-    shares = {k: round(v / total, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])} if total else {}
-    return shares, total
 
 
 def main(argv: list[str] | None = None) -> int:

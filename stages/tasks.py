@@ -219,13 +219,18 @@ def score_continuations(model: Any, requests: Sequence[tuple[Sequence[int], Sequ
             x = torch.full((len(chunk), width), eos_id, dtype=torch.long)
             for r, (_, seq, _) in enumerate(chunk):
                 x[r, :len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
-            logp = torch.log_softmax(model(x.to(device)).logits.float(), dim=-1).cpu()
+            nxt = torch.zeros((len(chunk), width), dtype=torch.long)  # the token each position predicts
+            for r, (_, seq, _) in enumerate(chunk):
+                nxt[r, :len(seq) - 1] = torch.tensor(seq[1:], dtype=torch.long)
+            nxt = nxt.to(device)
+            logp = torch.log_softmax(model(x.to(device)).logits.float(), dim=-1)
+            # reduce over the vocabulary on the device: only (batch, width) values cross to the host
+            tok_logp = logp.gather(-1, nxt[..., None])[..., 0].cpu()
+            is_argmax = (logp.argmax(-1) == nxt).cpu()
             for r, (i, seq, n) in enumerate(chunk):
                 end = len(seq) - 1  # inputs 0..end-1 predict seq[1..end]; the continuation is seq[end-n+1..]
-                tgt = torch.tensor(seq[end - n + 1:], dtype=torch.long)
-                rows = logp[r, end - n:end]
-                logprob[i] = float(rows.gather(1, tgt[:, None]).double().sum())
-                greedy[i] = bool((rows.argmax(-1) == tgt).all())
+                logprob[i] = float(tok_logp[r, end - n:end].double().sum())
+                greedy[i] = bool(is_argmax[r, end - n:end].all())
     return logprob, greedy
 
 
