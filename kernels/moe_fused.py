@@ -454,9 +454,9 @@ class _FusedCombined(torch.autograd.Function):
         dy = dy.contiguous()
         try:
             dh13, dgate = combine_dact(dy, w2, offs, src, order, weights.reshape(-1).contiguous(), act, h13)
-        except torch.cuda.OutOfMemoryError:
-            raise
         except Exception as err:  # e.g. a Triton version that cannot compile this epilogue: the unfused maths
+            if not _may_fall_back(err):
+                raise
             _disable_combine("the dact/gate-gradient GEMM", err)
             dh13, dgate = _combine_dact_unfused(dy, w2, offs, src, order, weights, inverse, act, h13, ctx.plain)
         dweights = dgate.view(weights.shape).to(weights.dtype) if ctx.needs_input_grad[3] else None
@@ -482,14 +482,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     if mode != "unfused" and not combine_disabled:
         try:
             return _FusedCombined.apply(x, w13, w2, weights, src, order, inverse, offs, k, plain, mode == "atomic")
-        except torch.cuda.OutOfMemoryError:
-            raise
         except Exception as err:  # a launch/compile failure: this call and the next ones run unfused
+            if not _may_fall_back(err):
+                raise
             _disable_combine("the combine GEMM", err)
     return unpermute(_FusedExperts.apply(x, w13, w2, src, inverse, offs, k, plain), weights, order, inverse)
 
 
 combine_disabled: list[str] = []  # why the fused combine is off in this process (empty while it runs)
+
+
+def _may_fall_back(err: Exception) -> bool:
+    """Whether a failed combine kernel may be replaced by the unfused maths: not when out of memory (the
+    fallback needs more) nor while a CUDA graph is being captured (the error is the capture's, and a
+    switch would silently change what later calls run)."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not isinstance(err, torch.cuda.OutOfMemoryError) and not capturing
 
 
 def _disable_combine(what: str, err: Exception) -> None:
