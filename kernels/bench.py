@@ -10,9 +10,10 @@ backward (dx and dw), TFLOP/s = 2*rows*d*f per product (3 products for fwd+bwd),
 - loop:      the reference backend (one matmul per expert);
 - dense:     one ungrouped GEMM (rows, d) @ (d, f) of the same FLOPs: the ceiling.
 Part "layer": stages.model.MoE (route, permute, SwiGLU experts, combine; each expert backend,
-"fused" = kernels/moe_fused.py: gather and SwiGLU fused into Triton expert GEMMs, its plain products
-on cutlass) vs a dense SwiGLU FFN with the same activated FLOPs (hidden k*f), in bf16, forward and
-forward+backward.
+"fused" = kernels/moe_fused.py: gather, SwiGLU and the gate-weighted combine fused into Triton expert
+GEMMs, its plain products on cutlass; options as "fused:combine=atomic", "fused:combine=unfused",
+"fused:wgrad=gather" or "fused:gather") vs a dense SwiGLU FFN with the same activated FLOPs (hidden k*f),
+in bf16, forward and forward+backward.
 
 Loads are mildly unbalanced: per-expert row counts are the mean +-25% (seeded), as in routing.
 Timing: CUDA events around each call, after warm-up, median of --iters repeats.
@@ -255,8 +256,9 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
     rows.append(d_row)
     ref_y = None
     for spec in backends:
-        b, _, opt = spec.partition(":")  # "fused:gather" = backend fused with moe_fused.OPTIONS wgrad=gather
-        moe_fused.OPTIONS["wgrad"] = opt or "permuted"
+        b, opts = parse_backend(spec)
+        moe_fused.OPTIONS.update(moe_fused.DEFAULT_OPTIONS, **opts)
+        opt = " ".join(f"{key}={value}" for key, value in opts.items())
         torch.manual_seed(1)
         moe = MoE(d, f, E, k, backend=b).to(dev)
         with torch.no_grad():
@@ -269,18 +271,36 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                          "note": f"fell back: {moe.experts.last_fallback}"})
             continue
         ref_y = y if ref_y is None else ref_y
-        name = (f"moe_{moe.experts.last_backend}" + (f" wgrad={opt}" if opt else "")
+        name = (f"moe_{moe.experts.last_backend}" + (f" {opt}" if opt else "")
                 + f" router={moe.router.last_path} route={fused_router.OPTIONS['route']}")
         fn = torch.compile(moe) if compile_ else moe
         row = measure(name + (" compiled" if compile_ else ""), moe, lambda fn=fn: fn(x).y,
                       expert_flops + 2.0 * T * d * E, "route+permute+SwiGLU experts+combine")
         row["max_rel_err"] = rel_err(y, ref_y)
         rows.append(row)
+    moe_fused.OPTIONS.update(moe_fused.DEFAULT_OPTIONS)
     for r in rows:
         if "fwd_bwd_ms" in r:
             r["vs_dense_fwd_bwd"] = d_row["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             r["vs_dense_fwd"] = d_row["fwd_ms"] / r["fwd_ms"]
     return rows
+
+
+def parse_backend(spec: str) -> tuple[str, dict[str, str]]:
+    """A layer backend with kernels/moe_fused.py options: "fused:combine=atomic:wgrad=gather" ->
+    ("fused", {"combine": "atomic", "wgrad": "gather"}); a bare option is a wgrad mode ("fused:gather",
+    the older spelling). Unknown keys or values are errors (a typo must not time the default)."""
+    name, *parts = spec.split(":")
+    opts: dict[str, str] = {}
+    for part in parts:
+        key, _, value = part.rpartition("=")
+        opts[key or "wgrad"] = value
+    allowed = {"wgrad": ("permuted", "gather"), "combine": moe_fused.COMBINE_MODES}
+    for key, value in opts.items():
+        if value not in allowed.get(key, ()):
+            raise ValueError(f"layer backend {spec!r}: option {key}={value} is not one of "
+                             f"{ {k: list(v) for k, v in allowed.items()} }")
+    return name, opts
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -318,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="op,layer")
     ap.add_argument("--sweep", action="store_true", help="also time every cutlass tile config")
     ap.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop")
-    ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference")
+    ap.add_argument("--layer-backends", default="fused,cutlass,torch_grouped,reference",
+                    help="comma-separated; fused takes kernels/moe_fused.py options as ':key=value' "
+                         "(combine=slots|atomic|unfused, wgrad=permuted|gather; ':gather' = wgrad=gather)")
     ap.add_argument("--timing", choices=("eager", "graphs", "busy"), default="eager",
                     help="eager calls; CUDA-graph replays; or GPU-busy time per call (see TIMING)")
     ap.add_argument("--compile", action="store_true",
@@ -335,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
     if a.route is not None:
         fused_router.OPTIONS["route"] = a.route
+    for spec in a.layer_backends.split(","):
+        try:
+            parse_backend(spec)
+        except ValueError as err:
+            ap.error(str(err))
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     TIMING["mode"] = a.timing

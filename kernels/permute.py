@@ -34,14 +34,18 @@ def _kernels() -> dict[str, Any] | None:
 
     # one program per token; BD (a power of two >= d) covers the whole row, so no column loop
     @triton.jit
-    def scatter_rows(x_ptr, inv_ptr, out_ptr, d, K: tl.constexpr, BD: tl.constexpr):
+    def scatter_rows(x_ptr, inv_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BD: tl.constexpr, WEIGHTED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
         mask = cols < d
         row = tl.load(x_ptr + t * d + cols, mask=mask)
         for j in tl.static_range(K):
             dst = tl.load(inv_ptr + t * K + j).to(tl.int64)
-            tl.store(out_ptr + dst * d + cols, row, mask=mask)
+            if WEIGHTED:
+                wj = tl.load(w_ptr + t * K + j).to(tl.float32)
+                tl.store(out_ptr + dst * d + cols, (wj * row.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(out_ptr + dst * d + cols, row, mask=mask)
 
     @triton.jit
     def gather_sum(g_ptr, inv_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BD: tl.constexpr,
@@ -111,8 +115,8 @@ class _Permute(torch.autograd.Function):
         if kern is not None and x.shape[0] > 0:
             x = x.contiguous()
             out = x.new_empty(x.shape[0] * k, x.shape[1])
-            if _launch(kern, "scatter_rows", (x.shape[0],), x, inverse, out, x.shape[1], K=k,
-                       BD=pow2_at_least(x.shape[1])):
+            if _launch(kern, "scatter_rows", (x.shape[0],), x, inverse, x, out, x.shape[1], K=k,
+                       BD=pow2_at_least(x.shape[1]), WEIGHTED=False):
                 return out
         return x.index_select(0, order // k)
 
@@ -172,6 +176,25 @@ def sum_slots(g: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
             return out
     gk = g.index_select(0, inverse).view(T, k, d)
     return gk.sum(dim=1, dtype=torch.float32).to(g.dtype)
+
+
+def scatter_weighted(g: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                     inverse: torch.Tensor) -> torch.Tensor:
+    """g (T, d) -> (T*k, d) in expert order: row inverse[t*k+j] = weights[t, j] * g[t] (no autograd).
+
+    The gradient of the expert rows under the weighted combine, without the gate-weight gradient
+    unpermute's backward also computes (kernels/moe_fused.py gets that from a GEMM epilogue), so y_perm
+    is not read: one pass reading g once and writing each row."""
+    T, k = weights.shape
+    d = g.shape[-1]
+    kern = _fast(g, inverse)
+    if kern is not None and T > 0:
+        g = g.contiguous()
+        out = g.new_empty(T * k, d)
+        if _launch(kern, "scatter_rows", (T,), g, inverse, weights.contiguous(), out, d, K=k, BD=pow2_at_least(d),
+                   WEIGHTED=True):
+            return out
+    return g.index_select(0, order // k) * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(g.dtype)
 
 
 @torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks

@@ -4,6 +4,7 @@ between them (launch latency, the setup kernels, tails of persistent kernels).
 
     python kernels/profile_layer.py --backend cutlass --shape 0
     python kernels/profile_layer.py --part op --backend cutlass --shape 0 --timeline
+    python kernels/profile_layer.py --backend fused:combine=atomic --shape 0   (moe_fused options as in bench.py)
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import grouped_gemm, profiling  # noqa: E402
+from kernels import grouped_gemm, moe_fused, profiling  # noqa: E402
 from kernels import router as fused_router  # noqa: E402
-from kernels.bench import SHAPES, unbalanced_offsets  # noqa: E402
+from kernels.bench import SHAPES, parse_backend, unbalanced_offsets  # noqa: E402
 from stages.model import MoE  # noqa: E402
 
 
-def layer_step(backend: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
+def layer_step(spec: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
+    """One MoE layer fwd+bwd; spec is an expert backend with moe_fused options ("fused:combine=atomic")."""
+    backend, opts = parse_backend(spec)
+    moe_fused.OPTIONS.update(moe_fused.DEFAULT_OPTIONS, **opts)
     T, k, E, d, f = shape
     moe = MoE(d, f, E, k, backend=backend).cuda()
     with torch.no_grad():
@@ -103,7 +107,9 @@ def main() -> None:
         torch.cuda.synchronize()
     router = (f", router option {fused_router.OPTIONS['router']!r}, route {fused_router.OPTIONS['route']!r}"
               if a.part == "layer" else "")
-    print(f"{a.part} {a.backend} shape {shape}{router}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10)")
+    busy = profiling.busy_us(profiling.kernel_spans(prof)) / 5 / 1000
+    print(f"{a.part} {a.backend} shape {shape}{router}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10), "
+          f"GPU busy {busy:.3f} ms per fwd+bwd (profiled)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
     if a.timeline:
         print("\n".join(timeline(prof)))

@@ -39,8 +39,9 @@ from stages.accounting import Architecture
 from stages.schema import RouterConfig
 
 INIT_STD = 0.02
-# grouped GEMM backends (kernels.grouped_gemm) + "fused": the Triton gather/SwiGLU-fused expert block
-# (kernels/moe_fused.py) with its plain products on cutlass or torch_grouped; "auto" elsewhere
+# grouped GEMM backends (kernels.grouped_gemm) + "fused": the Triton expert block with the gather, SwiGLU
+# and the gate-weighted combine fused into its GEMMs (kernels/moe_fused.py), its plain products on
+# cutlass or torch_grouped; "auto" elsewhere
 EXPERT_BACKENDS = (*CHOICES, "fused")
 
 
@@ -360,12 +361,17 @@ class GroupedExperts(nn.Module):
                 return plain, None
         return None, "expert backend 'fused' -> 'auto': neither cutlass nor torch._grouped_mm runs here"
 
-    def fused(self, x: torch.Tensor, d: Dispatch, k: int, plain: str) -> torch.Tensor:
-        """The expert outputs (T*k, d) in expert order from token-major x, through the fused kernels."""
+    def fused(self, x: torch.Tensor, d: Dispatch, weights: torch.Tensor, plain: str) -> torch.Tensor:
+        """The combined expert outputs y (T, d) from token-major x and the gate weights (T, k), through
+        the fused kernels (the combine folded into the down projection unless moe_fused.OPTIONS says
+        otherwise)."""
         dt = self._dtype(x)
-        self.last_backend, self.last_fallback = f"fused+{plain}", None
-        return moe_fused.fused_experts(x.to(dt), self.w13.to(dt), self.w2.to(dt), (d.order // k).to(torch.int32),
-                                       d.inverse, d.offs, k, plain)
+        k = weights.shape[1]
+        y = moe_fused.fused_moe(x.to(dt), self.w13.to(dt), self.w2.to(dt), weights, (d.order // k).to(torch.int32),
+                                d.order, d.inverse, d.offs, k, plain)
+        why = moe_fused.combine_disabled[0] if moe_fused.combine_disabled else None
+        self.last_backend, self.last_fallback = f"fused+{plain}", why and f"fused combine -> 'unfused': {why}"
+        return y
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor, why: str | None = None) -> torch.Tensor:
         """The expert outputs of already permuted rows x; `why` is the reason a fused request fell
@@ -402,13 +408,11 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         r = self.router(flat)
         plain, why = self.experts.fused_plan(flat)
-        if plain is not None:  # gather, SwiGLU and its backward fused into the expert GEMMs
-            disp = route(r.indices, self.experts_n, r.counts)
-            y_perm = self.experts.fused(flat, disp, self.top_k, plain)
+        if plain is not None:  # gather, SwiGLU, its backward and the combine fused into the expert GEMMs
+            y = self.experts.fused(flat, route(r.indices, self.experts_n, r.counts), r.weights, plain)
         else:
             x_perm, disp = dispatch(flat, r.indices, self.experts_n, r.counts)
-            y_perm = self.experts(x_perm, disp.offs, why)
-        y = combine(y_perm, disp, r.weights)
+            y = combine(self.experts(x_perm, disp.offs, why), disp, r.weights)
         return MoEOutput(y.view(shape), r.aux_loss, r.z_loss, r.load)
 
 
