@@ -1,6 +1,7 @@
 """Fused MoE expert block: the dispatch gather folded into the first grouped GEMM's A load, SwiGLU in
-its epilogue, the gate-weighted combine (un-permutation) in the down projection's epilogue, and the
-SwiGLU backward plus the gate-weight gradient in the epilogue of the down projection's input-gradient GEMM.
+its epilogue, the SwiGLU backward in the epilogue of the down projection's input-gradient GEMM, and
+(OPTIONS["combine"], off by default: measured slower) the gate-weighted combine (un-permutation) in the
+down projection's epilogue with the gate-weight gradient in that input-gradient GEMM's epilogue.
 
 The unfused path (stages/model.py with the `cutlass`/`torch_grouped` backends) runs
     x_perm = permute(x)          (P, d) written          h13 = x_perm @ w13[e]      (P, 2f) written
@@ -25,7 +26,8 @@ is slot s = order[p] of token t = src[p], gate weight w_s):
 
 "Plain grouped GEMM" is the CUTLASS extension where it runs, else torch._grouped_mm. The Triton
 kernels walk the experts' row ranges in BM-row tiles found on the device from `offs` (no host sync).
-OPTIONS["combine"] = "unfused" keeps the plain down projection and kernels.permute.unpermute (A/B).
+OPTIONS["combine"] = "unfused" (the default: measured faster, see DEFAULT_OPTIONS) keeps the plain down
+projection and kernels.permute.unpermute.
 
 Everything here runs only on CUDA with Triton; tests run the same kernels on CPU tensors in Triton's
 interpreter (TRITON_INTERPRET=1) against the unfused reference maths (tests/test_moe_fused.py).
@@ -58,10 +60,13 @@ WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4
 # tile) without split-K: few-expert shapes leave SMs idle). Measured: results/kernels/.
 # combine (the gate-weighted sum over each token's k expert rows, kernels.permute.unpermute when unfused):
 # "slots": in the down projection's epilogue, each row scaled by its gate weight and stored at its
-# (token, slot) place, then the k rows of a token summed (default; deterministic); "atomic": the
-# epilogue adds the scaled rows into a (T, d) fp32 output with atomics (no (T*k, d) buffer; summation
-# order not reproducible on a GPU); "unfused": the plain down projection, then kernels.permute.unpermute.
-DEFAULT_OPTIONS = {"wgrad": "permuted", "combine": "slots"}
+# (token, slot) place, then the k rows of a token summed (deterministic); "atomic": the epilogue adds
+# the scaled rows into a (T, d) fp32 output with atomics (no (T*k, d) buffer; summation order not
+# reproducible on a GPU); "unfused" (default): the plain (CUTLASS) down projection, then
+# kernels.permute.unpermute. Measured on an H100 (results/kernels/layer_busy_h100.md, GPU-busy time per
+# layer fwd+bwd): slots 2-6% and atomic 8-14% slower than unfused at all three benchmark shapes: the
+# Triton down projection costs more than the combine passes it saves.
+DEFAULT_OPTIONS = {"wgrad": "permuted", "combine": "unfused"}
 OPTIONS = dict(DEFAULT_OPTIONS)
 COMBINE_MODES = ("slots", "atomic", "unfused")
 INTERPRET_CONFIG = {"gmm": (32, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
