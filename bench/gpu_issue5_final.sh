@@ -11,8 +11,8 @@ OUT=$logs bash bench/gpu_session.sh build > "$logs/session.txt" 2>&1; cat $logs/
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 t() { local limit=$1 log=$2; shift 2; echo "== $(date +%T) $*" | tee -a "$out/log.txt"
   timeout "$limit" "$@" > "$logs/$log" 2>&1; echo "rc=$?" | tee -a "$out/log.txt"; tail -40 "$logs/$log" >> "$out/log.txt"; tail -3 "$logs/$log"; }
-t 200 gpu_tests.txt python3 -m pytest -q -rf tests/test_router.py -k "gpu" tests/test_kernels.py tests/test_moe.py \
-  tests/test_moe_fused.py::test_fused_layer_matches_unfused_on_gpu
+t 120 gpu_tests_router.txt python3 -m pytest -q -rf tests/test_router.py -k gpu
+t 150 gpu_tests.txt python3 -m pytest -q -rf tests/test_kernels.py tests/test_moe.py
 t 150 layer.txt python3 kernels/bench.py --timing busy --shapes 0,4,5 --parts layer --iters 20 \
   --layer-backends fused,cutlass,torch_grouped --out "$out/layer_final_busy_h100.csv"
 t 80 layer_count.txt python3 kernels/bench.py --timing busy --shapes 0,4 --parts layer --iters 20 --route count \
