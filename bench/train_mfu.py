@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import RandomLoader  # noqa: E402
 
 from kernels import profiling  # noqa: E402
+from kernels import router as fused_router  # noqa: E402
 from stages.accounting import plan_run, train_flops  # noqa: E402
 from stages.model import build_model  # noqa: E402
 from stages.schema import parse_params  # noqa: E402
@@ -167,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile mode of the compiled variants (train.compile_mode; default: torch's)")
     ap.add_argument("--expert-backend", default="torch_grouped", choices=["torch_grouped", "cutlass", "fused", "auto"],
                     help="MoE expert kernels (train.expert_backend); each row names the backend that ran")
+    ap.add_argument("--router", default=None, choices=["eager", "fused"],
+                    help="MoE router: eager PyTorch or kernels/router.py (default: the model's); rows say which")
     ap.add_argument("--profile", default=None,
                     help="run:engine:compile[;run:engine:compile] to profile once (3 steps) after the table")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.router is not None:
+        fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # report and go on
                 r = {"run": run, "engine": engine, "compile": comp == "1", "compile_mode": a.compile_mode,
                      "expert_backend": a.expert_backend, "skipped": f"{type(err).__name__}: {err}"[:400]}
+            r["router"] = fused_router.OPTIONS["router"]
             rows.append(r)
             print(json.dumps(r), flush=True)
             save()
