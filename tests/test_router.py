@@ -251,6 +251,14 @@ def test_fused_router_matches_eager_in_interpreter() -> None:
                 assert v < (5e-5 if name.startswith("d") else 1e-5), f"{case} {name}: relative error {v:.2e}"
 
 
+def test_compiled_router_traces_the_eager_maths() -> None:
+    """Under torch.compile the router is the eager maths (fused by Inductor), not the kernels."""
+    torch._dynamo.reset()
+    why = torch.compile(lambda lg: fused.problem(lg, 2), backend="eager", fullgraph=True)(torch.zeros(4, 8))
+    assert why is not None and "torch.compile" in why
+    assert "torch.compile" not in (fused.problem(torch.zeros(4, 8), 2) or "")
+
+
 def test_eager_option_and_cpu_keep_the_eager_router() -> None:
     assert fused.problem(torch.zeros(4, 8), 2) is not None or fused.interpreting()
     prev = fused.OPTIONS["router"]
