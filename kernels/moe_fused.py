@@ -63,7 +63,7 @@ WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4
 # (token, slot) place, then the k rows of a token summed (deterministic); "atomic": the epilogue adds
 # the scaled rows into a (T, d) fp32 output with atomics (no (T*k, d) buffer; summation order not
 # reproducible on a GPU); "unfused" (default): the plain (CUTLASS) down projection, then
-# kernels.permute.unpermute. Measured on an H100 (results/kernels/layer_busy_h100.md, GPU-busy time per
+# kernels.permute.unpermute. Measured on an H100 (results/kernels/moe_layer_busy_h100.md, GPU-busy time per
 # layer fwd+bwd): slots 2-6% and atomic 8-14% slower than unfused at all three benchmark shapes: the
 # Triton down projection costs more than the combine passes it saves.
 DEFAULT_OPTIONS = {"wgrad": "permuted", "combine": "unfused"}

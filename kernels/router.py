@@ -219,8 +219,9 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
     if OPTIONS["router"] == "eager":
         return "kernels.router.OPTIONS['router'] is 'eager'"
     if torch.compiler.is_compiling():  # checked while Dynamo traces Router.forward
-        return ("inside torch.compile: Inductor fuses the eager router maths, measured faster in a compiled "
-                "training step than these kernels behind a graph break (results/perf/train_mfu_router_h100.md)")
+        # one graph without a break (also for CUDA graphs); measured even within the noise of a compiled
+        # training step (results/perf/train_mfu_router_h100.md)
+        return "inside torch.compile: Inductor fuses the eager router maths into the compiled graph"
     if _disabled:
         return f"disabled after a launch error ({_disabled[0]})"
     if not logits.is_cuda and not interpreting():
