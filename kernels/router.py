@@ -30,16 +30,14 @@ from typing import Any
 
 import torch
 
+from kernels.triton_env import interpreting
+
 log = logging.getLogger("kernels.router")
 
 # "auto": the fused router where it can run (CUDA tensors, Triton, E <= MAX_EXPERTS); "eager": never
 OPTIONS = {"router": "auto"}
 MAX_EXPERTS = 256
 _disabled: list[str] = []  # the reason once a launch has failed in this process
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
