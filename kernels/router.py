@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -236,51 +234,33 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
 
 
 def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: str = "bf16",
-                   arch: int = 90) -> dict[str, dict[str, int]]:
-    """AOT-compile the kernels for `arch` at the constexprs a call with these arguments uses (no GPU
-    needed) and read registers and spill bytes from `ptxas -v`: {kernel: {"registers", "spill_stores",
-    "spill_loads"}}. Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+                   tokens: int = 16384) -> dict[str, dict[str, int]]:
+    """AOT-compile each kernel for the H100 (kernels/aot.py: no GPU needed) with the arguments a call
+    of this size passes, and report {kernel: {"registers", "spill_stores", "spill_loads", "shared"}}.
+    Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
+    from kernels.aot import sm90_resources
 
     kern = _kernels()
+    assert kern is not None, "Triton is not installed"
     bt, be = blocks(experts)
-    x = f"*{dtype}"
-    f32, i32 = "*fp32", "i32"
+    x = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    f32, i32, i64 = torch.empty(16), torch.empty(16, dtype=torch.int32), torch.empty(16, dtype=torch.int64)
+    programs = min(-(-tokens // bt), MAX_PROGRAMS)
+    sizes = {"T": tokens, "E": experts}
     plans = {
-        "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "lse_ptr": f32, "s_ptr": f32,
-                        "imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "T": i32, "E": i32},
-                       {"K": top_k, "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid,
-                        "HAS_BIAS": bias}),
-        "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "counts_ptr": "*i64",
-                             "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": i32, "T": i32, "E": i32},
-                            {"BB": finalize_rows(be), "BE": be}),
-        "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "gw_ptr": f32,
-                        "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, "T": i32, "E": i32},
-                       {"K": top_k, "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True,
-                        "HAS_GZ": True}),
+        "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "lse_ptr": f32, "s_ptr": f32,
+                        "imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, **sizes, "K": top_k,
+                        "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_BIAS": bias},
+                       WARPS),
+        "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, "counts_ptr": i64,
+                             "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": programs, **sizes,
+                             "BB": finalize_rows(be), "BE": be}, FINALIZE_WARPS),
+        "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "gw_ptr": f32,
+                        "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, **sizes, "K": top_k, "BT": bt,
+                        "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True, "HAS_GZ": True}, WARPS),
     }
-    out = {}
-    for name, (sig, const) in plans.items():
-        sig = {**sig, **{c: "constexpr" for c in const}}
-        src = triton.compiler.ASTSource(fn=kern[name], signature=sig, constexprs=const)
-        warps = FINALIZE_WARPS if name == "router_finalize" else WARPS
-        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.ptx"
-            path.write_text(ptx)
-            log_ = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", str(path), "-o", os.devnull],
-                                  capture_output=True, text=True, check=True).stderr
-        num = {key: int(m.group(1)) if (m := re.search(pat, log_)) else -1 for key, pat in
-               (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
-                ("spill_loads", r"(\d+) bytes spill loads"))}
-        out[name] = num
-    return out
+    return {name: sm90_resources(kern[name], args, num_warps=warps, num_stages=3)
+            for name, (args, warps) in plans.items()}
 
 
 class _LaunchFailed(RuntimeError):
