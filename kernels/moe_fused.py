@@ -43,7 +43,7 @@ import torch
 
 from kernels.grouped_gemm import product
 from kernels.permute import pow2_at_least, scatter_weighted, sum_slots, unpermute
-from kernels.triton_env import interpreting
+from kernels.triton_env import KillSwitch, interpreting
 
 log = logging.getLogger("kernels.moe_fused")
 
@@ -458,7 +458,7 @@ class _FusedCombined(torch.autograd.Function):
         except Exception as err:  # e.g. a Triton version that cannot compile this epilogue: the unfused maths
             if not _may_fall_back(err):
                 raise
-            _disable_combine("the dact/gate-gradient GEMM", err)
+            combine_switch.trip("the dact/gate-gradient GEMM", err)
             dh13, dgate = _combine_dact_unfused(dy, w2, offs, src, order, weights, inverse, act, h13, ctx.plain)
         dweights = dgate.view(weights.shape).to(weights.dtype) if ctx.needs_input_grad[3] else None
         dw2 = None
@@ -480,17 +480,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     mode = OPTIONS["combine"]
     if mode not in COMBINE_MODES:
         raise ValueError(f"moe_fused.OPTIONS['combine']={mode!r} is not one of {COMBINE_MODES}")
-    if mode != "unfused" and not combine_disabled:
+    if mode != "unfused" and not combine_switch:
         try:
             return _FusedCombined.apply(x, w13, w2, weights, src, order, inverse, offs, k, plain, mode == "atomic")
         except Exception as err:  # a launch/compile failure: this call and the next ones run unfused
             if not _may_fall_back(err):
                 raise
-            _disable_combine("the combine GEMM", err)
+            combine_switch.trip("the combine GEMM", err)
     return unpermute(_FusedExperts.apply(x, w13, w2, src, inverse, offs, k, plain), weights, order, inverse)
 
 
-combine_disabled: list[str] = []  # why the fused combine is off in this process (empty while it runs)
+combine_switch = KillSwitch(log, "kernels.moe_fused: the fused combine", "combine='unfused'")
 
 
 def _may_fall_back(err: Exception) -> bool:
@@ -499,13 +499,6 @@ def _may_fall_back(err: Exception) -> bool:
     switch would silently change what later calls run)."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     return not isinstance(err, torch.cuda.OutOfMemoryError) and not capturing
-
-
-def _disable_combine(what: str, err: Exception) -> None:
-    """Log once and turn the fused combine off: results never depend on which path ran, only speed."""
-    if not combine_disabled:
-        combine_disabled.append(f"{what}: {type(err).__name__}: {str(err).strip()[:200]}")
-        log.warning("kernels.moe_fused: fused combine disabled, using combine='unfused' (%s)", combine_disabled[-1])
 
 
 def _combine_dact_unfused(dy: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, src: torch.Tensor,

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kernels.triton_env import KillSwitch
+
 log = logging.getLogger("kernels.permute")
 
 
@@ -78,12 +80,12 @@ def _kernels() -> dict[str, Any] | None:
     return {"scatter_rows": scatter_rows, "gather_sum": gather_sum, "unpermute_bwd": unpermute_bwd}
 
 
-_disabled: list[str] = []  # set to the reason once a Triton launch has failed in this process
+_switch = KillSwitch(log, "kernels.permute: the Triton path", "eager gathers")
 
 
 def _fast(*ts: torch.Tensor) -> dict[str, Any] | None:
     """The Triton kernels when every tensor is on CUDA (and Triton is importable), else None."""
-    if _disabled or not all(t.is_cuda for t in ts):
+    if _switch or not all(t.is_cuda for t in ts):
         return None
     return _kernels()
 
@@ -95,8 +97,7 @@ def _launch(kern: dict[str, Any], name: str, grid: tuple[int, ...], *args: Any, 
     try:
         kern[name][grid](*args, **meta)
     except Exception as err:  # e.g. a Triton version that cannot compile these kernels
-        _disabled.append(f"{name}: {type(err).__name__}: {str(err).strip()[:200]}")
-        log.warning("kernels.permute: Triton path disabled, using eager gathers (%s)", _disabled[-1])
+        _switch.trip(name, err)
         return False
     return True
 

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from kernels.triton_env import interpreting
+from kernels.triton_env import KillSwitch, interpreting
 
 log = logging.getLogger("kernels.router")
 
 # "auto": the fused router where it can run (CUDA tensors, Triton, E <= MAX_EXPERTS); "eager": never
 OPTIONS = {"router": "auto"}
 MAX_EXPERTS = 256
-_disabled: list[str] = []  # the reason once a launch has failed in this process
+_switch = KillSwitch(log, "kernels.router: the Triton router", "the eager router")
 
 
 @functools.cache
@@ -218,8 +218,8 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
         # one graph without a break (also for CUDA graphs); measured even within the noise of a compiled
         # training step (results/perf/train_mfu_router_h100.md)
         return "inside torch.compile: Inductor fuses the eager router maths into the compiled graph"
-    if _disabled:
-        return f"disabled after a launch error ({_disabled[0]})"
+    if _switch:
+        return f"disabled after a launch error ({_switch.reason})"
     if not logits.is_cuda and not interpreting():
         return f"the fused router runs on CUDA tensors (or under TRITON_INTERPRET=1), got {logits.device}"
     if logits.dim() != 2 or logits.shape[0] == 0:
@@ -273,9 +273,7 @@ def _launch(name: str, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     try:
         _kernels()[name][grid](*args, **meta)
     except Exception as err:  # e.g. a Triton version that cannot compile these kernels
-        _disabled.append(f"{name}: {type(err).__name__}: {str(err).strip()[:200]}")
-        log.warning("kernels.router: Triton router disabled, using the eager router (%s)", _disabled[-1])
-        raise _LaunchFailed(_disabled[-1]) from err
+        raise _LaunchFailed(_switch.trip(name, err)) from err
 
 
 def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: torch.Tensor, load: torch.Tensor,

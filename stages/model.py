@@ -363,7 +363,7 @@ class GroupedExperts(nn.Module):
         k = weights.shape[1]
         y = moe_fused.fused_moe(x.to(dt), self.w13.to(dt), self.w2.to(dt), weights, (d.order // k).to(torch.int32),
                                 d.order, d.inverse, d.offs, k, plain)
-        why = moe_fused.combine_disabled[0] if moe_fused.combine_disabled else None
+        why = moe_fused.combine_switch.reason
         self.last_backend, self.last_fallback = f"fused+{plain}", why and f"fused combine -> 'unfused': {why}"
         return y
 

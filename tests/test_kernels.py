@@ -272,3 +272,19 @@ def test_cutlass_extension_says_why_it_cannot_run_and_generates_one_unit_per_con
         cutlass_ext.choose(fwd="c1x1")
     prev = cutlass_ext.choose(dx="auto")
     assert cutlass_ext.choose(**prev)["dx"] == "auto"
+
+
+def test_kill_switch_keeps_the_first_reason_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kernels.triton_env import KillSwitch
+
+    switch = KillSwitch(logging.getLogger("test.kill_switch"), "the fast path", "the eager one")
+    assert not switch and switch.reason is None
+    with caplog.at_level(logging.WARNING, logger="test.kill_switch"):
+        first = switch.trip("kernel_a", RuntimeError("no sm_90 here"))
+        assert switch.trip("kernel_b", ValueError("later")) == first
+    assert switch and first == "kernel_a: RuntimeError: no sm_90 here"
+    assert len(caplog.records) == 1 and "the eager one" in caplog.records[0].getMessage()
+    switch.reset()
+    assert not switch

@@ -116,9 +116,9 @@ for broken in ("combine_gemm", "combine_dact"):
     y.backward(gy)
     out[f"fallback_{broken}"] = errors([("y", y, yr), *((n, a.grad, b.grad) for n, a, b in
                                                           zip(["dx", "dw13", "dw2", "dweights"], ins, ref))])
-    out[f"fallback_{broken}"]["disabled"] = float(len(moe_fused.combine_disabled))
+    out[f"fallback_{broken}"]["disabled"] = float(bool(moe_fused.combine_switch))
     setattr(moe_fused, broken, real)
-    moe_fused.combine_disabled.clear()
+    moe_fused.combine_switch.reset()
 
 # the whole layer: backend "fused" (each combine option) vs "reference" from the same weights
 torch.manual_seed(0)
