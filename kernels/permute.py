@@ -102,9 +102,9 @@ def _launch(kern: dict[str, Any], name: str, grid: tuple[int, ...], *args: Any, 
     return True
 
 
-def pow2_at_least(n: int) -> int:
-    """The smallest power of two >= n (and >= 16): Triton block sizes must be powers of two."""
-    return 1 << max(4, (n - 1).bit_length())
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """The smallest power of two >= n and >= floor (a power of two): Triton block sizes must be powers of two."""
+    return 1 << max(floor.bit_length() - 1, (n - 1).bit_length())
 
 
 class _Permute(torch.autograd.Function):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from kernels.permute import pow2_at_least
 from kernels.triton_env import KillSwitch, interpreting
 
 log = logging.getLogger("kernels.router")
@@ -181,10 +182,6 @@ def _kernels() -> dict[str, Any] | None:
         tl.store(dx_ptr + rows64[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
     return {"router_fwd": router_fwd, "router_finalize": router_finalize, "router_bwd": router_bwd}
-
-
-def pow2_at_least(n: int, floor: int = 16) -> int:
-    return 1 << max(floor.bit_length() - 1, (n - 1).bit_length())
 
 
 def blocks(experts: int) -> tuple[int, int]:
