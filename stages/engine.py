@@ -212,8 +212,9 @@ class TorchEngine(_InMemoryState):
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
 
-    def grad_norm(self) -> float:
-        """All-reduce (average) the gradients over processes, then the global pre-clip norm."""
+    def grad_norm(self) -> torch.Tensor:
+        """All-reduce (average) the gradients over processes, then the global pre-clip norm, a 0-d tensor on
+        the device: the loop copies it to the host with the step's losses (one sync) and the clip reuses it."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.world > 1:
             import torch.distributed as dist
@@ -224,11 +225,11 @@ class TorchEngine(_InMemoryState):
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params]),
                             strict=True):
                 p.grad.copy_(g)
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
-    def step(self, lr: float, norm: float) -> None:
-        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip,
-                                             torch.tensor(norm, device=self.device))
+    def step(self, lr: float, norm: torch.Tensor) -> None:
+        """Clip with the pre-clip norm of grad_norm() (no second pass over the gradients), then AdamW."""
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip, norm)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -285,7 +286,7 @@ class DeepSpeedEngine(_InMemoryState):
     def grad_norm(self) -> None:
         return None  # known only after DeepSpeed's step (see step)
 
-    def step(self, lr: float, norm: float | None) -> float:
+    def step(self, lr: float, norm: torch.Tensor | None) -> float:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -131,6 +132,24 @@ def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+def step_values_to_host(means: torch.Tensor, norm: torch.Tensor | None, world: int) -> torch.Tensor:
+    """A step's numbers on the host with one all-reduce and one device-to-host copy.
+
+    `means` (float64: cross-entropy, aux, z, then the flattened (layers, E) load; each this process's
+    mean over its micro-batches) is averaged over processes; the pre-clip gradient norm is appended
+    after the reduction (it is already global: the engine all-reduced the gradients before taking it).
+    Why one packed tensor: every separate all-reduce or `.cpu()` is a stall of the host on the GPU;
+    the loop needs these values every step anyway (the NaN / spike stop checks the loss and the norm
+    before the update, and every step is a row of train_log.csv). float64, not float32: the loss
+    is a mean over micro-batches, and float64 keeps the logged values what they were (byte-identical
+    CPU runs); the tensor is tiny (3 + layers * E numbers).
+    """
+    means = _all_mean(means, world)
+    if norm is not None:
+        means = torch.cat([means, norm.detach().reshape(1).to(means.dtype)])
+    return means.cpu()
+
+
 @dataclass
 class Trainer:
     """The training loop of one run; `state_dict()` / checkpoints hold everything a resume needs."""
@@ -208,31 +227,33 @@ class Trainer:
             sums += torch.stack([ce.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
             if out.load is not None:
                 load = out.load.detach().double() if load is None else load + out.load.detach().double()
-        sums = _all_mean(sums / self.accumulation, self.world).cpu()
-        ce_v, aux_v, z_v = (float(v) for v in sums)
-        if not all(map(torch.isfinite, sums)):
-            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
-        # the pre-clip norm: the torch engine knows it before the update (None: deepspeed, after it)
+        # the pre-clip norm, a device tensor: the torch engine knows it before the update (None: deepspeed, after it)
         norm = self.engine.grad_norm()
-        if norm is not None:
-            self._check_norm(norm)
+        packed = sums if load is None else torch.cat([sums, load.reshape(-1)])
+        host = step_values_to_host(packed / self.accumulation, norm, self.world)  # the step's only host sync
+        ce_v, aux_v, z_v = (float(v) for v in host[:3])
+        if not all(map(math.isfinite, (ce_v, aux_v, z_v))):
+            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
+        norm_v = float(host[-1]) if norm is not None else None
+        if norm_v is not None:
+            self._check_norm(norm_v)
         after = self.engine.step(lr, norm)
         if after is not None:
-            norm = after
-            self._check_norm(norm)
+            norm_v = after
+            self._check_norm(norm_v)
         update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
         if callable(update_bias):
             update_bias()
         stats_load = None
         if load is not None:
-            stats_load = _all_mean(load / self.accumulation, self.world).cpu()
+            stats_load = host[3:3 + load.numel()].reshape(load.shape).clone()
             self.load_sum = stats_load if self.load_sum is None else self.load_sum + stats_load
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens_step = self.batch_size * self.seq_len
         rate = tokens_step / max(seconds, 1e-12)
         lmax, lent = load_step_stats(stats_load)
-        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm, seconds=seconds,
+        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm_v, seconds=seconds,
                          tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
                          load_max_over_mean=lmax, load_entropy=lent,
                          load=None if stats_load is None else stats_load.float().numpy())

@@ -1,0 +1,114 @@
+"""The training step's hot path: what it reduces across processes and copies to the host, per step.
+
+The loop needs the loss, the aux/z losses, the MoE load and the pre-clip gradient norm on the host every
+step (the NaN / spike stop runs before the update; every step is a row of train_log.csv), so the step
+packs them into one tensor: one all-reduce, one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_train_eval import PARAMS, VOCAB, ListLoader, counting_batches
+
+from stages import train as T
+from stages.accounting import plan_run
+from stages.engine import make_engine
+from stages.model import build_model
+from stages.schema import parse_params
+
+
+def trainer(run: str, batches: list[torch.Tensor], batch_size: int, device: str = "cpu",
+            **train: object) -> T.Trainer:
+    p = parse_params(PARAMS)
+    cfg = p.train.model_copy(update={"device": device, "engine": "torch", **train})
+    torch.manual_seed(0)
+    model = build_model(plan_run(p, run).arch.to_dict(), VOCAB)
+    engine = make_engine(model, cfg, 1e-2, torch.device(device))
+    return T.Trainer(engine=engine, loader=ListLoader(batches, 16), steps=len(batches), batch_size=batch_size,
+                     seq_len=16, vocab_size=VOCAB, lr=1e-2, cfg=cfg)
+
+
+def test_a_step_all_reduces_once_and_copies_to_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 of two processes, simulated in one: the all-reduce doubles the tensor (the other rank holding
+    the same numbers), so the averaged values must be exactly those of one process training on rank 0's
+    half of every batch. Counted: the loop's all-reduces and `.cpu()` copies (the engine's gradient
+    all-reduce is not the loop's; this engine believes it is alone)."""
+    batches = counting_batches(5)
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(t: torch.Tensor, *args: object, **kwargs: object) -> None:
+        reduced.append(t.clone())
+        t.mul_(2)
+
+    copies = []
+    cpu = torch.Tensor.cpu
+
+    def counting_cpu(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        copies.append(tuple(t.shape))
+        return cpu(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(T, "dist_env", lambda: (0, 2, 0))
+    two = trainer("moe", batches, 4, micro_batch_size=1, z_loss_coef=1e-3)
+    assert (two.world, two.micro, two.accumulation) == (2, 1, 2)
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    two.run()
+    monkeypatch.undo()
+    layers, experts = two.history[0].load.shape
+    assert [t.numel() for t in reduced] == [3 + layers * experts] * 5  # ce, aux, z, load: one all-reduce a step
+    assert copies == [(3 + layers * experts + 1,)] * 5  # ... and the grad norm: one device-to-host copy a step
+
+    one = trainer("moe", [b[:2] for b in batches], 2, micro_batch_size=1, z_loss_coef=1e-3)
+    one.run()
+    for a, b in zip(two.history, one.history, strict=True):
+        assert (a.loss, a.aux_loss, a.z_loss, a.grad_norm) == (b.loss, b.aux_loss, b.z_loss, b.grad_norm)
+        np.testing.assert_array_equal(a.load, b.load)
+    assert torch.equal(two.load_sum, one.load_sum)
+
+
+def test_the_torch_engine_clips_with_the_norm_tensor_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grad_norm() stays a device tensor (no float round trip to the host and back); step() clips with
+    that very tensor."""
+    t = trainer("dense", counting_batches(1), 4, grad_clip=1e-3)
+    batch = counting_batches(1)[0]
+    out = t.engine.forward(batch[:, :-1], batch[:, 1:])
+    t.engine.backward(out.ce, 1)
+    grads = [p.grad.clone() for p in t.engine.module.parameters()]
+    norm = t.engine.grad_norm()
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0
+    assert float(norm) == pytest.approx(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))))
+    seen = []
+    clip = torch.nn.utils.clip_grads_with_norm_
+
+    def spy(params: object, max_norm: float, total_norm: torch.Tensor, *args: object) -> None:
+        seen.append(total_norm)
+        clip(params, max_norm, total_norm, *args)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", spy)
+    t.engine.step(1e-2, norm)
+    assert len(seen) == 1 and seen[0] is norm
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the host syncs that matter are GPU ones)")
+def test_one_host_sync_per_step_on_the_gpu() -> None:
+    """torch's sync debug mode flags every call that makes the host wait for the GPU: a dense step with the
+    torch engine has exactly one (the packed losses + grad norm). Written without a GPU at hand: if this
+    fails, the warnings it prints name the extra sync."""
+    t = trainer("dense", counting_batches(4), 4, device="cuda")
+    t.steps = 1
+    t.run()  # first step: allocations, library initialisation
+    t.steps = 4
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 3, syncs
