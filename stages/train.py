@@ -77,8 +77,8 @@ from stages.trainlog import (
     StepStats,
     device_peak_flops,
     load_stats,
-    load_step_stats,
     mfu,
+    step_load_fields,
     write_dvclive,
     write_steps_parquet,
 )
@@ -252,11 +252,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         tokens_step = self.batch_size * self.seq_len
         rate = tokens_step / max(seconds, 1e-12)
-        lmax, lent = load_step_stats(stats_load)
         return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm_v, seconds=seconds,
                          tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
-                         load_max_over_mean=lmax, load_entropy=lent,
-                         load=None if stats_load is None else stats_load.float().numpy())
+                         **step_load_fields(stats_load))
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)

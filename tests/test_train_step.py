@@ -8,11 +8,12 @@ packs them into one tensor: one all-reduce, one device-to-host copy.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train_eval import PARAMS, VOCAB, ListLoader, counting_batches
+from test_train_eval import PARAMS, VOCAB, ListLoader, counting_batches, make_work
 
 from stages import train as T
 from stages.accounting import plan_run
@@ -112,3 +113,31 @@ def test_one_host_sync_per_step_on_the_gpu() -> None:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 3, syncs
+
+
+def test_load_statistics_are_computed_once_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-layer load stats are computed in the step and reused by steps.parquet and dvclive (once per
+    step, plus once for the run's summary in train.json); the step's summary is exactly the max / mean over
+    the layer columns, and those follow exactly from the fractions the file stores."""
+    import pyarrow.parquet as pq
+
+    from stages import trainlog
+
+    calls = []
+    stats = trainlog.layer_load_stats
+
+    def counting(load: torch.Tensor) -> tuple[list[float], list[float]]:
+        calls.append(tuple(load.shape))
+        return stats(load)
+
+    monkeypatch.setattr(trainlog, "layer_load_stats", counting)
+    p = parse_params(PARAMS)
+    work = make_work(tmp_path, p, ["moe"])
+    res = T.run_train(p, "moe", work=work)
+    assert len(calls) == res["steps"] + 1
+    t = pq.read_table(work / "runs/moe/steps.parquet").to_pydict()
+    for i in range(res["steps"]):
+        ratio, ent = stats(torch.tensor(t["layer_expert_fraction"][i], dtype=torch.float32))
+        assert (t["layer_load_max_over_mean"][i], t["layer_load_entropy"][i]) == (ratio, ent)
+        assert t["load_max_over_mean"][i] == max(ratio) and t["load_entropy"][i] == sum(ent) / len(ent)
+    assert (work / "runs/moe/dvclive/plots/metrics/train/layer0/load_entropy.tsv").exists()
