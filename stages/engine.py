@@ -29,7 +29,7 @@ import torch
 
 from stages.common import dist_env
 from stages.model import LM
-from stages.schema import TrainConfig
+from stages.schema import TrainConfig, batch_split
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -155,10 +155,14 @@ def deepspeed_config(cfg: TrainConfig, lr: float, device_type: str, world: int) 
     bf16: dict[str, Any] = {"enabled": cfg.dtype == "bf16"}
     if cfg.dtype == "bf16":
         bf16["check_grad_overflow"] = False
+    try:
+        micro, accumulation = batch_split(cfg.batch_size, world, cfg.micro_batch_size)  # the loop's split too
+    except ValueError as err:
+        raise EngineError(str(err)) from None
     return {
         "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro,
-        "gradient_accumulation_steps": cfg.batch_size // (cfg.micro * world),
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
@@ -301,9 +305,10 @@ class DeepSpeedEngine(_InMemoryState):
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
-    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size is cfg's."""
+    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size: the global batch when
+    it is not cfg's (tests, benchmarks), split like the loop splits it (schema.batch_split)."""
     if batch_size is not None and batch_size != cfg.batch_size:
-        cfg = cfg.model_copy(update={"batch_size": batch_size, "micro_batch_size": None})
+        cfg = cfg.model_copy(update={"batch_size": batch_size})
     if cfg.compile:
         compile_blocks(model, cfg.compile_mode)
     if resolve_engine(cfg, device) == "torch":

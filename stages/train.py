@@ -72,7 +72,7 @@ from stages.engine import (  # noqa: F401  (lr_at, param_groups, make_engine: th
     schedule_lr,
 )
 from stages.model import LM, build_model, count_nonvocab_params, save_model
-from stages.schema import Params, TrainConfig
+from stages.schema import Params, TrainConfig, batch_split
 from stages.trainlog import (
     StepStats,
     device_peak_flops,
@@ -174,12 +174,10 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.rank, self.world, _ = dist_env()
-        share = self.batch_size // self.world
-        self.micro = min(self.cfg.micro_batch_size or share, share)
-        if self.batch_size % self.world or share % self.micro:
-            raise TrainError(f"batch_size={self.batch_size} does not split into {self.world} processes x "
-                             f"micro-batches of {self.micro}")
-        self.accumulation = share // self.micro
+        try:  # the same split as params.yaml validation and the DeepSpeed config
+            self.micro, self.accumulation = batch_split(self.batch_size, self.world, self.cfg.micro_batch_size)
+        except ValueError as err:
+            raise TrainError(f"{err} ({self.world} processes launched)") from None
 
     def _batch(self, it: Iterator[torch.Tensor]) -> torch.Tensor:
         try:

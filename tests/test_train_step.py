@@ -141,3 +141,42 @@ def test_load_statistics_are_computed_once_per_step(tmp_path: Path, monkeypatch:
         assert (t["layer_load_max_over_mean"][i], t["layer_load_entropy"][i]) == (ratio, ent)
         assert t["load_max_over_mean"][i] == max(ratio) and t["load_entropy"][i] == sum(ent) / len(ent)
     assert (work / "runs/moe/dvclive/plots/metrics/train/layer0/load_entropy.tsv").exists()
+
+
+@pytest.mark.parametrize("batch, processes, micro", [(32, 2, 4), (32, 1, None), (16, 4, 2), (12, 3, 1), (8, 2, 8),
+                                                     (10, 4, None), (16, 2, 3), (4, 1, 4)])
+def test_one_batch_split_for_params_the_loop_and_deepspeed(monkeypatch: pytest.MonkeyPatch, batch: int,
+                                                           processes: int, micro: int | None) -> None:
+    """schema.batch_split is the only definition of micro-batch and accumulation: params.yaml validation
+    (gpus), the Trainer and the generated DeepSpeed config (world size) accept the same splits and agree."""
+    from stages.engine import EngineError, deepspeed_config
+    from stages.schema import ParamsError, batch_split
+
+    raw = {**PARAMS, "train": PARAMS["train"] | {"batch_size": batch, "gpus": processes, "micro_batch_size": micro}}
+    try:
+        want = batch_split(batch, processes, micro)
+    except ValueError:
+        want = None
+    if want is None:
+        with pytest.raises(ParamsError, match="batch_size"):
+            parse_params(raw)
+    else:
+        assert want[0] * want[1] * processes == batch
+        parse_params(raw)
+    cfg = parse_params(PARAMS).train.model_copy(update={"batch_size": batch, "micro_batch_size": micro})
+    if want is None:
+        with pytest.raises(EngineError, match="batch_size"):
+            deepspeed_config(cfg, 1e-3, "cuda", processes)
+    else:
+        ds = deepspeed_config(cfg, 1e-3, "cuda", processes)
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == want
+        assert ds["train_batch_size"] == batch
+    monkeypatch.setattr(T, "dist_env", lambda: (0, processes, 0))
+    if want is None:
+        with pytest.raises(T.TrainError, match="batch_size"):
+            T.Trainer(engine=None, loader=None, steps=1, batch_size=batch, seq_len=16, vocab_size=VOCAB, lr=1e-2,
+                      cfg=cfg)
+    else:
+        t = T.Trainer(engine=None, loader=None, steps=1, batch_size=batch, seq_len=16, vocab_size=VOCAB, lr=1e-2,
+                      cfg=cfg)
+        assert (t.micro, t.accumulation) == want
