@@ -87,7 +87,11 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", dist_env()[2])
+        local, visible = dist_env()[2], torch.cuda.device_count()
+        if local >= visible:  # a launcher started more processes per node than there are GPUs
+            raise EngineError(f"process LOCAL_RANK={local} has no GPU: {visible} CUDA device(s) are visible "
+                              f"(train.gpus, or the launcher's processes per node, is too large)")
+        return torch.device("cuda", local)
     return torch.device(requested)
 
 

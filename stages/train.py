@@ -53,6 +53,7 @@ from stages.audit import audit_run
 from stages.common import (
     WORK,
     atomic_path,
+    fail,
     n_workers,
     per_run_main,
     provenance,
@@ -502,6 +503,24 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     return result
 
 
+def check_visible_gpus(cfg: TrainConfig) -> None:
+    """train.gpus against the CUDA devices this process sees, before torchrun starts one process per GPU.
+
+    Without it, too large a train.gpus starts N processes of which the extra ones die in
+    torch.cuda.set_device with "invalid device ordinal" (or hang the others in the NCCL rendezvous).
+    CPU runs (train.device cpu, or auto without CUDA) are processes, not GPUs: not checked.
+    device_count() reads the count without creating a CUDA context in this launcher process.
+    """
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return
+    visible = torch.cuda.device_count()
+    if cfg.gpus > visible:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise TrainError(f"train.gpus={cfg.gpus} but {visible} CUDA device(s) are visible"
+                         f"{f' (CUDA_VISIBLE_DEVICES={where})' if where is not None else ''}: "
+                         f"lower train.gpus or use train.device: cpu")
+
+
 def relaunch_under_torchrun(argv: list[str]) -> int | None:
     """`train.gpus: N > 1` outside a launcher: run this same command under torchrun, one process per GPU."""
     import argparse
@@ -514,11 +533,13 @@ def relaunch_under_torchrun(argv: list[str]) -> int | None:
     ap.add_argument("--params", default="params.yaml")
     known, _ = ap.parse_known_args(argv)
     try:
-        gpus = load_params(known.params).train.gpus
+        cfg = load_params(known.params).train
     except ParamsError:
         return None  # per_run_main reports it
+    gpus = cfg.gpus
     if gpus <= 1:
         return None
+    check_visible_gpus(cfg)
     # "--" ends torchrun's options: without it, its parser takes our --run for an abbreviation of --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            "-m", "--", "stages.train", *argv]
@@ -528,7 +549,10 @@ def relaunch_under_torchrun(argv: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    code = relaunch_under_torchrun(args)
+    try:
+        code = relaunch_under_torchrun(args)
+    except TrainError as err:
+        fail(str(err))
     if code is not None:
         return code
     return per_run_main("train", __doc__, run_train, (TrainError,), args)

@@ -180,3 +180,54 @@ def test_one_batch_split_for_params_the_loop_and_deepspeed(monkeypatch: pytest.M
         t = T.Trainer(engine=None, loader=None, steps=1, batch_size=batch, seq_len=16, vocab_size=VOCAB, lr=1e-2,
                       cfg=cfg)
         assert (t.micro, t.accumulation) == want
+
+
+def relaunch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: int, device: str, cuda: int) -> list[list[str]]:
+    """relaunch_under_torchrun with `cuda` visible GPUs (0: no CUDA); returns the torchrun commands it ran."""
+    import yaml
+
+    raw = {**PARAMS, "train": PARAMS["train"] | {"gpus": gpus, "device": device}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(T.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    assert T.relaunch_under_torchrun(["--run", "dense", "--params", str(tmp_path / "params.yaml")]) in (0, None)
+    return launched
+
+
+@pytest.mark.parametrize("gpus, device, cuda", [(2, "cpu", 0), (2, "auto", 0), (2, "cpu", 1), (2, "auto", 2),
+                                                (4, "cuda", 8), (1, "auto", 0), (1, "cuda", 1)])
+def test_train_gpus_that_fit_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: int, device: str,
+                                    cuda: int) -> None:
+    """CPU runs (processes, gloo) are never checked; GPU runs launch when train.gpus GPUs are visible."""
+    launched = relaunch(tmp_path, monkeypatch, gpus, device, cuda)
+    assert [c for cmd in launched for c in cmd if c.startswith("--nproc_per_node")] == (
+        [f"--nproc_per_node={gpus}"] if gpus > 1 else [])
+
+
+@pytest.mark.parametrize("gpus, device, cuda", [(2, "auto", 1), (4, "cuda", 2), (2, "cuda", 0)])
+def test_too_many_train_gpus_is_an_error_before_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture, gpus: int, device: str,
+                                                         cuda: int) -> None:
+    with pytest.raises(T.TrainError, match=f"train.gpus={gpus} but {cuda} CUDA device"):
+        relaunch(tmp_path, monkeypatch, gpus, device, cuda)
+    with pytest.raises(SystemExit) as exit_:  # the command line: one line, exit 2, nothing launched
+        T.main(["--run", "dense", "--params", str(tmp_path / "params.yaml")])
+    assert exit_.value.code == 2 and f"error: train.gpus={gpus}" in capsys.readouterr().err
+
+
+def test_a_process_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launched from outside (torchrun / srun with more processes per node than GPUs): named, not an
+    'invalid device ordinal' from CUDA."""
+    from stages.engine import EngineError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(EngineError, match="LOCAL_RANK=2 has no GPU: 2 CUDA"):
+        resolve_device("auto")
