@@ -29,7 +29,7 @@ import torch
 
 from stages.common import dist_env
 from stages.model import LM
-from stages.schema import TrainConfig
+from stages.schema import TrainConfig, batch_split
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -87,7 +87,11 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", dist_env()[2])
+        local, visible = dist_env()[2], torch.cuda.device_count()
+        if local >= visible:  # a launcher started more processes per node than there are GPUs
+            raise EngineError(f"process LOCAL_RANK={local} has no GPU: {visible} CUDA device(s) are visible "
+                              f"(train.gpus, or the launcher's processes per node, is too large)")
+        return torch.device("cuda", local)
     return torch.device(requested)
 
 
@@ -155,10 +159,14 @@ def deepspeed_config(cfg: TrainConfig, lr: float, device_type: str, world: int) 
     bf16: dict[str, Any] = {"enabled": cfg.dtype == "bf16"}
     if cfg.dtype == "bf16":
         bf16["check_grad_overflow"] = False
+    try:
+        micro, accumulation = batch_split(cfg.batch_size, world, cfg.micro_batch_size)  # the loop's split too
+    except ValueError as err:
+        raise EngineError(str(err)) from None
     return {
         "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro,
-        "gradient_accumulation_steps": cfg.batch_size // (cfg.micro * world),
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
@@ -212,8 +220,9 @@ class TorchEngine(_InMemoryState):
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         (loss / accumulation).backward()
 
-    def grad_norm(self) -> float:
-        """All-reduce (average) the gradients over processes, then the global pre-clip norm."""
+    def grad_norm(self) -> torch.Tensor:
+        """All-reduce (average) the gradients over processes, then the global pre-clip norm, a 0-d tensor on
+        the device: the loop copies it to the host with the step's losses (one sync) and the clip reuses it."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.world > 1:
             import torch.distributed as dist
@@ -224,11 +233,11 @@ class TorchEngine(_InMemoryState):
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params]),
                             strict=True):
                 p.grad.copy_(g)
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
-    def step(self, lr: float, norm: float) -> None:
-        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip,
-                                             torch.tensor(norm, device=self.device))
+    def step(self, lr: float, norm: torch.Tensor) -> None:
+        """Clip with the pre-clip norm of grad_norm() (no second pass over the gradients), then AdamW."""
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip, norm)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -285,7 +294,7 @@ class DeepSpeedEngine(_InMemoryState):
     def grad_norm(self) -> None:
         return None  # known only after DeepSpeed's step (see step)
 
-    def step(self, lr: float, norm: float | None) -> float:
+    def step(self, lr: float, norm: torch.Tensor | None) -> float:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()
@@ -300,9 +309,10 @@ class DeepSpeedEngine(_InMemoryState):
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
-    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size is cfg's."""
+    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size: the global batch when
+    it is not cfg's (tests, benchmarks), split like the loop splits it (schema.batch_split)."""
     if batch_size is not None and batch_size != cfg.batch_size:
-        cfg = cfg.model_copy(update={"batch_size": batch_size, "micro_batch_size": None})
+        cfg = cfg.model_copy(update={"batch_size": batch_size})
     if cfg.compile:
         compile_blocks(model, cfg.compile_mode)
     if resolve_engine(cfg, device) == "torch":

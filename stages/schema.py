@@ -234,6 +234,24 @@ class RouterConfig(Strict):
 
 
 # ------------------------------------------------------------------------------------ train, eval
+def batch_split(batch_size: int, processes: int, micro_batch_size: int | None = None) -> tuple[int, int]:
+    """(micro, accumulation): sequences per forward/backward per process, and micro-steps per optimizer step.
+
+    The one definition of how a global batch splits into `processes` data-parallel shares of
+    micro-batches: params.yaml validation (processes = train.gpus), the training loop and the
+    generated DeepSpeed config (processes = the launched world size) all call it, so they cannot
+    disagree. micro_batch_size None: the whole share in one micro-batch (no accumulation).
+    Raises ValueError naming the fields that do not divide.
+    """
+    share, rest = divmod(batch_size, processes)
+    if rest:
+        raise ValueError(f"batch_size={batch_size} is not divisible by gpus={processes} (data-parallel processes)")
+    micro = micro_batch_size or share
+    if share % micro:
+        raise ValueError(f"micro_batch_size={micro} does not divide the per-GPU batch batch_size/gpus={share}")
+    return micro, share // micro
+
+
 class TrainConfig(Strict):
     """How every run trains (stages/train.py; the engines and DeepSpeed config: stages/engine.py).
 
@@ -283,24 +301,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
-        share, rest = divmod(self.batch_size, self.gpus)
-        if rest:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by gpus={self.gpus}")
-        if self.micro_batch_size is not None and share % self.micro_batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the per-GPU batch "
-                             f"batch_size/gpus={share}")
+        batch_split(self.batch_size, self.gpus, self.micro_batch_size)
         if self.compile_mode is not None and not self.compile:
             raise ValueError(f"compile_mode={self.compile_mode!r} needs compile: true")
         return self
-
-    @property
-    def micro(self) -> int:
-        """Sequences per micro-step per process."""
-        return self.micro_batch_size or self.batch_size // self.gpus
-
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // (self.gpus * self.micro)
 
 
 class EvalConfig(Strict):

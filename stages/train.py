@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from stages.audit import audit_run
 from stages.common import (
     WORK,
     atomic_path,
+    fail,
     n_workers,
     per_run_main,
     provenance,
@@ -71,13 +73,13 @@ from stages.engine import (  # noqa: F401  (lr_at, param_groups, make_engine: th
     schedule_lr,
 )
 from stages.model import LM, build_model, count_nonvocab_params, save_model
-from stages.schema import Params, TrainConfig
+from stages.schema import Params, TrainConfig, batch_split
 from stages.trainlog import (
     StepStats,
     device_peak_flops,
     load_stats,
-    load_step_stats,
     mfu,
+    step_load_fields,
     write_dvclive,
     write_steps_parquet,
 )
@@ -131,6 +133,24 @@ def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+def step_values_to_host(means: torch.Tensor, norm: torch.Tensor | None, world: int) -> torch.Tensor:
+    """A step's numbers on the host with one all-reduce and one device-to-host copy.
+
+    `means` (float64: cross-entropy, aux, z, then the flattened (layers, E) load; each this process's
+    mean over its micro-batches) is averaged over processes; the pre-clip gradient norm is appended
+    after the reduction (it is already global: the engine all-reduced the gradients before taking it).
+    Why one packed tensor: every separate all-reduce or `.cpu()` is a stall of the host on the GPU;
+    the loop needs these values every step anyway (the NaN / spike stop checks the loss and the norm
+    before the update, and every step is a row of train_log.csv). float64, not float32: the loss
+    is a mean over micro-batches, and float64 keeps the logged values what they were (byte-identical
+    CPU runs); the tensor is tiny (3 + layers * E numbers).
+    """
+    means = _all_mean(means, world)
+    if norm is not None:
+        means = torch.cat([means, norm.detach().reshape(1).to(means.dtype)])
+    return means.cpu()
+
+
 @dataclass
 class Trainer:
     """The training loop of one run; `state_dict()` / checkpoints hold everything a resume needs."""
@@ -155,12 +175,10 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.rank, self.world, _ = dist_env()
-        share = self.batch_size // self.world
-        self.micro = min(self.cfg.micro_batch_size or share, share)
-        if self.batch_size % self.world or share % self.micro:
-            raise TrainError(f"batch_size={self.batch_size} does not split into {self.world} processes x "
-                             f"micro-batches of {self.micro}")
-        self.accumulation = share // self.micro
+        try:  # the same split as params.yaml validation and the DeepSpeed config
+            self.micro, self.accumulation = batch_split(self.batch_size, self.world, self.cfg.micro_batch_size)
+        except ValueError as err:
+            raise TrainError(f"{err} ({self.world} processes launched)") from None
 
     def _batch(self, it: Iterator[torch.Tensor]) -> torch.Tensor:
         try:
@@ -208,34 +226,34 @@ class Trainer:
             sums += torch.stack([ce.detach(), out.aux_loss.detach(), out.z_loss.detach()]).double()
             if out.load is not None:
                 load = out.load.detach().double() if load is None else load + out.load.detach().double()
-        sums = _all_mean(sums / self.accumulation, self.world).cpu()
-        ce_v, aux_v, z_v = (float(v) for v in sums)
-        if not all(map(torch.isfinite, sums)):
-            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
-        # the pre-clip norm: the torch engine knows it before the update (None: deepspeed, after it)
+        # the pre-clip norm, a device tensor: the torch engine knows it before the update (None: deepspeed, after it)
         norm = self.engine.grad_norm()
-        if norm is not None:
-            self._check_norm(norm)
+        packed = sums if load is None else torch.cat([sums, load.reshape(-1)])
+        host = step_values_to_host(packed / self.accumulation, norm, self.world)  # the step's only host sync
+        ce_v, aux_v, z_v = (float(v) for v in host[:3])
+        if not all(map(math.isfinite, (ce_v, aux_v, z_v))):
+            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
+        norm_v = float(host[-1]) if norm is not None else None
+        if norm_v is not None:
+            self._check_norm(norm_v)
         after = self.engine.step(lr, norm)
         if after is not None:
-            norm = after
-            self._check_norm(norm)
+            norm_v = after
+            self._check_norm(norm_v)
         update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
         if callable(update_bias):
             update_bias()
         stats_load = None
         if load is not None:
-            stats_load = _all_mean(load / self.accumulation, self.world).cpu()
+            stats_load = host[3:3 + load.numel()].reshape(load.shape).clone()
             self.load_sum = stats_load if self.load_sum is None else self.load_sum + stats_load
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens_step = self.batch_size * self.seq_len
         rate = tokens_step / max(seconds, 1e-12)
-        lmax, lent = load_step_stats(stats_load)
-        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm, seconds=seconds,
+        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm_v, seconds=seconds,
                          tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
-                         load_max_over_mean=lmax, load_entropy=lent,
-                         load=None if stats_load is None else stats_load.float().numpy())
+                         **step_load_fields(stats_load))
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)
@@ -485,6 +503,24 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     return result
 
 
+def check_visible_gpus(cfg: TrainConfig) -> None:
+    """train.gpus against the CUDA devices this process sees, before torchrun starts one process per GPU.
+
+    Without it, too large a train.gpus starts N processes of which the extra ones die in
+    torch.cuda.set_device with "invalid device ordinal" (or hang the others in the NCCL rendezvous).
+    CPU runs (train.device cpu, or auto without CUDA) are processes, not GPUs: not checked.
+    device_count() reads the count without creating a CUDA context in this launcher process.
+    """
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return
+    visible = torch.cuda.device_count()
+    if cfg.gpus > visible:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise TrainError(f"train.gpus={cfg.gpus} but {visible} CUDA device(s) are visible"
+                         f"{f' (CUDA_VISIBLE_DEVICES={where})' if where is not None else ''}: "
+                         f"lower train.gpus or use train.device: cpu")
+
+
 def relaunch_under_torchrun(argv: list[str]) -> int | None:
     """`train.gpus: N > 1` outside a launcher: run this same command under torchrun, one process per GPU."""
     import argparse
@@ -497,11 +533,13 @@ def relaunch_under_torchrun(argv: list[str]) -> int | None:
     ap.add_argument("--params", default="params.yaml")
     known, _ = ap.parse_known_args(argv)
     try:
-        gpus = load_params(known.params).train.gpus
+        cfg = load_params(known.params).train
     except ParamsError:
         return None  # per_run_main reports it
+    gpus = cfg.gpus
     if gpus <= 1:
         return None
+    check_visible_gpus(cfg)
     # "--" ends torchrun's options: without it, its parser takes our --run for an abbreviation of --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            "-m", "--", "stages.train", *argv]
@@ -511,7 +549,10 @@ def relaunch_under_torchrun(argv: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    code = relaunch_under_torchrun(args)
+    try:
+        code = relaunch_under_torchrun(args)
+    except TrainError as err:
+        fail(str(err))
     if code is not None:
         return code
     return per_run_main("train", __doc__, run_train, (TrainError,), args)

@@ -47,6 +47,8 @@ class StepStats:
     load_max_over_mean: float | None = None  # MoE: worst layer's max expert load / mean load
     load_entropy: float | None = None  # MoE: mean over layers of entropy(load) / ln(E), 1 = uniform
     load: Any = None  # MoE: (layers, E) float32 array, fraction of this step's routed slots per expert
+    layer_load_max_over_mean: list[float] | None = None  # MoE: per layer, max / mean of `load`
+    layer_load_entropy: list[float] | None = None  # MoE: per layer, entropy(load) / ln(E)
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,13 +82,20 @@ def layer_load_stats(load: torch.Tensor) -> tuple[list[float], list[float]]:
     return [float(v) for v in ratio], [float(v) for v in ent]
 
 
-def load_step_stats(load: torch.Tensor | None) -> tuple[float | None, float | None]:
-    """(max over layers of max/mean load, mean over layers of normalised entropy) of one step's (layers, E) load."""
+def step_load_fields(load: torch.Tensor | None) -> dict[str, Any]:
+    """The MoE fields of a StepStats from one step's (layers, E) load, computed once per step.
+
+    Everything derives from the float32 `load` the row keeps (steps.parquet's layer_expert_fraction):
+    the per-layer max/mean and entropy (steps.parquet's list columns, dvclive's per-layer curves) and
+    the step's summary, max over layers and mean over layers of them. The writers read these fields
+    instead of recomputing them, and the file is self-consistent: the stats follow from its fractions.
+    """
     if load is None:
-        return None, None
-    ratio, ent = layer_load_stats(load)
-    worst, ent = max(ratio), sum(ent) / len(ent)
-    return worst, ent
+        return {}
+    frac = load.float().numpy()
+    ratio, ent = layer_load_stats(torch.from_numpy(frac))
+    return {"load": frac, "load_max_over_mean": max(ratio), "load_entropy": sum(ent) / len(ent),
+            "layer_load_max_over_mean": ratio, "layer_load_entropy": ent}
 
 
 def load_stats(load_sum: torch.Tensor | None, steps: int) -> dict[str, Any] | None:
@@ -126,9 +135,8 @@ def steps_table(history: list[StepStats], kind: str) -> Any:
             for c in LAYER_COLUMNS:
                 layer[c].append(None)
             continue
-        ratio, ent = layer_load_stats(torch.from_numpy(h.load))
-        layer["layer_load_max_over_mean"].append(ratio)
-        layer["layer_load_entropy"].append(ent)
+        layer["layer_load_max_over_mean"].append(h.layer_load_max_over_mean)
+        layer["layer_load_entropy"].append(h.layer_load_entropy)
         layer["layer_expert_fraction"].append(h.load.tolist())
     table["layer_load_max_over_mean"] = pa.array(layer["layer_load_max_over_mean"], pa.list_(pa.float64()))
     table["layer_load_entropy"] = pa.array(layer["layer_load_entropy"], pa.list_(pa.float64()))
@@ -173,10 +181,10 @@ def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary:
             if kind == "moe":
                 values |= {"aux_loss": s.aux_loss, "z_loss": s.z_loss, "load_max_over_mean": s.load_max_over_mean,
                            "load_entropy": s.load_entropy}
-            if kind == "moe" and s.load is not None:
-                ratio, ent = layer_load_stats(torch.from_numpy(s.load))
-                for i, (r, e) in enumerate(zip(ratio, ent, strict=True)):
-                    values |= {f"layer{i}/load_max_over_mean": r, f"layer{i}/load_entropy": e}
+            if kind == "moe" and s.layer_load_max_over_mean is not None and s.layer_load_entropy is not None:
+                pairs = zip(s.layer_load_max_over_mean, s.layer_load_entropy, strict=True)
+                for layer, (r, e) in enumerate(pairs):
+                    values |= {f"layer{layer}/load_max_over_mean": r, f"layer{layer}/load_entropy": e}
             for k, v in values.items():
                 if v is not None and math.isfinite(v):
                     live.log_metric(f"train/{k}", v)
