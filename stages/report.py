@@ -56,7 +56,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {_f(g['bpb_vs_dense'], '+.4f')} | {_ci(g, 'cloze_acc', 'cloze_lo', 'cloze_hi', '.3f')} "
             f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
     if moe_vs_dense:
-        lines += ["", "## Each MoE run vs the dense runs of its size (view `moe_vs_dense`)", "",
+        lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`)", "",
                   "| run | r_a | experts/top-k | tokens vs dense | Δ loss | Δ bpb | Δ cloze acc | Δ choice acc "
                   "| dense runs |", "|" + "---|" * 9]
         for m in moe_vs_dense:
@@ -81,8 +81,10 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
               "Equal resources: every run has the same non-vocab params N, compute C = F·T (F = training FLOPs per "
               f"token in the `{conventions}` convention of stages/accounting.py) and unique tokens "
               "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
-              "Student-t over seeds otherwise. Task accuracies (stages/tasks.py): cloze = greedy sentence-final word, "
-              "choice = 4-way continuation by log-likelihood per byte (chance 0.25); Wilson intervals for one seed.",
+              "Student-t over seeds otherwise. Δ vs dense: minus the dense baseline (view `dense_baseline`), the mean "
+              "over every dense run (each seed once) of the same N, C and U. Task accuracies (stages/tasks.py): "
+              "cloze = greedy sentence-final word, choice = 4-way continuation by log-likelihood per byte "
+              "(chance 0.25); Wilson intervals for one seed.",
               "",
               "Made by `python -m stages.aggregate` as the last stage of `dvc repro` / `snakemake` (`make study` for "
               "the default params.yaml) from `metrics.duckdb` beside this file; dvc.lock records the hashes of every "

@@ -193,6 +193,31 @@ def test_moe_vs_dense_view(study) -> None:
         assert v["dense_runs"] == 2 and v["dense_run_ids"] == "dense_s0,dense_s1"
 
 
+def test_dense_baseline_is_the_mean_of_the_dense_runs_in_the_views_and_the_summary(tmp_path: Path) -> None:
+    """Two dense groups at one (N, C, U) with 2 and 1 seeds: every run counts once, in SQL and in the summary."""
+    raw = copy.deepcopy(RAW)
+    raw["runs"]["dense_lr"] = {"kind": "dense", "lr": 1e-3, "seed": 2}
+    _, runs, results, summary = build(tmp_path, raw)
+    bpb = {r: f["eval"]["bpb"] for r, f in runs.items()}
+    dense = ("dense_lr", "dense_s0", "dense_s1")
+    baseline = statistics.fmean(bpb[d] for d in dense)
+    group_means = statistics.fmean([statistics.fmean([bpb["dense_s0"], bpb["dense_s1"]]), bpb["dense_lr"]])
+    assert abs(baseline - group_means) > 1e-3  # the two definitions differ here, visibly at 4 decimals
+    db = results / "metrics.duckdb"
+    [b] = rows(db, "SELECT * FROM dense_baseline")
+    assert (b["dense_runs"], b["dense_run_ids"], b["dense_groups"]) == (3, ",".join(dense), "dense,dense_lr")
+    assert b["dense_val_bpb"] == pytest.approx(baseline)
+    view = {r["run_id"]: r for r in rows(db, "SELECT * FROM moe_vs_dense")}
+    assert {r: v["d_val_bpb"] for r, v in view.items()} == pytest.approx({r: bpb[r] - baseline for r in view})
+    moe = statistics.fmean([bpb["moe_s0"], bpb["moe_s1"]])
+    [line] = [x for x in summary.splitlines() if x.startswith("| moe | moe | 2 |")]
+    assert line.split(" | ")[11] == f"{moe - baseline:+.4f}"
+    assert statistics.fmean([view["moe_s0"]["d_val_bpb"], view["moe_s1"]["d_val_bpb"]]) == pytest.approx(
+        moe - baseline)  # a group's Δ is the mean of its runs' Δ in the view
+    [line] = [x for x in summary.splitlines() if x.startswith("| dense_lr | dense | 1 |")]
+    assert line.split(" | ")[11] == f"{bpb['dense_lr'] - baseline:+.4f}"
+
+
 def test_by_activation_rate_view(study) -> None:
     _, runs, results, _ = study
     view = rows(results / "metrics.duckdb", "SELECT * FROM by_activation_rate")
