@@ -10,7 +10,8 @@ the views and writes the exports, so adding a run re-collects that run alone.
   tokens_seen, unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
   intervals, audit deviations, params_sha256, ...);
 - table `steps`: every run's training curve; table `expert_load`: routed fraction per layer/expert;
-- table `study`: one row, `status` 'failed' when a run's audit is not ok or deviates > 1%;
+- table `study`: one row, `status` 'failed' when a run's audit is not ok (`audit_ok`, decided by
+  stages/audit.py against accounting.AUDIT_TOLERANCE; not re-judged here);
 - view `dense_baseline`: THE dense baseline of every "vs dense" figure (see DENSE_BASELINE);
 - view `moe_vs_dense`: each MoE run beside its dense baseline: Δloss, Δbpb, Δaccuracy;
 - view `by_activation_rate`: runs grouped by study, size, kind and activation rate.
@@ -153,15 +154,13 @@ def build_database(dest: Path, collect_dir: Path, runs: list[str]) -> None:
             con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{files}]) ORDER BY {order}")
         for name, sql in VIEWS.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
-        con.execute(f"""
+        con.execute("""
             CREATE TABLE study AS
             SELECT any_value(study) AS study, count(*) AS runs,
                    count(*) FILTER (WHERE audit_ok IS NOT NULL) AS audited_runs,
                    max(audit_max_dev) AS audit_max_dev,
-                   string_agg(run_id, ',' ORDER BY run_id)
-                       FILTER (WHERE audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) AS audit_failed_runs,
-                   CASE WHEN bool_or(audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) THEN 'failed'
-                        ELSE 'ok' END AS status
+                   string_agg(run_id, ',' ORDER BY run_id) FILTER (WHERE NOT audit_ok) AS audit_failed_runs,
+                   CASE WHEN bool_or(NOT audit_ok) THEN 'failed' ELSE 'ok' END AS status
             FROM runs""")
         con.close()
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stages.accounting import AUDIT_TOLERANCE
 from stages.common import atomic_path
 
 CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
@@ -41,7 +42,8 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
                      + (f", largest deviation {100 * status['audit_max_dev']:.3f}%)." if audited else ")."))
     else:
         lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
-                     f"N_active, tokens or FLOPs by more than 1% (largest {100 * status['audit_max_dev']:.2f}%).")
+                     f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
+                     f"(largest {100 * status['audit_max_dev']:.2f}%).")
     lines += ["", "## Groups (mean over seeds)", "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "

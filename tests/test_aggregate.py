@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.accounting import plan_run
+from stages.accounting import AUDIT_TOLERANCE, plan_run
 from stages.aggregate import aggregate, group_rows
 from stages.collect import RUN_COLUMNS, run_collect
 from stages.common import write_json
@@ -47,7 +47,7 @@ ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "ac
 
 
 def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
-              steps_parquet: bool = False) -> dict[str, Any]:
+              steps_parquet: bool = False, audit_ok: bool | None = None) -> dict[str, Any]:
     """plan.json, train.json, the curve and eval JSON of one run, with random but consistent figures."""
     plan = plan_run(p, run).to_dict() | {"data_seed": 0}
     plan["provenance"] = {"params": {"budget": p.budget.model_dump()}, "params_sha256": f"plan-{run}"}
@@ -68,7 +68,8 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
         entry = {"plan": 100.0, "actual": 100.0 * (1 + audit_dev), "rel_dev": audit_dev}
         small = {"plan": 1.0, "actual": 1.0, "rel_dev": 0.0}
         train["audit"] = {"nonvocab_params": entry, "nonvocab_active": small, "tokens": small,
-                          "flops_per_token": small, "max_rel_dev": abs(audit_dev), "ok": abs(audit_dev) <= 0.01}
+                          "flops_per_token": small, "max_rel_dev": abs(audit_dev),
+                          "ok": abs(audit_dev) <= AUDIT_TOLERANCE if audit_ok is None else audit_ok}
     write_json(rdir / "train.json", train)
     steps = list(range(1, plan["steps"] + 1))
     losses = [5.5 - 0.05 * s + float(rng.normal(0, 0.01)) for s in steps]
@@ -97,11 +98,13 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
 
 
 def build(tmp_path: Path, raw: dict[str, Any] = RAW, audit: dict[str, float] | None = None,
-          parquet_runs: tuple[str, ...] = ()) -> tuple[Params, dict[str, dict], Path, str]:
+          parquet_runs: tuple[str, ...] = (), audit_ok: dict[str, bool] | None = None,
+          ) -> tuple[Params, dict[str, dict], Path, str]:
     p = parse_params(raw)
     work, results = tmp_path / "work", tmp_path / "results" / p.study
     rng = np.random.default_rng(0)
-    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in parquet_runs) for r in sorted(p.runs)}
+    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in parquet_runs, (audit_ok or {}).get(r))
+            for r in sorted(p.runs)}
     for r in runs:
         run_collect(p, r, work=work)
     summary = aggregate(p, collect_dir=work / "collect", results=results,
@@ -254,6 +257,18 @@ def test_a_run_that_deviates_fails_the_study(tmp_path: Path) -> None:
     assert study["audited_runs"] == 2 and study["audit_max_dev"] == pytest.approx(0.02)
     assert "**FAILED**" in summary and "moe_s1" in summary.split("\n")[2]
     assert json.loads((results / "metrics.json").read_text())["_study"]["status"] == "failed"
+
+
+def test_the_study_verdict_is_the_audits_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aggregate does not re-judge a deviation: `ok` is stages/audit.py's; the summary prints the tolerance."""
+    monkeypatch.setattr("stages.report.AUDIT_TOLERANCE", 0.05)  # what the summary names, not a literal
+    dev = 2 * AUDIT_TOLERANCE
+    _, _, results, summary = build(tmp_path, audit={"moe_s1": dev, "moe_s0": dev / 10, "dense_s0": 0.0},
+                                   audit_ok={"moe_s1": True, "moe_s0": False})
+    study = rows(results / "metrics.duckdb", "SELECT * FROM study")[0]
+    assert study["status"] == "failed" and study["audit_failed_runs"] == "moe_s0"
+    assert study["audit_max_dev"] == pytest.approx(dev)
+    assert "runs moe_s0 deviate from their planned N, N_active, tokens or FLOPs by more than 5% " in summary
 
 
 def test_without_audit_or_tasks_columns_are_null(tmp_path: Path) -> None:
