@@ -1,8 +1,9 @@
 """collect@run + aggregate on fabricated run outputs: the DuckDB tables and views, the study status, exports.
 
-The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` and the
-issue-6 steps.parquet where a test adds them) and work/eval/<run>.json; every expected number is
-recomputed here from those files, not read back from the code under test.
+The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` where a test adds
+it), steps.parquet (written by the trainer's own stages.trainlog.write_steps_parquet) and
+work/eval/<run>.json; every expected number is recomputed here from those files, not read back from the
+code under test.
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from stages.accounting import AUDIT_TOLERANCE, plan_run
 from stages.aggregate import aggregate, group_rows
-from stages.collect import RUN_COLUMNS, run_collect
+from stages.collect import RUN_COLUMNS, CollectError, run_collect
 from stages.common import write_json
 from stages.schema import Params, parse_params
 from stages.stats import t95, wilson
+from stages.trainlog import StepStats, write_steps_parquet
 
 RAW: dict[str, Any] = {
     "study": "agg",
@@ -47,7 +49,7 @@ ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "ac
 
 
 def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
-              steps_parquet: bool = False, audit_ok: bool | None = None) -> dict[str, Any]:
+              partial_steps: bool = False, audit_ok: bool | None = None) -> dict[str, Any]:
     """plan.json, train.json, the curve and eval JSON of one run, with random but consistent figures."""
     plan = plan_run(p, run).to_dict() | {"data_seed": 0}
     plan["provenance"] = {"params": {"budget": p.budget.model_dump()}, "params_sha256": f"plan-{run}"}
@@ -73,16 +75,15 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
     write_json(rdir / "train.json", train)
     steps = list(range(1, plan["steps"] + 1))
     losses = [5.5 - 0.05 * s + float(rng.normal(0, 0.01)) for s in steps]
-    if steps_parquet:
-        pq.write_table(pa.table({"step": steps, "tokens": [s * plan["tokens_per_step"] for s in steps], "loss": losses,
-                                 "lr": [1e-3] * len(steps), "grad_norm": [0.5] * len(steps),
-                                 "tokens_per_s": [1e4] * len(steps), "mfu": [0.01] * len(steps),
-                                 "load_max_over_mean": [1.2] * len(steps)}), rdir / "steps.parquet")
-    with open(rdir / "train_log.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "lr", "tokens", "aux_loss", "grad_norm"])
-        for s, loss in zip(steps, losses, strict=True):
-            w.writerow([s, loss, 1e-3, s * plan["tokens_per_step"], 0.0 if arch["kind"] == "dense" else 1.01, 0.5])
+    moe = arch["kind"] == "moe"
+    history = [StepStats(step=s, loss=loss, lr=1e-3, tokens=s * plan["tokens_per_step"], aux_loss=1.01 if moe else 0.0,
+                         z_loss=0.002 if moe else 0.0, grad_norm=0.5, tokens_per_s=1e4, mfu=0.01,
+                         load_max_over_mean=1.2 if moe else None, load_entropy=0.9 if moe else None)
+               for s, loss in zip(steps, losses, strict=True)]
+    write_steps_parquet(rdir / "steps.parquet", history, arch["kind"])
+    if partial_steps:  # a trainer that logs fewer columns
+        pq.write_table(pq.read_table(rdir / "steps.parquet").drop_columns(["mfu", "load_entropy"]),
+                       rdir / "steps.parquet")
     loss = float(rng.uniform(4, 5))
     bpb = loss / 1.7
     n_cloze, n_choice = 500, 400
@@ -98,12 +99,12 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
 
 
 def build(tmp_path: Path, raw: dict[str, Any] = RAW, audit: dict[str, float] | None = None,
-          parquet_runs: tuple[str, ...] = (), audit_ok: dict[str, bool] | None = None,
+          partial_steps: tuple[str, ...] = (), audit_ok: dict[str, bool] | None = None,
           ) -> tuple[Params, dict[str, dict], Path, str]:
     p = parse_params(raw)
     work, results = tmp_path / "work", tmp_path / "results" / p.study
     rng = np.random.default_rng(0)
-    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in parquet_runs, (audit_ok or {}).get(r))
+    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in partial_steps, (audit_ok or {}).get(r))
             for r in sorted(p.runs)}
     for r in runs:
         run_collect(p, r, work=work)
@@ -126,7 +127,7 @@ def rows(db: Path, sql: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict[str, dict], Path, str]:
     audit = {"dense_s0": 0.002, "moe_s0": 0.0005, "moe_s1": 0.0, "dense_s1": 0.0, "moe_r25": 0.001}
-    return build(tmp_path_factory.mktemp("agg"), audit=audit, parquet_runs=("moe_s0",))
+    return build(tmp_path_factory.mktemp("agg"), audit=audit, partial_steps=("moe_s1",))
 
 
 def test_runs_table_has_the_issue_columns_and_the_run_files_values(study) -> None:
@@ -156,7 +157,7 @@ def test_runs_table_has_the_issue_columns_and_the_run_files_values(study) -> Non
     assert (tmp := results.parent / "metrics.duckdb").read_bytes() == db.read_bytes(), tmp
 
 
-def test_steps_table_reads_parquet_when_present_else_the_csv(study) -> None:
+def test_steps_table_is_the_runs_steps_parquet(study) -> None:
     _, runs, results, _ = study
     steps = rows(results / "metrics.duckdb", "SELECT * FROM steps ORDER BY run_id, step")
     for run, files in runs.items():
@@ -164,11 +165,12 @@ def test_steps_table_reads_parquet_when_present_else_the_csv(study) -> None:
         assert [s["step"] for s in mine] == list(range(1, files["plan"]["steps"] + 1))
         assert [s["loss"] for s in mine] == pytest.approx(files["losses"])
         assert mine[-1]["tokens"] == files["plan"]["tokens"]
-    moe_pq = [s for s in steps if s["run_id"] == "moe_s0"]
-    assert all(s["mfu"] == 0.01 and s["load_max_over_mean"] == 1.2 for s in moe_pq)  # only in steps.parquet
-    moe_csv = [s for s in steps if s["run_id"] == "moe_s1"]
-    assert all(s["mfu"] is None and s["aux_loss"] == pytest.approx(1.01) for s in moe_csv)
-    assert all(s["aux_loss"] is None for s in steps if s["run_id"].startswith("dense"))  # no router
+    moe = [s for s in steps if s["run_id"] == "moe_s0"]
+    assert all(s["mfu"] == 0.01 and s["load_max_over_mean"] == 1.2 and s["aux_loss"] == 1.01 for s in moe)
+    partial = [s for s in steps if s["run_id"] == "moe_s1"]  # columns its steps.parquet lacks are null
+    assert all(s["mfu"] is None and s["load_entropy"] is None and s["aux_loss"] == 1.01 for s in partial)
+    dense = [s for s in steps if s["run_id"].startswith("dense")]
+    assert dense and all(s["aux_loss"] is None and s["load_max_over_mean"] is None for s in dense)  # no router
 
 
 def test_expert_load_table(study) -> None:
@@ -288,6 +290,39 @@ def test_without_audit_or_tasks_columns_are_null(tmp_path: Path) -> None:
     assert got["moe_s0"]["cloze_acc"] is None and got["moe_s0"]["audit_ok"] is None
     assert rows(tmp_path / "res/metrics.duckdb", "SELECT status FROM study")[0]["status"] == "ok"
     assert "0 of 2 runs audited" in summary
+
+
+@pytest.mark.parametrize(("file", "key"), [("train", "seed"), ("train", "lr"), ("train", "wall_seconds"),
+                                         ("train", "provenance.params_sha256"), ("plan", "target_params"),
+                                         ("plan", "arch.experts"), ("eval", "perplexity"), ("eval", "tasks")])
+def test_collect_names_the_file_and_the_missing_key(tmp_path: Path, file: str, key: str) -> None:
+    """No silent defaults: a plan/train/eval JSON without a key collect reads is an error naming both."""
+    p = parse_params(RAW)
+    work = tmp_path / "work"
+    fabricate(work, p, "moe_s0", np.random.default_rng(0))
+    path = {"plan": work / "runs/moe_s0/plan.json", "train": work / "runs/moe_s0/train.json",
+            "eval": work / "eval/moe_s0.json"}[file]
+    d = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    obj = d
+    for part in parents:
+        obj = obj[part]
+    del obj[last]
+    write_json(path, d)
+    with pytest.raises(CollectError, match=re.escape(f"{path}: missing key `{key}`")):
+        run_collect(p, "moe_s0", work=work)
+
+
+def test_collect_needs_steps_parquet(tmp_path: Path) -> None:
+    """train always writes steps.parquet; a train_log.csv alone is not read."""
+    p = parse_params(RAW)
+    work = tmp_path / "work"
+    fabricate(work, p, "dense_s0", np.random.default_rng(0))
+    rdir = work / "runs/dense_s0"
+    (rdir / "steps.parquet").unlink()
+    (rdir / "train_log.csv").write_text("step,loss,lr,tokens,aux_loss,grad_norm\n1,5.0,0.001,512,0.0,0.5\n")
+    with pytest.raises(CollectError, match=re.escape(f"{rdir / 'steps.parquet'}: missing (run the train stage)")):
+        run_collect(p, "dense_s0", work=work)
 
 
 def test_aggregate_reads_only_the_runs_in_params(tmp_path: Path) -> None:
