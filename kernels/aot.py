@@ -5,8 +5,9 @@ divisible by 16 get a divisibility hint that enables vectorised loads and the as
 a compile without those hints is a different, much worse kernel. `sm90_resources` therefore takes
 the argument *values* a real launch would see (small CPU tensors stand in for device tensors: only
 their dtype and alignment matter), specialises them with Triton's own launch-time rule, compiles
-for sm_90 and runs ptxas -v on the PTX. Used by tests/test_moe_fused.py to keep the fused MoE
-kernels free of register spills at the benchmark's constexprs.
+for sm_90 and runs ptxas -v on the PTX. Used by tests/test_moe_fused.py and tests/test_router.py (through
+kernels.router.compile_report) to keep the fused MoE and router kernels free of register spills at the
+benchmark's constexprs.
 """
 
 from __future__ import annotations

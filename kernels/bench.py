@@ -271,8 +271,7 @@ def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: i
                          "note": f"fell back: {moe.experts.last_fallback}"})
             continue
         ref_y = y if ref_y is None else ref_y
-        name = (f"moe_{moe.experts.last_backend}" + (f" {opt}" if opt else "")
-                + f" router={moe.router.last_path} route={fused_router.OPTIONS['route']}")
+        name = f"moe_{moe.experts.last_backend}" + (f" {opt}" if opt else "") + f" router={moe.router.last_path}"
         fn = torch.compile(moe) if compile_ else moe
         row = measure(name + (" compiled" if compile_ else ""), moe, lambda fn=fn: fn(x).y,
                       expert_flops + 2.0 * T * d * E, "route+permute+SwiGLU experts+combine")
@@ -349,14 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="layer part: the MoE router as eager PyTorch or the Triton kernels of kernels/router.py "
                          f"(default: the model's, kernels.router.OPTIONS = {fused_router.OPTIONS['router']!r}); "
                          "the backend column names the one that ran")
-    ap.add_argument("--route", choices=["sort", "count"], default=None,
-                    help="layer part: route() by argsort of uint8 expert ids or by the Triton counting sort "
-                         "(kernels/router.py counting_route; default: kernels.router.OPTIONS['route'])")
     a = ap.parse_args(argv)
     if a.router is not None:
         fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
-    if a.route is not None:
-        fused_router.OPTIONS["route"] = a.route
     for spec in a.layer_backends.split(","):
         try:
             parse_backend(spec)

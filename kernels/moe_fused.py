@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
 
 from kernels.grouped_gemm import product
 from kernels.permute import pow2_at_least, scatter_weighted, sum_slots, unpermute
+from kernels.triton_env import interpreting
 
 log = logging.getLogger("kernels.moe_fused")
 
@@ -76,10 +76,6 @@ COMBINE_CONFIGS = GMM_CONFIGS
 DACT_CONFIGS = [*SWIGLU_CONFIGS, (64, 256, 64, 8, 3)]
 # the narrowest N tile of any config: the column count of combine_dact's partial gate-gradient buffer
 MIN_BN = min(c[1] for c in [*DACT_CONFIGS, INTERPRET_CONFIG["gmm"]])
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 try:  # Triton is optional: CPU-only installs (CI) run the eager paths

@@ -79,14 +79,9 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--router", choices=["eager", "fused"], default=None,
                     help="layer part: the router as eager PyTorch or kernels/router.py (default: the model's)")
-    ap.add_argument("--route", choices=["sort", "count"], default=None,
-                    help="layer part: route() by argsort of uint8 expert ids or by the Triton counting sort "
-                         "(kernels/router.py counting_route; default: kernels.router.OPTIONS['route'])")
     a = ap.parse_args()
     if a.router is not None:
         fused_router.OPTIONS["router"] = "eager" if a.router == "eager" else "auto"
-    if a.route is not None:
-        fused_router.OPTIONS["route"] = a.route
     shape = SHAPES[a.shape]
     step = (op_step if a.part == "op" else layer_step)(a.backend, shape)
     for _ in range(5):
@@ -105,8 +100,7 @@ def main() -> None:
             with torch.profiler.record_function("step"):
                 step()
         torch.cuda.synchronize()
-    router = (f", router option {fused_router.OPTIONS['router']!r}, route {fused_router.OPTIONS['route']!r}"
-              if a.part == "layer" else "")
+    router = f", router option {fused_router.OPTIONS['router']!r}" if a.part == "layer" else ""
     busy = profiling.busy_us(profiling.kernel_spans(prof)) / 5 / 1000
     print(f"{a.part} {a.backend} shape {shape}{router}: {wall_ms:.3f} ms per fwd+bwd (CUDA events, mean of 10), "
           f"GPU busy {busy:.3f} ms per fwd+bwd (profiled)")

@@ -1,5 +1,5 @@
 """Fused MoE router: scores, top-k, renormalised weights, counts, balancing and z losses in two small
-Triton kernels forward and one backward; and a counting-sort dispatch order.
+Triton kernels forward and one backward.
 
 The eager router (stages/model.py `Router`) is ~15 launches forward (softmax, mean, topk, sum, div,
 a scatter_add for the counts, logsumexp, pow, mean, ...) and a long autograd chain of small kernels
@@ -16,12 +16,6 @@ backward; at T=16384 tokens, top-8 of 64 it was ~0.45 ms of a ~3.5 ms MoE layer 
                              the scores, aux = E * sum(load * P) and z = mean(lse^2)
   backward  router_bwd       dL/dx in one pass (maths in `backward_reference`)
 
-and, opt-in (OPTIONS["route"] = "count"), stages.model.route's permutation as a counting sort:
-  route_tile_counts          slots per expert per tile of tokens (tiles, E)
-  route_scatter              after a cumsum over tiles, each slot's row = expert start + earlier tiles'
-                             + earlier tokens' + earlier slots' rows of that expert: order and inverse
-                             written directly, the same as the stable argsort (no sort, no inverse scatter)
-
 The formulas are those of `Router.forward` (the reference; CPU always runs it). Launch errors fall
 back to the eager router (forward) or the eager backward maths (backward), logged once.
 """
@@ -30,25 +24,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from kernels.triton_env import interpreting
 
 log = logging.getLogger("kernels.router")
 
 # "auto": the fused router where it can run (CUDA tensors, Triton, E <= MAX_EXPERTS); "eager": never
 OPTIONS = {"router": "auto"}
-# stages.model.route on CUDA: "sort" = torch.argsort of uint8 expert ids; "count" = the counting sort of
-# `counting_route` (two Triton kernels and a cumsum, the same permutation; opt-in until measured)
-OPTIONS["route"] = "sort"
 MAX_EXPERTS = 256
 _disabled: list[str] = []  # the reason once a launch has failed in this process
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -193,48 +180,7 @@ def _kernels() -> dict[str, Any] | None:
             dx = p * (g + dlse[:, None] - tl.sum(p * g, 1)[:, None])
         tl.store(dx_ptr + rows64[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
-    @triton.jit
-    def route_tile_counts(idx_ptr, cnt_ptr, T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
-        tile = tl.program_id(0)
-        rows = tile * BT + tl.arange(0, BT)
-        cols = tl.arange(0, BE)
-        rows64 = rows.to(tl.int64)
-        n = tl.zeros([BT, BE], dtype=tl.int32)  # how many of each token's k slots went to each expert
-        for j in tl.static_range(K):
-            e = tl.load(idx_ptr + rows64 * K + j, mask=rows < T, other=-1).to(tl.int32)
-            n += (cols[None, :] == e[:, None]).to(tl.int32)
-        tl.store(cnt_ptr + tile * E + cols, tl.sum(n, 0), mask=cols < E)
-
-    @triton.jit
-    def route_scatter(idx_ptr, cnt_ptr, cum_ptr, offs_ptr, order_ptr, inv_ptr, T, E, K: tl.constexpr,
-                      BT: tl.constexpr, BE: tl.constexpr):
-        tile = tl.program_id(0)
-        rows = tile * BT + tl.arange(0, BT)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        cols = tl.arange(0, BE)
-        cmask = cols < E
-        n = tl.zeros([BT, BE], dtype=tl.int32)
-        for j in tl.static_range(K):
-            e = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=-1).to(tl.int32)
-            n += (cols[None, :] == e[:, None]).to(tl.int32)
-        # row of expert e's slot = its start + e-slots of earlier tiles + of earlier tokens of this tile +
-        # of earlier slots of this token: the order of a stable sort by expert of the flat (token, slot)
-        start = tl.load(offs_ptr + cols - 1, mask=cmask & (cols > 0), other=0)
-        earlier_tiles = tl.load(cum_ptr + tile * E + cols, mask=cmask, other=0) - \
-            tl.load(cnt_ptr + tile * E + cols, mask=cmask, other=0)
-        before = (tl.cumsum(n, 0) - n) + (start + earlier_tiles)[None, :]
-        for j in tl.static_range(K):
-            e = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=-1).to(tl.int32)
-            hit = cols[None, :] == e[:, None]
-            pos = tl.sum(tl.where(hit, before, 0), 1)
-            before += hit.to(tl.int32)  # the token's next slot to this expert comes after this one
-            flat = rows64 * K + j
-            tl.store(inv_ptr + flat, pos.to(tl.int64), mask=rmask)
-            tl.store(order_ptr + pos.to(tl.int64), flat, mask=rmask)
-
-    return {"router_fwd": router_fwd, "router_finalize": router_finalize, "router_bwd": router_bwd,
-            "route_tile_counts": route_tile_counts, "route_scatter": route_scatter}
+    return {"router_fwd": router_fwd, "router_finalize": router_finalize, "router_bwd": router_bwd}
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:
@@ -288,56 +234,33 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
 
 
 def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: str = "bf16",
-                   arch: int = 90) -> dict[str, dict[str, int]]:
-    """AOT-compile the kernels for `arch` at the constexprs a call with these arguments uses (no GPU
-    needed) and read registers and spill bytes from `ptxas -v`: {kernel: {"registers", "spill_stores",
-    "spill_loads"}}. Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+                   tokens: int = 16384) -> dict[str, dict[str, int]]:
+    """AOT-compile each kernel for the H100 (kernels/aot.py: no GPU needed) with the arguments a call
+    of this size passes, and report {kernel: {"registers", "spill_stores", "spill_loads", "shared"}}.
+    Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
+    from kernels.aot import sm90_resources
 
     kern = _kernels()
+    assert kern is not None, "Triton is not installed"
     bt, be = blocks(experts)
-    x = f"*{dtype}"
-    f32, i32 = "*fp32", "i32"
+    x = torch.empty(16, dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    f32, i32, i64 = torch.empty(16), torch.empty(16, dtype=torch.int32), torch.empty(16, dtype=torch.int64)
+    programs = min(-(-tokens // bt), MAX_PROGRAMS)
+    sizes = {"T": tokens, "E": experts}
     plans = {
-        "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "lse_ptr": f32, "s_ptr": f32,
-                        "imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "T": i32, "E": i32},
-                       {"K": top_k, "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid,
-                        "HAS_BIAS": bias}),
-        "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": "*i32", "z_part_ptr": f32, "counts_ptr": "*i64",
-                             "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": i32, "T": i32, "E": i32},
-                            {"BB": finalize_rows(be), "BE": be}),
-        "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": "*i64", "gw_ptr": f32,
-                        "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, "T": i32, "E": i32},
-                       {"K": top_k, "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True,
-                        "HAS_GZ": True}),
-        "route_tile_counts": ({"idx_ptr": "*i64", "cnt_ptr": "*i32", "T": i32, "E": i32},
-                              {"K": top_k, "BT": bt, "BE": be}),
-        "route_scatter": ({"idx_ptr": "*i64", "cnt_ptr": "*i32", "cum_ptr": "*i32", "offs_ptr": "*i32",
-                           "order_ptr": "*i64", "inv_ptr": "*i64", "T": i32, "E": i32},
-                          {"K": top_k, "BT": bt, "BE": be}),
+        "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "lse_ptr": f32, "s_ptr": f32,
+                        "imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, **sizes, "K": top_k,
+                        "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_BIAS": bias},
+                       WARPS),
+        "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, "counts_ptr": i64,
+                             "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": programs, **sizes,
+                             "BB": finalize_rows(be), "BE": be}, FINALIZE_WARPS),
+        "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "gw_ptr": f32,
+                        "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, **sizes, "K": top_k, "BT": bt,
+                        "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True, "HAS_GZ": True}, WARPS),
     }
-    out = {}
-    for name, (sig, const) in plans.items():
-        sig = {**sig, **{c: "constexpr" for c in const}}
-        src = triton.compiler.ASTSource(fn=kern[name], signature=sig, constexprs=const)
-        warps = FINALIZE_WARPS if name == "router_finalize" else WARPS
-        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.ptx"
-            path.write_text(ptx)
-            log_ = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", str(path), "-o", os.devnull],
-                                  capture_output=True, text=True, check=True).stderr
-        num = {key: int(m.group(1)) if (m := re.search(pat, log_)) else -1 for key, pat in
-               (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
-                ("spill_loads", r"(\d+) bytes spill loads"))}
-        out[name] = num
-    return out
+    return {name: sm90_resources(kern[name], args, num_warps=warps, num_stages=3)
+            for name, (args, warps) in plans.items()}
 
 
 class _LaunchFailed(RuntimeError):
@@ -437,33 +360,6 @@ class _FusedRouter(torch.autograd.Function):
         except _LaunchFailed:
             dx = backward_reference(x, w, idx, s, load, gw, gaux, gz, ctx.sigmoid).to(x.dtype)
         return dx, None, None, None
-
-
-@torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
-def counting_route(indices: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(order, inverse) of route(): the stable sort by expert of the flat (token, slot) pairs, as a counting
-    sort (slots per expert per tile of tokens, a cumsum over tiles, then each slot's row written directly)
-    instead of argsort + an inverse scatter; None where it cannot run (then route() sorts).
-
-    indices: (T, k) int64 expert ids < E <= MAX_EXPERTS; offs: (E,) int32 cumulative slot counts."""
-    T, k = indices.shape
-    E = offs.shape[0]
-    if (not indices.is_cuda and not interpreting()) or _disabled or E > MAX_EXPERTS or T == 0 or _kernels() is None:
-        return None
-    idx = indices.contiguous()
-    bt, be = blocks(E)
-    tiles = -(-T // bt)
-    cnt = torch.empty(tiles, E, device=idx.device, dtype=torch.int32)
-    order = torch.empty(T * k, device=idx.device, dtype=torch.int64)
-    inverse = torch.empty_like(order)
-    try:
-        _launch("route_tile_counts", (tiles,), idx, cnt, T, E, K=k, BT=bt, BE=be, num_warps=WARPS)
-        cum = cnt.cumsum(0, dtype=torch.int32)
-        _launch("route_scatter", (tiles,), idx, cnt, cum, offs, order, inverse, T, E, K=k, BT=bt, BE=be,
-                num_warps=WARPS)
-    except _LaunchFailed:
-        return None
-    return order, inverse
 
 
 @torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks

@@ -279,19 +279,13 @@ def route(indices: torch.Tensor, experts: int, counts: torch.Tensor | None = Non
     """The expert-sorted order of the (token, slot) pairs (a stable sort, so deterministic).
 
     `counts` (E,) int64 slots per expert, when the caller has them (RouterOutput.counts), saves their
-    recount; they must be expert_counts(indices, experts). With kernels.router.OPTIONS["route"] = "count"
-    (CUDA) a counting sort in Triton gives the same order and inverse without the argsort."""
+    recount; they must be expert_counts(indices, experts)."""
     flat = indices.reshape(-1)
     counts = expert_counts(flat, experts) if counts is None else counts
-    offs = counts.cumsum(0).to(torch.int32)
-    if fused_router.OPTIONS["route"] == "count" and indices.dim() == 2:
-        res = fused_router.counting_route(indices, offs)
-        if res is not None:
-            return Dispatch(res[0], res[1], counts, offs)
     order = torch.argsort(sort_keys(flat, experts), stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return Dispatch(order, inverse, counts, offs)
+    return Dispatch(order, inverse, counts, counts.cumsum(0).to(torch.int32))
 
 
 def dispatch(x: torch.Tensor, indices: torch.Tensor, experts: int,
