@@ -10,9 +10,10 @@ the views and writes the exports, so adding a run re-collects that run alone.
   tokens_seen, unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
   intervals, audit deviations, params_sha256, ...);
 - table `steps`: every run's training curve; table `expert_load`: routed fraction per layer/expert;
-- table `study`: one row, `status` 'failed' when a run's audit is not ok or deviates > 1%;
-- view `moe_vs_dense`: each MoE run beside the dense runs of the same study, size (budget N),
-  compute budget and unique tokens (their mean over seeds): Δloss, Δbpb, Δaccuracy;
+- table `study`: one row, `status` 'failed' when a run's audit is not ok (`audit_ok`, decided by
+  stages/audit.py against accounting.AUDIT_TOLERANCE; not re-judged here);
+- view `dense_baseline`: THE dense baseline of every "vs dense" figure (see DENSE_BASELINE);
+- view `moe_vs_dense`: each MoE run beside its dense baseline: Δloss, Δbpb, Δaccuracy;
 - view `by_activation_rate`: runs grouped by study, size, kind and activation rate.
 Exports (stages/report.py): summary.md, results.csv, metrics.json (`dvc exp show`) and the plots.
 
@@ -20,6 +21,8 @@ The unit of comparison in the summary is a *group* (a run name, or `runs.<name>.
 one point): its mean with a 95% interval, the run's own interval (bootstrap for losses, Wilson for
 accuracies) for a single seed, a Student-t interval over seeds when a group has several (for an
 accuracy, the wider of that and the Wilson interval of all the seeds' items pooled, clipped to [0, 1]).
+A group's "Δ bpb vs dense" is its mean minus the `dense_baseline` view's value, read from the database,
+so the summary and the views cannot disagree about what "dense" means.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import logging
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +51,33 @@ INTERVALS = (("val_loss", "val_loss_lo", "val_loss_hi"), ("val_bpb", "val_bpb_lo
 
 log = logging.getLogger("stages.aggregate")
 
-VIEWS = {
-    "moe_vs_dense": """
-        WITH dense AS (
-            SELECT study, size, compute_budget, unique_tokens, count(*) AS dense_runs,
-                   string_agg(run_id, ',' ORDER BY run_id) AS dense_run_ids,
-                   avg(total_params) AS dense_total_params, avg(tokens_seen) AS dense_tokens_seen,
-                   avg(val_loss) AS dense_val_loss, avg(val_bpb) AS dense_val_bpb,
-                   avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc
-            FROM runs WHERE kind = 'dense' GROUP BY ALL)
+# The dense baseline, defined once (here) for the views and the summary. The study compares runs at
+# equal N (budget `size`), C (`compute_budget`) and U (`unique_tokens`), and the seeds of a point are
+# replicates, so the baseline of a run is the mean over the dense *runs* (every seed counts once) that
+# share its study, N, C and U. Several dense groups at one (N, C, U), e.g. a learning-rate sweep, are
+# pooled run by run, not group by group (`dense_groups` and `dense_run_ids` name what was pooled).
+BASELINE_KEY = ("study", "size", "compute_budget", "unique_tokens")
+DENSE_BASELINE = f"""
+        SELECT {", ".join(BASELINE_KEY)}, count(*) AS dense_runs,
+               string_agg(run_id, ',' ORDER BY run_id) AS dense_run_ids,
+               string_agg(DISTINCT grp, ',' ORDER BY grp) AS dense_groups,
+               avg(total_params) AS dense_total_params, avg(tokens_seen) AS dense_tokens_seen,
+               avg(val_loss) AS dense_val_loss, avg(val_bpb) AS dense_val_bpb,
+               avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc
+        FROM runs WHERE kind = 'dense' GROUP BY {", ".join(BASELINE_KEY)}
+        ORDER BY {", ".join(BASELINE_KEY)}"""
+
+VIEWS = {  # created in this order: moe_vs_dense reads dense_baseline
+    "dense_baseline": DENSE_BASELINE,
+    "moe_vs_dense": f"""
         SELECT m.run_id, m.study, m.grp, m.size, m.activation_rate, m.experts, m.top_k, m.shared_experts,
                m.total_params, d.dense_total_params, m.active_params, m.compute_budget, m.unique_tokens,
-               m.tokens_seen, d.dense_tokens_seen, m.epochs, d.dense_runs, d.dense_run_ids,
+               m.tokens_seen, d.dense_tokens_seen, m.epochs, d.dense_runs, d.dense_run_ids, d.dense_groups,
                m.val_loss, d.dense_val_loss, m.val_loss - d.dense_val_loss AS d_val_loss,
                m.val_bpb, d.dense_val_bpb, m.val_bpb - d.dense_val_bpb AS d_val_bpb,
                m.cloze_acc, d.dense_cloze_acc, m.cloze_acc - d.dense_cloze_acc AS d_cloze_acc,
                m.choice_acc, d.dense_choice_acc, m.choice_acc - d.dense_choice_acc AS d_choice_acc
-        FROM runs m JOIN dense d USING (study, size, compute_budget, unique_tokens)
+        FROM runs m JOIN dense_baseline d USING ({", ".join(BASELINE_KEY)})
         WHERE m.kind = 'moe' ORDER BY m.study, m.size, m.activation_rate DESC, m.run_id""",
     "by_activation_rate": """
         SELECT study, size, kind, round(activation_rate, 4) AS activation_rate, count(*) AS runs,
@@ -83,8 +97,13 @@ class AggregateError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- groups
-def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per group: mean of its seeds, interval over seeds (or the run's own interval if alone)."""
+def group_rows(rows: list[dict[str, Any]], baselines: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per group: mean of its seeds, interval over seeds (or the run's own interval if alone).
+
+    `baselines` are the rows of the `dense_baseline` view; a group's `bpb_vs_dense` is its mean bpb
+    minus the baseline of its (study, N, C, U), null without one. The baseline is read, not recomputed
+    here, so that it has one definition (DENSE_BASELINE).
+    """
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["grp"], []).append(r)
@@ -107,10 +126,10 @@ def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         g["tokens_seen"] = statistics.fmean(r["tokens_seen"] for r in rs)
         g["epochs"] = statistics.fmean(r["epochs"] for r in rs)
         out.append(g)
+    base = {tuple(b[k] for k in BASELINE_KEY): b["dense_val_bpb"] for b in baselines}
     for g in out:
-        dense = [d for d in out if d["kind"] == "dense" and d["size"] == g["size"]]
-        base = statistics.fmean(d["val_bpb"] for d in dense) if dense else None
-        g["bpb_vs_dense"] = (g["val_bpb"] - base) if base is not None else None
+        b = base.get(tuple(g[k] for k in BASELINE_KEY)) if base else None
+        g["bpb_vs_dense"] = g["val_bpb"] - b if b is not None and g["val_bpb"] is not None else None
     return sorted(out, key=lambda g: (g["size"], -g["activation_rate"], g["grp"]))
 
 
@@ -135,15 +154,13 @@ def build_database(dest: Path, collect_dir: Path, runs: list[str]) -> None:
             con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{files}]) ORDER BY {order}")
         for name, sql in VIEWS.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
-        con.execute(f"""
+        con.execute("""
             CREATE TABLE study AS
             SELECT any_value(study) AS study, count(*) AS runs,
                    count(*) FILTER (WHERE audit_ok IS NOT NULL) AS audited_runs,
                    max(audit_max_dev) AS audit_max_dev,
-                   string_agg(run_id, ',' ORDER BY run_id)
-                       FILTER (WHERE audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) AS audit_failed_runs,
-                   CASE WHEN bool_or(audit_ok = false OR audit_max_dev > {AUDIT_TOLERANCE}) THEN 'failed'
-                        ELSE 'ok' END AS status
+                   string_agg(run_id, ',' ORDER BY run_id) FILTER (WHERE NOT audit_ok) AS audit_failed_runs,
+                   CASE WHEN bool_or(NOT audit_ok) THEN 'failed' ELSE 'ok' END AS status
             FROM runs""")
         con.close()
 
@@ -170,9 +187,10 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     rows = query(db, "SELECT * FROM runs ORDER BY run_id")
     study = query(db, "SELECT * FROM study")[0]
     moe_vs_dense = query(db, "SELECT * FROM moe_vs_dense")
+    baselines = query(db, "SELECT * FROM dense_baseline")
     steps = query(db, "SELECT run_id, step, tokens, loss FROM steps ORDER BY run_id, step")
     load = query(db, "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
-    groups = group_rows(rows)
+    groups = group_rows(rows, baselines)
     summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows)
     write_bytes(results / "summary.md", summary.encode())
     write_bytes(results / "results.csv", csv_text(rows).encode())

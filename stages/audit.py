@@ -15,8 +15,9 @@ Three independent measurements of the equal-resource contract, each against the 
   are counted directly. MoE layers use the reference expert backend while measuring, whose per-expert
   matmuls the counter sees.
 
-`audit_run` gives train.json its "audit" key; the aggregate stage marks a study failed when any run's
-audit is not ok (a deviation beyond accounting.AUDIT_TOLERANCE, 1%).
+`audit_run` gives train.json its "audit" key and is the one place that decides `ok` (every deviation
+within accounting.AUDIT_TOLERANCE); the aggregate stage marks a study failed when any run's audit is
+not ok, taking that decision as it is.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import torch.nn.functional as F
 
 from stages.accounting import AUDIT_TOLERANCE, Architecture
 from stages.model import LM, MoE, count_nonvocab_params
-
-TOLERANCE = AUDIT_TOLERANCE
 
 
 def rel_dev(plan: float, actual: float) -> float:
@@ -84,9 +83,8 @@ def measure_flops_per_token(model: LM, batch_size: int = 2, seed: int = 0) -> fl
     return counter.get_total_flops() / (batch_size * seq)
 
 
-def audit_run(plan: dict[str, Any], model: LM, tokens_served: int, *, tol: float = TOLERANCE,
-              measure_flops: bool = True) -> dict[str, Any]:
-    """Plan vs actual for one trained run (the "audit" key of train.json)."""
+def audit_run(plan: dict[str, Any], model: LM, tokens_served: int, *, measure_flops: bool = True) -> dict[str, Any]:
+    """Plan vs actual for one trained run (the "audit" key of train.json), `ok` against AUDIT_TOLERANCE."""
     total, active = count_nonvocab_params(model)
     arch = Architecture(**plan["arch"])
     out: dict[str, Any] = {
@@ -98,8 +96,8 @@ def audit_run(plan: dict[str, Any], model: LM, tokens_served: int, *, tol: float
         out["flops_per_token"] = _entry(arch.train_flops_per_token("exact", model.vocab_size),
                                         measure_flops_per_token(model))
     out["max_rel_dev"] = max(abs(v["rel_dev"]) for v in out.values())
-    out["tolerance"] = tol
-    out["ok"] = out["max_rel_dev"] <= tol
+    out["tolerance"] = AUDIT_TOLERANCE
+    out["ok"] = out["max_rel_dev"] <= AUDIT_TOLERANCE
     out["flops_note"] = ("matmul FLOPs of one forward+backward per token (LM head and full S x S attention "
                          "included) by torch.utils.flop_counter vs stages/accounting.py")
     return out

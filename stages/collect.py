@@ -5,8 +5,10 @@ only; the aggregate stage unions the per-run files with DuckDB (`read_parquet`),
 a union, whatever the number of runs.
 
 Inputs: work/runs/<run>/plan.json, train.json (with `audit` when the trainer writes one: plan vs
-model/loader/FLOP counter), the training curve (steps.parquet when the trainer writes it, else
-train_log.csv) and work/eval/<run>.json. Outputs in work/collect/<run>/:
+model/loader/FLOP counter), the training curve steps.parquet (stages/trainlog.py) and
+work/eval/<run>.json. Every key of those files that the rows need is required (REQUIRED_KEYS): a
+file that lacks one is an error naming the file and the key, not a silent default. Outputs in
+work/collect/<run>/:
 - `run.parquet`: one row of the `runs` table (RUN_COLUMNS);
 - `steps.parquet`: the training curve (STEP_COLUMNS; a column the trainer did not log is null);
 - `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
@@ -20,9 +22,7 @@ that made them is the same.
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,19 @@ LOAD_COLUMNS: list[tuple[str, pa.DataType]] = [
 ]
 AUDIT_KEYS = {"audit_params_dev": "nonvocab_params", "audit_active_dev": "nonvocab_active",
               "audit_tokens_dev": "tokens", "audit_flops_dev": "flops_per_token"}
-MOE_ONLY_STEPS = ("aux_loss", "z_loss", "load_max_over_mean", "load_entropy")
+# What collect reads from each input (dotted: nested keys), all written by every plan, train and evaluate
+# stage; `audit` (optional: null columns without it) and the eval intervals and tasks (present, null when
+# turned off) are read apart.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "plan": ("arch.kind", "arch.ffn_hidden", "arch.experts", "arch.top_k", "arch.shared_experts",
+             "nonvocab_params", "nonvocab_active", "activation_rate", "target_params", "compute",
+             "compute_convention", "flops_per_token", "tokens", "steps", "unique_tokens", "provenance.params_sha256"),
+    "train": ("nonvocab_params", "nonvocab_active", "tokens_seen", "steps", "seed", "lr", "final_train_loss",
+              "wall_seconds", "expert_load", "provenance.params_sha256"),
+    "eval": ("plan.nonvocab_params", "plan.nonvocab_active", "loss", "loss_ci", "perplexity", "bpb", "bpb_ci",
+             "tokens", "bytes", "tasks", "provenance.params_sha256"),
+}
+STAGE_OF = {"plan": "plan", "train": "train", "eval": "evaluate"}
 
 
 class CollectError(ValueError):
@@ -77,12 +89,22 @@ def schema(cols: list[tuple[str, pa.DataType]]) -> pa.Schema:
     return pa.schema(cols)
 
 
+def require_keys(name: str, d: dict[str, Any], path: Path) -> None:
+    """Every REQUIRED_KEYS[name] key in `d`, else one error naming the file and the first missing key."""
+    for key in REQUIRED_KEYS[name]:
+        obj: Any = d
+        for part in key.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                raise CollectError(f"{path}: missing key `{key}` (re-run the {STAGE_OF[name]} stage)")
+            obj = obj[part]
+
+
 def _ci(e: dict[str, Any], key: str) -> list[float]:
-    return e.get(f"{key}_ci") or [e[key], e[key]]  # null when eval.bootstrap = 0
+    return e[f"{key}_ci"] or [e[key], e[key]]  # null when eval.bootstrap = 0
 
 
 def _task(e: dict[str, Any], name: str) -> tuple[Any, Any, Any, Any]:
-    t = (e.get("tasks") or {}).get(name)
+    t = (e["tasks"] or {}).get(name)  # null when eval.task_items = 0
     if not t or not t.get("items"):
         return None, None, None, 0
     lo, hi = t["acc_ci"]
@@ -108,65 +130,57 @@ def audit_columns(train: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e: dict[str, Any],
             paths: dict[str, Path]) -> dict[str, Any]:
+    """The run's `runs` row; the three files must have passed `require_keys`."""
     arch = plan["arch"]
     for key in ("nonvocab_params", "nonvocab_active"):
-        if train.get(key, plan[key]) != plan[key] or e["plan"][key] != plan[key]:
+        if train[key] != plan[key] or e["plan"][key] != plan[key]:
             raise CollectError(f"{paths['train']} / {paths['eval']}: {key} differs from {paths['plan']} "
                                "(stale outputs: re-run train and evaluate)")
-    prov = [d.get("provenance", {}).get("params_sha256") for d in (plan, train, e)]
-    size = plan.get("target_params") or (plan.get("provenance", {}).get("params", {}).get("budget", {}) or {}).get(
-        "params", p.budget.params)
-    active = train.get("nonvocab_active", plan["nonvocab_active"])
-    tokens_seen = train.get("tokens_seen", plan["tokens"])
+    prov = [d["provenance"]["params_sha256"] for d in (plan, train, e)]
+    tokens_seen = train["tokens_seen"]
     loss_ci, bpb_ci = _ci(e, "loss"), _ci(e, "bpb")
     cloze, choice = _task(e, "cloze"), _task(e, "choice")
     return {
         "run_id": run, "study": p.study, "grp": p.run(run).group or run, "kind": arch["kind"],
-        "seed": train.get("seed", p.run_seed(run)), "lr": train.get("lr", p.run_lr(run)), "size": float(size),
-        "total_params": train.get("nonvocab_params", plan["nonvocab_params"]), "active_params": active,
-        "activation_rate": plan["activation_rate"], "experts": arch.get("experts", 1), "top_k": arch.get("top_k", 1),
-        "shared_experts": arch.get("shared_experts", 0), "ffn_hidden": arch.get("ffn_hidden"),
+        "seed": train["seed"], "lr": train["lr"], "size": float(plan["target_params"]),
+        "total_params": train["nonvocab_params"], "active_params": train["nonvocab_active"],
+        "activation_rate": plan["activation_rate"], "experts": arch["experts"], "top_k": arch["top_k"],
+        "shared_experts": arch["shared_experts"], "ffn_hidden": arch["ffn_hidden"],
         "compute_budget": float(plan["compute"]), "compute_convention": plan["compute_convention"],
         "train_flops": float(plan["flops_per_token"]) * tokens_seen,
         "tokens_seen": tokens_seen, "unique_tokens": plan["unique_tokens"],
         "epochs": tokens_seen / plan["unique_tokens"],
-        "steps": train.get("steps", plan["steps"]), "final_train_loss": train.get("final_train_loss"),
+        "steps": train["steps"], "final_train_loss": train["final_train_loss"],
         "val_loss": e["loss"], "val_loss_lo": loss_ci[0], "val_loss_hi": loss_ci[1],
-        "val_ppl": e.get("perplexity", math.exp(e["loss"])),
+        "val_ppl": e["perplexity"],
         "val_bpb": e["bpb"], "val_bpb_lo": bpb_ci[0], "val_bpb_hi": bpb_ci[1],
         "eval_tokens": e["tokens"], "eval_bytes": e["bytes"],
         "cloze_acc": cloze[0], "cloze_lo": cloze[1], "cloze_hi": cloze[2], "cloze_items": cloze[3],
         "choice_acc": choice[0], "choice_lo": choice[1], "choice_hi": choice[2], "choice_items": choice[3],
         **audit_columns(train, paths["train"]),
-        "wall_seconds": train.get("wall_seconds"), "params_sha256": sha256_json(prov),
+        "wall_seconds": train["wall_seconds"], "params_sha256": sha256_json(prov),
         "eval_sha256": sha256_file(paths["eval"]),
     }
 
 
-def step_rows(run: str, study: str, kind: str, rdir: Path) -> pa.Table:
-    """The training curve: steps.parquet when the trainer wrote one, else train_log.csv."""
+def step_rows(run: str, study: str, rdir: Path) -> pa.Table:
+    """The training curve from the trainer's steps.parquet (its MoE-only columns already null for dense runs).
+
+    A column the file lacks is null, so a trainer that logs fewer columns still collects.
+    """
+    path = rdir / "steps.parquet"
+    if not path.exists():
+        raise CollectError(f"{path}: missing (run the train stage)")
+    t = pq.read_table(path)
+    n = t.num_rows
     cols = [c for c, _ in STEP_COLUMNS if c not in ("run_id", "study")]
-    if (rdir / "steps.parquet").exists():
-        t = pq.read_table(rdir / "steps.parquet")
-        data = {c: t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in cols}
-        n = t.num_rows
-    elif (rdir / "train_log.csv").exists():
-        rows = list(csv.DictReader((rdir / "train_log.csv").read_text().splitlines()))
-        data = {c: [(float(r[c]) if c not in ("step", "tokens") else int(r[c])) if r.get(c) not in (None, "") else None
-                    for r in rows] for c in cols}
-        n = len(rows)
-    else:
-        raise CollectError(f"{rdir}: neither steps.parquet nor train_log.csv (run the train stage)")
-    if kind == "dense":  # the CSV logs aux_loss = 0 for dense runs: no router, so no value
-        for c in MOE_ONLY_STEPS:
-            data[c] = [None] * n
-    data = {"run_id": [run] * n, "study": [study] * n, **data}
-    return pa.table(data, schema=schema(STEP_COLUMNS))
+    data = {c: t.column(c).to_pylist() if c in t.column_names else [None] * n for c in cols}
+    return pa.table({"run_id": [run] * n, "study": [study] * n, **data}, schema=schema(STEP_COLUMNS))
 
 
 def load_rows(run: str, study: str, train: dict[str, Any]) -> pa.Table:
     rows: list[dict[str, Any]] = []
-    load = train.get("expert_load") or {}
+    load = train["expert_load"] or {}  # null for dense runs
     for layer, fractions in enumerate(load.get("fraction_per_expert") or []):
         for expert, f in enumerate(fractions):
             rows.append({"run_id": run, "study": study, "layer": layer, "expert": expert, "fraction": float(f),
@@ -179,13 +193,15 @@ def run_collect(p: Params, run: str, work: Path = WORK) -> dict[str, Any]:
     rdir = work / "runs" / run
     paths = {"plan": rdir / "plan.json", "train": rdir / "train.json", "eval": work / "eval" / f"{run}.json"}
     plan, train, e = (read_json(paths[k]) for k in ("plan", "train", "eval"))
+    for name, d in (("plan", plan), ("train", train), ("eval", e)):
+        require_keys(name, d, paths[name])
     row = run_row(p, run, plan, train, e, paths)
     out = work / "collect" / run
     with atomic_path(out) as tmp:
         tmp.mkdir()
         pq.write_table(pa.Table.from_pylist([row], schema=schema(RUN_COLUMNS)), tmp / "run.parquet",
                        compression="zstd")
-        pq.write_table(step_rows(run, p.study, row["kind"], rdir), tmp / "steps.parquet", compression="zstd")
+        pq.write_table(step_rows(run, p.study, rdir), tmp / "steps.parquet", compression="zstd")
         pq.write_table(load_rows(run, p.study, train), tmp / "expert_load.parquet", compression="zstd")
     if row["audit_ok"] is False:
         log.warning("%s: the audit deviates from the plan by %.2f%% (train.json audit)", run,

@@ -197,7 +197,7 @@ STAGES: tuple[Stage, ...] = (
         name="collect",
         doc="One run's plan, training record (audit, curve, expert load) and evaluation as Parquet rows.",
         deps=("work/runs/{run}/plan.json", "work/runs/{run}/train.json", "work/runs/{run}/steps.parquet",
-              "work/runs/{run}/train_log.csv", "work/eval/{run}.json"),
+              "work/eval/{run}.json"),
         outs=("work/collect/{run}/",),
         params=("study", "runs.{run}"),
         per_run=True,

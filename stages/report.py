@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stages.accounting import AUDIT_TOLERANCE
 from stages.common import atomic_path
 
 CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
@@ -41,7 +42,8 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
                      + (f", largest deviation {100 * status['audit_max_dev']:.3f}%)." if audited else ")."))
     else:
         lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
-                     f"N_active, tokens or FLOPs by more than 1% (largest {100 * status['audit_max_dev']:.2f}%).")
+                     f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
+                     f"(largest {100 * status['audit_max_dev']:.2f}%).")
     lines += ["", "## Groups (mean over seeds)", "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
@@ -56,7 +58,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {_f(g['bpb_vs_dense'], '+.4f')} | {_ci(g, 'cloze_acc', 'cloze_lo', 'cloze_hi', '.3f')} "
             f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
     if moe_vs_dense:
-        lines += ["", "## Each MoE run vs the dense runs of its size (view `moe_vs_dense`)", "",
+        lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`)", "",
                   "| run | r_a | experts/top-k | tokens vs dense | Δ loss | Δ bpb | Δ cloze acc | Δ choice acc "
                   "| dense runs |", "|" + "---|" * 9]
         for m in moe_vs_dense:
@@ -81,8 +83,10 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
               "Equal resources: every run has the same non-vocab params N, compute C = F·T (F = training FLOPs per "
               f"token in the `{conventions}` convention of stages/accounting.py) and unique tokens "
               "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
-              "Student-t over seeds otherwise. Task accuracies (stages/tasks.py): cloze = greedy sentence-final word, "
-              "choice = 4-way continuation by log-likelihood per byte (chance 0.25); Wilson intervals for one seed.",
+              "Student-t over seeds otherwise. Δ vs dense: minus the dense baseline (view `dense_baseline`), the mean "
+              "over every dense run (each seed once) of the same N, C and U. Task accuracies (stages/tasks.py): "
+              "cloze = greedy sentence-final word, choice = 4-way continuation by log-likelihood per byte "
+              "(chance 0.25); Wilson intervals for one seed.",
               "",
               "Made by `python -m stages.aggregate` as the last stage of `dvc repro` / `snakemake` (`make study` for "
               "the default params.yaml) from `metrics.duckdb` beside this file; dvc.lock records the hashes of every "

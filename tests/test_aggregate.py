@@ -1,8 +1,9 @@
 """collect@run + aggregate on fabricated run outputs: the DuckDB tables and views, the study status, exports.
 
-The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` and the
-issue-6 steps.parquet where a test adds them) and work/eval/<run>.json; every expected number is
-recomputed here from those files, not read back from the code under test.
+The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` where a test adds
+it), steps.parquet (written by the trainer's own stages.trainlog.write_steps_parquet) and
+work/eval/<run>.json; every expected number is recomputed here from those files, not read back from the
+code under test.
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.accounting import plan_run
+from stages.accounting import AUDIT_TOLERANCE, plan_run
 from stages.aggregate import aggregate, group_rows
-from stages.collect import RUN_COLUMNS, run_collect
+from stages.collect import RUN_COLUMNS, CollectError, run_collect
 from stages.common import write_json
 from stages.schema import Params, parse_params
 from stages.stats import t95, wilson
+from stages.trainlog import StepStats, write_steps_parquet
 
 RAW: dict[str, Any] = {
     "study": "agg",
@@ -47,7 +49,7 @@ ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "ac
 
 
 def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
-              steps_parquet: bool = False) -> dict[str, Any]:
+              partial_steps: bool = False, audit_ok: bool | None = None) -> dict[str, Any]:
     """plan.json, train.json, the curve and eval JSON of one run, with random but consistent figures."""
     plan = plan_run(p, run).to_dict() | {"data_seed": 0}
     plan["provenance"] = {"params": {"budget": p.budget.model_dump()}, "params_sha256": f"plan-{run}"}
@@ -68,20 +70,20 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
         entry = {"plan": 100.0, "actual": 100.0 * (1 + audit_dev), "rel_dev": audit_dev}
         small = {"plan": 1.0, "actual": 1.0, "rel_dev": 0.0}
         train["audit"] = {"nonvocab_params": entry, "nonvocab_active": small, "tokens": small,
-                          "flops_per_token": small, "max_rel_dev": abs(audit_dev), "ok": abs(audit_dev) <= 0.01}
+                          "flops_per_token": small, "max_rel_dev": abs(audit_dev),
+                          "ok": abs(audit_dev) <= AUDIT_TOLERANCE if audit_ok is None else audit_ok}
     write_json(rdir / "train.json", train)
     steps = list(range(1, plan["steps"] + 1))
     losses = [5.5 - 0.05 * s + float(rng.normal(0, 0.01)) for s in steps]
-    if steps_parquet:
-        pq.write_table(pa.table({"step": steps, "tokens": [s * plan["tokens_per_step"] for s in steps], "loss": losses,
-                                 "lr": [1e-3] * len(steps), "grad_norm": [0.5] * len(steps),
-                                 "tokens_per_s": [1e4] * len(steps), "mfu": [0.01] * len(steps),
-                                 "load_max_over_mean": [1.2] * len(steps)}), rdir / "steps.parquet")
-    with open(rdir / "train_log.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "lr", "tokens", "aux_loss", "grad_norm"])
-        for s, loss in zip(steps, losses, strict=True):
-            w.writerow([s, loss, 1e-3, s * plan["tokens_per_step"], 0.0 if arch["kind"] == "dense" else 1.01, 0.5])
+    moe = arch["kind"] == "moe"
+    history = [StepStats(step=s, loss=loss, lr=1e-3, tokens=s * plan["tokens_per_step"], aux_loss=1.01 if moe else 0.0,
+                         z_loss=0.002 if moe else 0.0, grad_norm=0.5, tokens_per_s=1e4, mfu=0.01,
+                         load_max_over_mean=1.2 if moe else None, load_entropy=0.9 if moe else None)
+               for s, loss in zip(steps, losses, strict=True)]
+    write_steps_parquet(rdir / "steps.parquet", history, arch["kind"])
+    if partial_steps:  # a trainer that logs fewer columns
+        pq.write_table(pq.read_table(rdir / "steps.parquet").drop_columns(["mfu", "load_entropy"]),
+                       rdir / "steps.parquet")
     loss = float(rng.uniform(4, 5))
     bpb = loss / 1.7
     n_cloze, n_choice = 500, 400
@@ -97,11 +99,13 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
 
 
 def build(tmp_path: Path, raw: dict[str, Any] = RAW, audit: dict[str, float] | None = None,
-          parquet_runs: tuple[str, ...] = ()) -> tuple[Params, dict[str, dict], Path, str]:
+          partial_steps: tuple[str, ...] = (), audit_ok: dict[str, bool] | None = None,
+          ) -> tuple[Params, dict[str, dict], Path, str]:
     p = parse_params(raw)
     work, results = tmp_path / "work", tmp_path / "results" / p.study
     rng = np.random.default_rng(0)
-    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in parquet_runs) for r in sorted(p.runs)}
+    runs = {r: fabricate(work, p, r, rng, (audit or {}).get(r), r in partial_steps, (audit_ok or {}).get(r))
+            for r in sorted(p.runs)}
     for r in runs:
         run_collect(p, r, work=work)
     summary = aggregate(p, collect_dir=work / "collect", results=results,
@@ -123,7 +127,7 @@ def rows(db: Path, sql: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, dict[str, dict], Path, str]:
     audit = {"dense_s0": 0.002, "moe_s0": 0.0005, "moe_s1": 0.0, "dense_s1": 0.0, "moe_r25": 0.001}
-    return build(tmp_path_factory.mktemp("agg"), audit=audit, parquet_runs=("moe_s0",))
+    return build(tmp_path_factory.mktemp("agg"), audit=audit, partial_steps=("moe_s1",))
 
 
 def test_runs_table_has_the_issue_columns_and_the_run_files_values(study) -> None:
@@ -153,7 +157,7 @@ def test_runs_table_has_the_issue_columns_and_the_run_files_values(study) -> Non
     assert (tmp := results.parent / "metrics.duckdb").read_bytes() == db.read_bytes(), tmp
 
 
-def test_steps_table_reads_parquet_when_present_else_the_csv(study) -> None:
+def test_steps_table_is_the_runs_steps_parquet(study) -> None:
     _, runs, results, _ = study
     steps = rows(results / "metrics.duckdb", "SELECT * FROM steps ORDER BY run_id, step")
     for run, files in runs.items():
@@ -161,11 +165,12 @@ def test_steps_table_reads_parquet_when_present_else_the_csv(study) -> None:
         assert [s["step"] for s in mine] == list(range(1, files["plan"]["steps"] + 1))
         assert [s["loss"] for s in mine] == pytest.approx(files["losses"])
         assert mine[-1]["tokens"] == files["plan"]["tokens"]
-    moe_pq = [s for s in steps if s["run_id"] == "moe_s0"]
-    assert all(s["mfu"] == 0.01 and s["load_max_over_mean"] == 1.2 for s in moe_pq)  # only in steps.parquet
-    moe_csv = [s for s in steps if s["run_id"] == "moe_s1"]
-    assert all(s["mfu"] is None and s["aux_loss"] == pytest.approx(1.01) for s in moe_csv)
-    assert all(s["aux_loss"] is None for s in steps if s["run_id"].startswith("dense"))  # no router
+    moe = [s for s in steps if s["run_id"] == "moe_s0"]
+    assert all(s["mfu"] == 0.01 and s["load_max_over_mean"] == 1.2 and s["aux_loss"] == 1.01 for s in moe)
+    partial = [s for s in steps if s["run_id"] == "moe_s1"]  # columns its steps.parquet lacks are null
+    assert all(s["mfu"] is None and s["load_entropy"] is None and s["aux_loss"] == 1.01 for s in partial)
+    dense = [s for s in steps if s["run_id"].startswith("dense")]
+    assert dense and all(s["aux_loss"] is None and s["load_max_over_mean"] is None for s in dense)  # no router
 
 
 def test_expert_load_table(study) -> None:
@@ -191,6 +196,31 @@ def test_moe_vs_dense_view(study) -> None:
         assert v["d_val_bpb"] == pytest.approx(e["bpb"] - dense_bpb)
         assert v["d_choice_acc"] == pytest.approx(e["tasks"]["choice"]["acc"] - dense_choice)
         assert v["dense_runs"] == 2 and v["dense_run_ids"] == "dense_s0,dense_s1"
+
+
+def test_dense_baseline_is_the_mean_of_the_dense_runs_in_the_views_and_the_summary(tmp_path: Path) -> None:
+    """Two dense groups at one (N, C, U) with 2 and 1 seeds: every run counts once, in SQL and in the summary."""
+    raw = copy.deepcopy(RAW)
+    raw["runs"]["dense_lr"] = {"kind": "dense", "lr": 1e-3, "seed": 2}
+    _, runs, results, summary = build(tmp_path, raw)
+    bpb = {r: f["eval"]["bpb"] for r, f in runs.items()}
+    dense = ("dense_lr", "dense_s0", "dense_s1")
+    baseline = statistics.fmean(bpb[d] for d in dense)
+    group_means = statistics.fmean([statistics.fmean([bpb["dense_s0"], bpb["dense_s1"]]), bpb["dense_lr"]])
+    assert abs(baseline - group_means) > 1e-3  # the two definitions differ here, visibly at 4 decimals
+    db = results / "metrics.duckdb"
+    [b] = rows(db, "SELECT * FROM dense_baseline")
+    assert (b["dense_runs"], b["dense_run_ids"], b["dense_groups"]) == (3, ",".join(dense), "dense,dense_lr")
+    assert b["dense_val_bpb"] == pytest.approx(baseline)
+    view = {r["run_id"]: r for r in rows(db, "SELECT * FROM moe_vs_dense")}
+    assert {r: v["d_val_bpb"] for r, v in view.items()} == pytest.approx({r: bpb[r] - baseline for r in view})
+    moe = statistics.fmean([bpb["moe_s0"], bpb["moe_s1"]])
+    [line] = [x for x in summary.splitlines() if x.startswith("| moe | moe | 2 |")]
+    assert line.split(" | ")[11] == f"{moe - baseline:+.4f}"
+    assert statistics.fmean([view["moe_s0"]["d_val_bpb"], view["moe_s1"]["d_val_bpb"]]) == pytest.approx(
+        moe - baseline)  # a group's Δ is the mean of its runs' Δ in the view
+    [line] = [x for x in summary.splitlines() if x.startswith("| dense_lr | dense | 1 |")]
+    assert line.split(" | ")[11] == f"{bpb['dense_lr'] - baseline:+.4f}"
 
 
 def test_by_activation_rate_view(study) -> None:
@@ -231,6 +261,18 @@ def test_a_run_that_deviates_fails_the_study(tmp_path: Path) -> None:
     assert json.loads((results / "metrics.json").read_text())["_study"]["status"] == "failed"
 
 
+def test_the_study_verdict_is_the_audits_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aggregate does not re-judge a deviation: `ok` is stages/audit.py's; the summary prints the tolerance."""
+    monkeypatch.setattr("stages.report.AUDIT_TOLERANCE", 0.05)  # what the summary names, not a literal
+    dev = 2 * AUDIT_TOLERANCE
+    _, _, results, summary = build(tmp_path, audit={"moe_s1": dev, "moe_s0": dev / 10, "dense_s0": 0.0},
+                                   audit_ok={"moe_s1": True, "moe_s0": False})
+    study = rows(results / "metrics.duckdb", "SELECT * FROM study")[0]
+    assert study["status"] == "failed" and study["audit_failed_runs"] == "moe_s0"
+    assert study["audit_max_dev"] == pytest.approx(dev)
+    assert "runs moe_s0 deviate from their planned N, N_active, tokens or FLOPs by more than 5% " in summary
+
+
 def test_without_audit_or_tasks_columns_are_null(tmp_path: Path) -> None:
     raw = copy.deepcopy(RAW)
     raw["runs"] = {k: raw["runs"][k] for k in ("dense_s0", "moe_s0")}
@@ -248,6 +290,39 @@ def test_without_audit_or_tasks_columns_are_null(tmp_path: Path) -> None:
     assert got["moe_s0"]["cloze_acc"] is None and got["moe_s0"]["audit_ok"] is None
     assert rows(tmp_path / "res/metrics.duckdb", "SELECT status FROM study")[0]["status"] == "ok"
     assert "0 of 2 runs audited" in summary
+
+
+@pytest.mark.parametrize(("file", "key"), [("train", "seed"), ("train", "lr"), ("train", "wall_seconds"),
+                                         ("train", "provenance.params_sha256"), ("plan", "target_params"),
+                                         ("plan", "arch.experts"), ("eval", "perplexity"), ("eval", "tasks")])
+def test_collect_names_the_file_and_the_missing_key(tmp_path: Path, file: str, key: str) -> None:
+    """No silent defaults: a plan/train/eval JSON without a key collect reads is an error naming both."""
+    p = parse_params(RAW)
+    work = tmp_path / "work"
+    fabricate(work, p, "moe_s0", np.random.default_rng(0))
+    path = {"plan": work / "runs/moe_s0/plan.json", "train": work / "runs/moe_s0/train.json",
+            "eval": work / "eval/moe_s0.json"}[file]
+    d = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    obj = d
+    for part in parents:
+        obj = obj[part]
+    del obj[last]
+    write_json(path, d)
+    with pytest.raises(CollectError, match=re.escape(f"{path}: missing key `{key}`")):
+        run_collect(p, "moe_s0", work=work)
+
+
+def test_collect_needs_steps_parquet(tmp_path: Path) -> None:
+    """train always writes steps.parquet; a train_log.csv alone is not read."""
+    p = parse_params(RAW)
+    work = tmp_path / "work"
+    fabricate(work, p, "dense_s0", np.random.default_rng(0))
+    rdir = work / "runs/dense_s0"
+    (rdir / "steps.parquet").unlink()
+    (rdir / "train_log.csv").write_text("step,loss,lr,tokens,aux_loss,grad_norm\n1,5.0,0.001,512,0.0,0.5\n")
+    with pytest.raises(CollectError, match=re.escape(f"{rdir / 'steps.parquet'}: missing (run the train stage)")):
+        run_collect(p, "dense_s0", work=work)
 
 
 def test_aggregate_reads_only_the_runs_in_params(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 from conftest import TINY
 
-from stages.accounting import plan_run
+from stages.accounting import AUDIT_TOLERANCE, plan_run
 from stages.audit import audit_run, measure_flops_per_token
 from stages.model import build_model
 from stages.schema import parse_params
@@ -29,7 +29,7 @@ def test_a_faithful_run_passes(plans: dict, run: str) -> None:
     for key in ("nonvocab_params", "nonvocab_active", "tokens", "flops_per_token"):
         assert set(a[key]) == {"plan", "actual", "rel_dev"}
     assert a["nonvocab_params"]["actual"] == plan["nonvocab_params"]
-    assert a["ok"] and a["max_rel_dev"] < 0.01, a
+    assert a["ok"] and a["max_rel_dev"] < 0.01 and a["tolerance"] == AUDIT_TOLERANCE, a
 
 
 def test_deviations_are_caught(plans: dict) -> None:
