@@ -20,8 +20,8 @@ apt-lists:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi; fi
 
 study: $(STAMP) apt-lists
-	source $(VENV)/bin/activate && python -m stages.schema params.yaml && dvc repro && \
-	  cat results/$$(python -c 'from stages.schema import load_params; print(load_params().study)')/summary.md
+	source $(VENV)/bin/activate && python -m moe_study.config.load params.yaml && dvc repro && \
+	  cat results/$$(python -c 'from moe_study.config.load import load_params; print(load_params().study)')/summary.md
 
 test: $(STAMP)
 	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 --dist loadfile -q tests
@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 dvc-yaml: $(STAMP)
-	$(PY) -m stages.registry --write
+	$(PY) -m moe_study.registry --write
 
 clean-work:
 	rm -rf work .snakemake

@@ -1,4 +1,4 @@
-# The DAG for Snakemake, read from the one stage registry (stages/registry.py) at parse time.
+# The DAG for Snakemake, read from the one stage registry (moe_study/registry.py) at parse time.
 # `snakemake -c2` runs the study in params.yaml; `snakemake --profile slurm` runs it on a cluster
 # with each stage's resources from the registry. dvc.yaml is generated from the same registry.
 import json
@@ -6,8 +6,9 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from stages.registry import STAGES, AllRuns, Stage  # noqa: E402
-from stages.schema import ParamsError, load_params  # noqa: E402
+from moe_study.registry import STAGES, AllRuns, Stage  # noqa: E402
+from moe_study.config.load import load_params  # noqa: E402
+from moe_study.config.schema import ParamsError  # noqa: E402
 
 PARAMS_FILE = config.get("params", "params.yaml")
 try:

@@ -1,4 +1,4 @@
-"""Accounting against measurement: the formulas of stages/accounting.py vs what can be counted.
+"""Accounting against measurement: the formulas of moe_study/accounting.py vs what can be counted.
 
 For every run of a params file: non-vocab parameters of the planned architecture vs the built
 torch module, and training FLOPs per token (exact convention: every matmul, LM head and full S x S
@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.accounting import count_summary, from_hf_config, plan_run  # noqa: E402
-from stages.audit import measure_flops_per_token  # noqa: E402
-from stages.model import build_model, count_nonvocab_params  # noqa: E402
-from stages.schema import load_params  # noqa: E402
+from moe_study.accounting import count_summary, from_hf_config, plan_run  # noqa: E402
+from moe_study.config.load import load_params  # noqa: E402
+from moe_study.model.lm import build_model, count_nonvocab_params  # noqa: E402
+from moe_study.train.audit import measure_flops_per_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = {"llama-2-7b-hf.json": (6.74e9, 6.74e9), "mixtral-8x7b-v0.1.json": (46.7e9, 12.9e9),

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.artefacts import ShardWriter, token_schema  # noqa: E402
-from stages.common import write_json  # noqa: E402
+from moe_study.data.artefacts import ShardWriter, token_schema  # noqa: E402
+from moe_study.io import write_json  # noqa: E402
 
 SEQ_LEN, BATCH = 1024, 32
 
@@ -37,8 +37,8 @@ CHILD = r"""
 import json, resource, sys, time, tracemalloc
 from pathlib import Path
 from stages import replay
-from stages.common import write_json
-from stages.shards import ReplayLoader
+from moe_study.io import write_json
+from moe_study.data.shards import ReplayLoader
 w = Path(sys.argv[1])
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()

@@ -44,7 +44,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.artefacts import iter_shards, load_manifest  # noqa: E402
+from moe_study.data.artefacts import iter_shards, load_manifest  # noqa: E402
 
 STAGES = ("corpus", "tokenize", "dedupe", "split")
 ROW_GROUP = 8192  # rows per row group of the copies: readers hold one row group, keep it modest

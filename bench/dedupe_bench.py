@@ -6,13 +6,13 @@ num_perm, the same LSH banding (16 bands x 8 rows, passed to datasketch as `para
 verification (estimated Jaccard >= threshold) and the same clustering (connected components,
 survivor = lowest index). Timed: from the list of texts to (cluster, keep) per document.
 
-- ours: `stages.minhash.dedupe_texts` (what `python -m stages.dedupe --input ...` runs, minus the
+- ours: `moe_study.data.minhash.dedupe_texts` (what `python -m stages.dedupe --input ...` runs, minus the
   Parquet I/O, which is timed separately as `ours_file`). Reported on 1 thread and on all cores
   (the MinHash permutations are split over threads; numpy releases the GIL).
 - datasketch: `MinHash.bulk` (its fast path for many sketches) + `MinHashLSH` query-then-insert in
   document order; single-threaded by design, so the fair comparison is ours on 1 thread.
 
-Quality on the planted corpus (data/synthetic.py): recall = planted copies removed and clustered
+Quality on the planted corpus (moe_study/data/synthetic.py): recall = planted copies removed and clustered
 with their original; precision = removals that are such copies; false_removal = originals removed.
 
     python bench/dedupe_bench.py [--docs 20000] [--repeats 3] [--real-max-docs 100000]
@@ -39,10 +39,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.synthetic import generate, jaccard_words, score_dedupe  # noqa: E402
-from stages.common import n_workers, sha256_file  # noqa: E402
-from stages.minhash import components, dedupe_texts  # noqa: E402
-from stages.schema import DedupeConfig  # noqa: E402
+from moe_study.cli import n_workers  # noqa: E402
+from moe_study.config.schema import DedupeConfig  # noqa: E402
+from moe_study.data.minhash import components, dedupe_texts  # noqa: E402
+from moe_study.data.synthetic import generate, jaccard_words, score_dedupe  # noqa: E402
+from moe_study.hashing import sha256_file  # noqa: E402
 
 OUT = ROOT / "results" / "bench"
 
@@ -111,7 +112,7 @@ def bench_corpus(name: str, texts: list[str], cfg: DedupeConfig, repeats: int, d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.dedupe import dedupe_file
+    from moe_study.data.dedupe import dedupe_file
 
     ds_label = "datasketch MinHashLSH (1 thread)"
     file_label = f"ours, standalone file mode ({cores} threads, incl. Parquet I/O)"
@@ -177,8 +178,8 @@ def bench_pipeline(texts: list[str], labels: dict, cfg: DedupeConfig, repeats: i
     import pyarrow as pa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from stages.artefacts import ShardWriter, token_schema
-    from stages.dedupe import dedupe_token_shards
+    from moe_study.data.artefacts import ShardWriter, token_schema
+    from moe_study.data.dedupe import dedupe_token_shards
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -214,7 +215,7 @@ def bench_real_tokens(cfg: DedupeConfig, repeats: int) -> dict | None:
     tokens = ROOT / "work" / "tokens"
     if not (tokens / "manifest.json").exists():
         return None
-    from stages.dedupe import dedupe_token_shards
+    from moe_study.data.dedupe import dedupe_token_shards
 
     out: dict = {"results": {}}
     raw = cfg.model_copy(update={"ignore_whitespace_tokens": False})
@@ -238,7 +239,7 @@ def real_corpus(max_docs: int) -> list[str] | None:
     corpus = ROOT / "work" / "corpus"
     if not (corpus / "manifest.json").exists():
         return None
-    from stages.artefacts import iter_shards
+    from moe_study.data.artefacts import iter_shards
 
     texts: list[str] = []
     for b in iter_shards(corpus, columns=["text"]):
@@ -296,7 +297,7 @@ def render_md(report: dict) -> str:
             f"## Pipeline mode: the same synthetic corpus as byte-level BPE tokens (vocab {pm['vocab_size']}, "
             f"{pm['tokens']} tokens), token {report['config']['ngram']}-grams",
             "",
-            "`stages.dedupe.dedupe_token_shards` on token shards (what `python -m stages.dedupe` runs, "
+            "`moe_study.data.dedupe.dedupe_token_shards` on token shards (what `python -m stages.dedupe` runs, "
             "whitespace-only tokens dropped). Copies that differ in case tokenize differently, so they are "
             "found as near duplicates.",
             "",
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     syn = generate(a.docs, a.exact_rate, a.near_rate, a.seed)
     c = bench_corpus("synthetic", syn.texts, cfg, a.repeats, a.datasketch_repeats,
                      {"dup_of": syn.dup_of, "kind": syn.kind})
-    c["description"] = (f"data/synthetic.py generate({a.docs}, {a.exact_rate}, {a.near_rate}, seed={a.seed}): "
+    c["description"] = (f"moe_study/data/synthetic.py "
+                        f"generate({a.docs}, {a.exact_rate}, {a.near_rate}, seed={a.seed}): "
                         f"{sum(k == 'exact' for k in syn.kind)} exact and {sum(k == 'near' for k in syn.kind)} "
                         "near copies planted (near: true word-5-gram Jaccard >= 0.8).")
     report["corpora"]["synthetic (planted duplicates)"] = c

@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv >> "$log"
 python3 -m kernels.cutlass_ext >> "$log" 2>&1
-timeout 240 python3 kernels/bench.py --shapes 0,4,5 --no-loop --iters 20 \
+timeout 240 python3 bench/kernels_bench.py --shapes 0,4,5 --no-loop --iters 20 \
   --layer-backends fused,fused:gather,cutlass,torch_grouped --out "$out/grouped_gemm_h100.csv" >> "$log" 2>&1
 echo "bench rc=$?" | tee -a "$log"
 for spec in "fused default" "fused reduce-overhead" "torch_grouped default"; do

@@ -36,9 +36,9 @@ git rev-parse HEAD 2>/dev/null | tee -a "$out/device.txt" || true
 has() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 has build && step 240 cutlass_build.txt python3 -m kernels.cutlass_ext
 has tests && step 150 gpu_tests.txt python3 -m pytest -q tests/test_moe_fused.py tests/test_kernels.py tests/test_moe.py
-has kernels && step 240 kernels_bench.txt python3 kernels/bench.py --shapes 0,4,5 --no-loop --iters 20 \
+has kernels && step 240 kernels_bench.txt python3 bench/kernels_bench.py --shapes 0,4,5 --no-loop --iters 20 \
   --layer-backends fused,fused:gather,cutlass,torch_grouped --out "$out/grouped_gemm_h100.csv"
-has layers && step 200 layers_bench.txt python3 kernels/bench.py --shapes 0,4 --parts layer --compile --iters 20 \
+has layers && step 200 layers_bench.txt python3 bench/kernels_bench.py --shapes 0,4 --parts layer --compile --iters 20 \
   --layer-backends fused,fused:gather,cutlass,torch_grouped --out "$out/moe_layer_compiled_h100.csv"
 has mfu_moe && step 240 train_mfu_moe.txt python3 bench/train_mfu.py --batch 64 --runs d512/moe_k1 \
   --variants torch:1 --expert-backend fused --out "$out/train_mfu_moe_fused_h100.json" && \

@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.artefacts import iter_shards, load_manifest  # noqa: E402
-from stages.common import n_workers  # noqa: E402
-from stages.schema import load_params  # noqa: E402
-from stages.tokenize import set_workers, tokenize, train_tokenizer  # noqa: E402
+from moe_study.cli import n_workers  # noqa: E402
+from moe_study.config.load import load_params  # noqa: E402
+from moe_study.data.artefacts import iter_shards, load_manifest  # noqa: E402
+from moe_study.data.tokenizer import set_workers, tokenize, train_tokenizer  # noqa: E402
 
 
 def machine() -> dict:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {k.removeprefix('stage_vs_')} | {v['median']:.2f}x | {v['best']:.2f}x | {v['cpu']:.2f}x |")
     lines += [
         "",
-        "`stage` = the whole `stages.tokenize.tokenize()` call in load mode (tokenizer.path = the trained "
+        "`stage` = the whole `moe_study.data.tokenizer.tokenize()` call in load mode (tokenizer.path = the trained "
         "file): read corpus shards (sha256-checked), encode (`encode_batch_fast`), convert ids, write zstd "
         "token shards, hash, manifest. Ratios > 1 mean the stage is faster. \"others' CPU\" is the CPU "
         "time other processes used on the machine meanwhile (contention makes wall times noisy; the CPU "

@@ -1,9 +1,9 @@
 """Training MFU on one GPU: a ~100M-parameter dense LM and MoEs of equal total params at ~20% activation.
 
-The models come from the study's planner (stages.accounting.plan_run) on a built-in budget
+The models come from the study's planner (moe_study.accounting.plan_run) on a built-in budget
 (N = 1e8 non-vocab params, d_model 512, 8 layers, 8 heads, seq_len 1024, vocab --vocab), so the
 MoE has the dense model's N at activation rate ~0.2. Each variant (engine torch|deepspeed, with or
-without torch.compile of the blocks) trains with the real loop, `stages.train.train`, on random
+without torch.compile of the blocks) trains with the real loop, `moe_study.train.loop.train`, on random
 tokens for --warmup + --steps steps; the rate is the median step time of the timed steps (each step
 ends with a host sync of its loss, as in a real run).
 
@@ -42,11 +42,11 @@ from train_throughput import RandomLoader  # noqa: E402
 
 from kernels import profiling  # noqa: E402
 from kernels import router as fused_router  # noqa: E402
-from stages.accounting import plan_run, train_flops  # noqa: E402
-from stages.model import build_model  # noqa: E402
-from stages.schema import parse_params  # noqa: E402
-from stages.train import train  # noqa: E402
-from stages.trainlog import device_peak_flops, mfu  # noqa: E402
+from moe_study.accounting import plan_run, train_flops  # noqa: E402
+from moe_study.config.schema import parse_params  # noqa: E402
+from moe_study.model.lm import build_model  # noqa: E402
+from moe_study.train.loop import train  # noqa: E402
+from moe_study.train.trainlog import device_peak_flops, mfu  # noqa: E402
 
 BENCH_PARAMS: dict[str, Any] = {
     "study": "bench",

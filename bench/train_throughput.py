@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) of the study's planned architectures, per device and expert backend.
 
-Builds each run's architecture exactly as the train stage does (stages.accounting.plan_run on a
-params file, vocab from --vocab), and times `stages.train.train` on random token batches of the
+Builds each run's architecture exactly as the train stage does (moe_study.accounting.plan_run on a
+params file, vocab from --vocab), and times `moe_study.train.loop.train` on random token batches of the
 planned batch shape, so the figure includes everything a real step does (forward, loss, backward,
 clipping, AdamW) but no data loading. The first --warmup steps are excluded from the rate.
 
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.accounting import plan_run  # noqa: E402
-from stages.model import build_model  # noqa: E402
-from stages.schema import load_params  # noqa: E402
-from stages.train import train  # noqa: E402
+from moe_study.accounting import plan_run  # noqa: E402
+from moe_study.config.load import load_params  # noqa: E402
+from moe_study.model.lm import build_model  # noqa: E402
+from moe_study.train.loop import train  # noqa: E402
 
 
 class RandomLoader:

@@ -7,7 +7,7 @@ the inverse permutation (order[inverse] = arange). Then
     unpermute: y[t] = sum_j w[t,j] * y_perm[inverse[t*k+j]]   backward: dy_perm[inverse[t*k+j]] = w[t,j] g[t],
                                                                        dw[t,j] = <g[t], y_perm[inverse[t*k+j]]>
 Autograd's own index_select backward is a scatter-add (atomics), and a (T,1,k)@(T,k,d) bmm for the
-weighted sum runs far below bandwidth; measured on an H100 (kernels/profile_layer.py) the eager
+weighted sum runs far below bandwidth; measured on an H100 (bench/profile_layer.py) the eager
 versions of these four steps took ~2.3 ms of a 4.8 ms MoE layer step at T=16384, top-8 of 64,
 d=1024. On CUDA each step here is one Triton kernel, one program per token, that reads and writes
 every row once (fp32 sums); elsewhere (CPU tests, no Triton) the same maths runs in eager PyTorch.

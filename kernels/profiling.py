@@ -1,5 +1,5 @@
 """GPU time out of a torch.profiler trace: the kernels that ran, how long the GPU was busy, and what
-kind of work it was busy with. Shared by kernels/bench.py (--timing busy), kernels/profile_layer.py
+kind of work it was busy with. Shared by bench/kernels_bench.py (--timing busy), bench/profile_layer.py
 (--timeline) and bench/train_mfu.py (profile_gpu_busy, profile_gpu_share).
 
 Why not `prof.key_averages()`: its device times are attributed to every enclosing range too (an

@@ -1,14 +1,14 @@
 """plan@run: the equal-resource configuration of one run.
 
 Every run gets the same budget (non-vocab params N, compute C, unique tokens U); the planner
-(stages/accounting.py) solves the run's expert count, top-k and widths to hit N within
+(moe_study/accounting.py) solves the run's expert count, top-k and widths to hit N within
 budget.params_tol (and its activation rate within budget.rate_tol, for MoE) and gives it
 T_i = C / F_i training tokens (F_i its FLOPs per token under budget.compute_convention), rounded
 down to whole optimizer steps. The plan is per run so that editing one run re-plans only that run.
 
 Also: `python -m stages.plan count CONFIG.json` prints one JSON line of parameter and FLOP counts
 of a Hugging Face config.json (Llama, Mistral, Mixtral, Qwen2(-MoE), DeepSeek-MoE, OLMoE) or of a
-trained run's model/config.json; `python -m stages.plan table [params.yaml]` writes the study's
+trained run's model/config.json; `python -m stages.plan_table [params.yaml]` writes the study's
 plan table (results/<study>/plan.parquet and plan.md, stages/plan_table.py) without running anything.
 """
 
@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.accounting import PlanError, plan_run
-from stages.common import WORK, fail, per_run_main, provenance, read_json, sha256_file, write_json
-from stages.schema import Params
+from moe_study.accounting import PlanError, plan_run
+from moe_study.cli import fail, per_run_main
+from moe_study.config.schema import Params
+from moe_study.hashing import sha256_file
+from moe_study.io import WORK, read_json, write_json
+from moe_study.provenance import provenance
 
 SPLIT_MANIFEST = WORK / "split" / "manifest.json"
 log = logging.getLogger("stages.plan")
@@ -46,8 +49,7 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
     section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
                "tokenizer.vocab_size": p.tokenizer.vocab_size, "train.batch_size": p.train.batch_size,
                f"runs.{run}": arch_fields}
-    plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section,
-                                    ["stages.accounting"])
+    plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section)
     return plan
 
 
@@ -67,7 +69,7 @@ def count_main(argv: list[str]) -> int:
     import dataclasses
     import json
 
-    from stages.accounting import ConfigError, count_summary, from_hf_config
+    from moe_study.accounting import ConfigError, count_summary, from_hf_config
 
     ap = argparse.ArgumentParser(prog="python -m stages.plan count", description="parameter and FLOP counts")
     ap.add_argument("config", help="a Hugging Face config.json, or work/runs/<run>/model/config.json")

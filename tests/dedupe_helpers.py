@@ -2,7 +2,7 @@
 
 A word-level "tokenizer" (whitespace split, case kept, one id per distinct word) stands in for BPE
 so these tests do not wait on the tokenize stage; the shard format is the real one
-(stages.artefacts.ShardWriter + token_schema).
+(moe_study.data.artefacts.ShardWriter + token_schema).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.artefacts import ShardWriter, token_schema
-from stages.common import sha256_file
+from moe_study.data.artefacts import ShardWriter, token_schema
+from moe_study.hashing import sha256_file
 
 
 def write_token_shards(

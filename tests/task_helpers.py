@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.accounting import Architecture
-from stages.model import build_model, save_model
-from stages.tokenize import for_documents, new_tokenizer
+from moe_study.accounting import Architecture
+from moe_study.data.tokenizer import for_documents, new_tokenizer
+from moe_study.model.lm import build_model, save_model
 
 EOS = 0
 WORDS = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from stages.accounting import (
+from moe_study.accounting import (
     Architecture,
     ConfigError,
     PlanError,
@@ -27,7 +27,8 @@ from stages.accounting import (
     plan_run,
     solve_architecture,
 )
-from stages.schema import PlannerConfig, RunConfig, load_params, parse_params
+from moe_study.config.load import load_params
+from moe_study.config.schema import PlannerConfig, RunConfig, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "tests" / "data" / "hf_configs"
@@ -139,8 +140,8 @@ def test_flops_terms_and_conventions() -> None:
 @pytest.mark.parametrize("name", ["dense", "moe_gqa_shared", "moe_dense_first_every2"])
 def test_flops_match_torch_flop_counter(name: str) -> None:
     """The formula against FlopCounterMode on the real module (within 2%; the two count the same matmuls)."""
-    from stages.audit import measure_flops_per_token
-    from stages.model import build_model
+    from moe_study.model.lm import build_model
+    from moe_study.train.audit import measure_flops_per_token
 
     archs = {
         "dense": Architecture(kind="dense", d_model=64, n_layers=2, n_heads=4, seq_len=128, ffn_hidden=176),
@@ -158,8 +159,8 @@ def test_flops_match_torch_flop_counter(name: str) -> None:
 
 
 def test_flops_of_the_default_study_match_the_flop_counter() -> None:
-    from stages.audit import measure_flops_per_token
-    from stages.model import build_model
+    from moe_study.model.lm import build_model
+    from moe_study.train.audit import measure_flops_per_token
 
     p = load_params(ROOT / "params.yaml")
     for run in ("dense_s0", "moe_r25_s0"):
@@ -205,7 +206,8 @@ def test_published_counts_that_need_no_rounding_slack() -> None:
 def test_mla_families_count_like_their_papers() -> None:
     """Bonus: DeepSeek-V2-Lite (15.7B total) and DeepSeek-V3 (671B total, 37B activated per token,
     counted without the input embedding as DeepSeek reports it); MLA is counted, not built."""
-    from stages.model import ModelConfigError, build_model
+    from moe_study.model.layers import ModelConfigError
+    from moe_study.model.lm import build_model
 
     lite, v = from_hf_config(json.loads((HF / "deepseek-v2-lite.json").read_text()))
     assert abs(lite.total_params(v, "with_embeddings") / 15.7e9 - 1) <= 0.005

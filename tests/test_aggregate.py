@@ -1,7 +1,7 @@
 """collect@run + aggregate on fabricated run outputs: the DuckDB tables and views, the study status, exports.
 
 The run files follow the contracts of plan.json, train.json (with the issue-4 `audit` where a test adds
-it), steps.parquet (written by the trainer's own stages.trainlog.write_steps_parquet) and
+it), steps.parquet (written by the trainer's own moe_study.train.trainlog.write_steps_parquet) and
 work/eval/<run>.json; every expected number is recomputed here from those files, not read back from the
 code under test.
 """
@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.accounting import AUDIT_TOLERANCE, plan_run
-from stages.aggregate import aggregate, group_rows
-from stages.collect import RUN_COLUMNS, CollectError, run_collect
-from stages.common import write_json
-from stages.schema import Params, parse_params
-from stages.stats import t95, wilson
-from stages.trainlog import StepStats, write_steps_parquet
+from moe_study.accounting import AUDIT_TOLERANCE, plan_run
+from moe_study.config.schema import Params, parse_params
+from moe_study.evaluation.stats import t95, wilson
+from moe_study.io import write_json
+from moe_study.report.aggregate import aggregate, group_rows
+from moe_study.report.collect import RUN_COLUMNS, CollectError, run_collect
+from moe_study.train.trainlog import StepStats, write_steps_parquet
 
 RAW: dict[str, Any] = {
     "study": "agg",
@@ -262,8 +262,8 @@ def test_a_run_that_deviates_fails_the_study(tmp_path: Path) -> None:
 
 
 def test_the_study_verdict_is_the_audits_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """aggregate does not re-judge a deviation: `ok` is stages/audit.py's; the summary prints the tolerance."""
-    monkeypatch.setattr("stages.report.AUDIT_TOLERANCE", 0.05)  # what the summary names, not a literal
+    """aggregate does not re-judge a deviation: `ok` is moe_study/train/audit.py's; the summary prints the tolerance."""
+    monkeypatch.setattr("moe_study.report.summary.AUDIT_TOLERANCE", 0.05)  # what the summary names, not a literal
     dev = 2 * AUDIT_TOLERANCE
     _, _, results, summary = build(tmp_path, audit={"moe_s1": dev, "moe_s0": dev / 10, "dense_s0": 0.0},
                                    audit_ok={"moe_s1": True, "moe_s0": False})

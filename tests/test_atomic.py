@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import ROOT, atomic_path, recover_interrupted
+from moe_study.io import ROOT, atomic_path, recover_interrupted
 
 # A writer that dies by SIGKILL in the middle of replacing `dest` (a directory output).
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from stages.common import atomic_path
+from moe_study.io import atomic_path
 dest = Path(sys.argv[1])
 with atomic_path(dest) as tmp:
     tmp.mkdir()

@@ -7,10 +7,10 @@ import copy
 import pytest
 from conftest import TINY
 
-from stages.accounting import AUDIT_TOLERANCE, plan_run
-from stages.audit import audit_run, measure_flops_per_token
-from stages.model import build_model
-from stages.schema import parse_params
+from moe_study.accounting import AUDIT_TOLERANCE, plan_run
+from moe_study.config.schema import parse_params
+from moe_study.model.lm import build_model
+from moe_study.train.audit import audit_run, measure_flops_per_token
 
 V = 320
 

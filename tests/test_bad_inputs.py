@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import TINY, make_project, run
 
-from stages.common import sha256_tree
+from moe_study.hashing import sha256_tree
 
 
 def with_sources(sources: list[dict]) -> dict:

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from data import recipes
-from data.recipes import DebianPackage, RecipeError
-from stages import corpus
-from stages.corpus import CorpusError, build_corpus, iter_documents
-from stages.schema import CorpusConfig
+from moe_study.config.schema import CorpusConfig
+from moe_study.data import recipes
+from moe_study.data.corpus import CorpusError, build_corpus, iter_documents
+from moe_study.data.recipes import DebianPackage, RecipeError
+from stages import corpus as corpus_stage
 
 
 # --------------------------------------------------------------------------------------- fixtures
@@ -378,7 +378,7 @@ def test_deterministic_sharded_output(tmp_path, user_files, dict_root, fortune_r
 
 # -------------------------------------------------------------------------------------- synthetic
 def test_synthetic_source(tmp_path) -> None:
-    pytest.importorskip("data.synthetic")
+    pytest.importorskip("moe_study.data.synthetic")
     c = cfg({"kind": "synthetic", "docs": 60, "seed": 3}, {"kind": "synthetic", "docs": 20, "seed": 4})
     m = build(tmp_path, c)
     rows = read_all(tmp_path / "corpus")
@@ -396,13 +396,13 @@ def test_cli(tmp_path, tiny_params, monkeypatch, capsys) -> None:
     )
     tiny_params["corpus"] = {"sources": [{"kind": "jsonl", "path": "docs.jsonl"}]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-    assert corpus.main(["--params", "params.yaml"]) == 0
+    assert corpus_stage.main(["--params", "params.yaml"]) == 0
     assert json.loads(Path("work/metrics/corpus.json").read_text())["docs"] == 7
     assert len(read_all(Path("work/corpus"))) == 7
 
     tiny_params["corpus"]["sources"][0]["text_field"] = "body"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     with pytest.raises(SystemExit) as exc:
-        corpus.main(["--params", "params.yaml"])
+        corpus_stage.main(["--params", "params.yaml"])
     assert exc.value.code == 2
     assert "docs.jsonl:1: no field 'body' (corpus.sources[0].text_field)" in capsys.readouterr().err

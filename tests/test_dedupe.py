@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from dedupe_helpers import byte_level_bpe, write_token_shards
 
-from data.synthetic import generate
-from data.synthetic import score_dedupe as planted_metrics
-from stages import dedupe as D
-from stages import minhash as M
-from stages.schema import DedupeConfig, parse_params
+from moe_study.config.schema import DedupeConfig, parse_params
+from moe_study.data import dedupe as D
+from moe_study.data import minhash as M
+from moe_study.data.synthetic import generate
+from moe_study.data.synthetic import score_dedupe as planted_metrics
+from stages import dedupe as dedupe_stage
 
 CFG = DedupeConfig()  # ngram 5, 128 perms, 16 x 8 bands, threshold 0.7
 
@@ -150,8 +151,8 @@ def test_standalone_deterministic_and_correct(tmp_path, planted):
     src = tmp_path / "docs.parquet"
     write_docs(src, planted.ids, planted.texts)
     out1, out2 = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    assert D.main(["--input", str(src), "--output", str(out1), "--threads", "2"]) == 0
-    assert D.main(["--input", str(src), "--output", str(out2), "--threads", "1"]) == 0
+    assert dedupe_stage.main(["--input", str(src), "--output", str(out1), "--threads", "2"]) == 0
+    assert dedupe_stage.main(["--input", str(src), "--output", str(out2), "--threads", "1"]) == 0
     assert out1.read_bytes() == out2.read_bytes()
     t = pq.read_table(out1)
     assert t.schema.names == ["id", "cluster", "keep"] and t.num_rows == len(planted)
@@ -166,14 +167,14 @@ def test_standalone_options(tmp_path, planted):
     src = tmp_path / "docs.parquet"
     write_docs(src, planted.ids[:400], planted.texts[:400])
     out = tmp_path / "o.parquet"
-    assert D.main(["--input", str(src), "--output", str(out), "--ngram", "3", "--num-perm", "64",
+    assert dedupe_stage.main(["--input", str(src), "--output", str(out), "--ngram", "3", "--num-perm", "64",
                    "--bands", "16", "--rows", "4", "--threshold", "0.6"]) == 0
     assert pq.read_table(out).num_rows == 400
 
 
 def _error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
-        D.main(argv)
+        dedupe_stage.main(argv)
     assert e.value.code == 2
     return capsys.readouterr().err
 
@@ -253,7 +254,7 @@ def test_pipeline_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         D.run_pipeline(p, tmp_path / "missing", tmp_path / "o", tmp_path / "m.json")
     # a shard set without the tokens column
-    from stages.artefacts import ShardWriter
+    from moe_study.data.artefacts import ShardWriter
 
     w = ShardWriter(tmp_path / "bad", "tokens", pa.schema([("doc", pa.int64()), ("id", pa.string())]))
     w.write(pa.table({"doc": [0], "id": ["a"]}))

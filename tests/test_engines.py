@@ -61,7 +61,7 @@ def snakemake_nodes_edges(project: Path) -> tuple[set[str], set[tuple[str, str]]
     Snakemake labels a job only with the wildcards its inputs do not already carry, so a per-run
     job without a `run:` line inherits the run of its upstream per-run job.
     """
-    from stages.registry import BY_NAME
+    from moe_study.registry import BY_NAME
 
     dot = run(["snakemake", "--dag", "--forceall", "-q"], project).stdout
     rules: dict[str, str] = {}
@@ -167,7 +167,7 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:
     """Same inputs and seed: both engines' work/ outputs agree byte for byte (runs not edited above)."""
-    from stages.common import sha256_tree
+    from moe_study.hashing import sha256_tree
 
     for rel in ["work/corpus", "work/tokens", "work/dedupe", "work/split", "work/tasks", "work/runs/dense/plan.json",
                 "work/runs/dense/replay.json", "work/runs/moe_r50/plan.json"]:

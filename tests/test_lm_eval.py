@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (stages/lm_eval_adapter.py) on a local YAML task over local JSONL.
+"""The lm-evaluation-harness adapter (moe_study/evaluation/lm_eval_adapter.py) on a local YAML task over local JSONL.
 
 Offline: the harness reads the task files through `datasets`' json loader, with the hub disabled.
 """
@@ -19,9 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
 
-from stages.lm_eval_adapter import ProjectLM, run_harness, write_study_tasks  # noqa: E402
-from stages.schema import EvalConfig  # noqa: E402
-from stages.tasks import choice_items, cloze_items, encode_items, evaluate_tasks, jsonl  # noqa: E402
+from moe_study.config.schema import EvalConfig  # noqa: E402
+from moe_study.data.tasks import choice_items, cloze_items, encode_items, jsonl  # noqa: E402
+from moe_study.evaluation.lm_eval_adapter import ProjectLM, run_harness, write_study_tasks  # noqa: E402
+from moe_study.evaluation.tasks import evaluate_tasks  # noqa: E402
 
 TEXTS = make_texts(30, seed=4)
 CFG = EvalConfig(task_items=40, choice_words=3, min_context_words=4)

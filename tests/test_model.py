@@ -8,20 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.accounting import Architecture, plan_run
-from stages.model import (
-    LM,
-    ModelConfigError,
-    MoE,
-    Router,
-    build_model,
-    combine,
-    count_nonvocab_params,
-    dispatch,
-    load_model,
-    save_model,
-)
-from stages.schema import load_params
+from moe_study.accounting import Architecture, plan_run
+from moe_study.config.load import load_params
+from moe_study.model.layers import ModelConfigError
+from moe_study.model.lm import LM, build_model, count_nonvocab_params, load_model, save_model
+from moe_study.model.moe import MoE, Router, combine, dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 97
@@ -87,7 +78,7 @@ def test_structure_of_the_options() -> None:
 
 def test_gqa_equals_mha_with_repeated_kv_heads() -> None:
     """A GQA layer is the MHA layer whose k/v heads are copies: same outputs from copied weights."""
-    from stages.model import Attention
+    from moe_study.model.layers import Attention
 
     torch.manual_seed(5)
     gqa = Attention(16, 4, 8, n_kv_heads=2)
@@ -134,7 +125,7 @@ def test_causal(name: str) -> None:
 def test_rotary_attention_depends_on_relative_position() -> None:
     """A sequence shifted right by padding gives the same outputs at the shifted positions when
     attention is restricted to the same tokens (RoPE: scores depend on offsets only)."""
-    from stages.model import apply_rotary, rotary_tables
+    from moe_study.model.layers import apply_rotary, rotary_tables
 
     cos, sin = rotary_tables(12, 8)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)

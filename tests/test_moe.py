@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.accounting import Architecture
-from stages.model import ModelConfigError, MoE, Router, build_model, combine, dispatch, load_model, save_model
-from stages.schema import RouterConfig
+from moe_study.accounting import Architecture
+from moe_study.config.schema import RouterConfig
+from moe_study.model.layers import ModelConfigError
+from moe_study.model.lm import build_model, load_model, save_model
+from moe_study.model.moe import MoE, Router, combine, dispatch
 
 
 def test_dispatch_combine_gradients_match_plain_indexing() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.model import MoE
+from moe_study.model.moe import MoE
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -45,7 +45,7 @@ import json, torch
 from kernels import moe_fused
 from kernels.grouped_gemm import _reference
 from kernels.swiglu import swiglu
-from stages.model import MoE, route
+from moe_study.model.moe import MoE, route
 
 def routed(T, k, E, seed, empty):
     g = torch.Generator().manual_seed(seed)
@@ -250,7 +250,7 @@ def test_fused_layer_matches_unfused_on_gpu(shape: tuple[int, int, int, int, int
 
 def _gpu_block_inputs(shape: tuple[int, int, int, int, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """bf16 expert-block inputs on the GPU, routed by random scores with every (t, e) pair distinct."""
-    from stages.model import route
+    from moe_study.model.moe import route
 
     T, k, E, d, f = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -375,8 +375,9 @@ def test_combine_kernels_compile_for_sm90_without_spills(shape: tuple[int, int, 
     assert not any(spills.values()), {n: s for n, s in spills.items() if s}
 
 
-def test_bench_layer_backend_options_parse_and_reject_typos() -> None:
-    from kernels.bench import parse_backend
+def test_bench_layer_backend_options_parse_and_reject_typos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    from kernels_bench import parse_backend
 
     assert parse_backend("fused") == ("fused", {})
     assert parse_backend("fused:gather") == ("fused", {"wgrad": "gather"})

@@ -20,8 +20,8 @@ import torch
 import yaml
 from test_train_eval import PARAMS, make_work
 
-from stages.common import ROOT, read_json
-from stages.schema import parse_params
+from moe_study.config.schema import parse_params
+from moe_study.io import ROOT, read_json
 
 
 def train_cli(tmp: Path, raw: dict, run: str) -> subprocess.CompletedProcess:

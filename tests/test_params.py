@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import TINY, make_project, run
 
-from stages.schema import ParamsError, load_params, parse_params
+from moe_study.config.load import load_params
+from moe_study.config.schema import ParamsError, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from conftest import TINY
 
-from stages.plan_table import COLUMNS, markdown, parquet_bytes, plans_from_params, rows, write_table
-from stages.schema import load_params, parse_params
+from moe_study.config.load import load_params
+from moe_study.config.schema import parse_params
+from moe_study.report.plan_table import COLUMNS, markdown, parquet_bytes, plans_from_params, rows, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,14 +35,14 @@ def test_table_has_one_row_per_run_and_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_paper_2b_study_is_valid_and_its_committed_table_is_current() -> None:
-    r = subprocess.run([sys.executable, "-m", "stages.schema", "studies/paper_2b.yaml"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "moe_study.config.schema", "studies/paper_2b.yaml"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     p = load_params(ROOT / "studies" / "paper_2b.yaml")
     plans = plans_from_params(p)
     t = rows(plans)
     assert (ROOT / "results/paper_2b/plan.md").read_text() == markdown(p, t), \
-        "run `python -m stages.plan table studies/paper_2b.yaml`"
+        "run `python -m stages.plan_table studies/paper_2b.yaml`"
     assert pq.read_table(ROOT / "results/paper_2b/plan.parquet").to_pylist() == \
         pq.read_table(__import__("io").BytesIO(parquet_bytes(t))).to_pylist()
     dense = next(x for x in plans if x["arch"]["kind"] == "dense")

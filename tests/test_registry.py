@@ -6,18 +6,18 @@ from pathlib import Path
 
 import yaml
 
-from stages.registry import STAGES, dvc_yaml_text, readme_text
+from moe_study.registry import STAGES, dvc_yaml_text, readme_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_dvc_yaml_is_generated_from_the_registry() -> None:
-    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `python -m stages.registry --write`"
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `python -m moe_study.registry --write`"
 
 
 def test_readme_stage_table_is_generated_from_the_registry() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert readme == readme_text(readme), "run `python -m stages.registry --write`"
+    assert readme == readme_text(readme), "run `python -m moe_study.registry --write`"
     for s in STAGES:
         assert f"`stages/{s.name}.py`" in readme
 

@@ -19,10 +19,11 @@ import pytest
 import yaml
 from conftest import TINY
 
-from stages import replay, shards
-from stages.artefacts import ShardWriter, token_schema
-from stages.common import ROOT, read_json, write_json
-from stages.shards import Position, ReplayError, ReplayLoader
+from moe_study.data import replay, shards
+from moe_study.data.artefacts import ShardWriter, token_schema
+from moe_study.data.shards import Position, ReplayError, ReplayLoader
+from moe_study.io import ROOT, read_json, write_json
+from stages import replay as replay_stage
 
 EOS = 0
 VOCAB = 4096
@@ -180,7 +181,7 @@ def test_identical_inputs_give_identical_bytes(tmp_path: Path, monkeypatch: pyte
         write_plan(d / "work", "dense", tokens=16 * 4 * 300, unique=U)
         (d / "params.yaml").write_text(yaml.safe_dump(TINY))  # the CI study: it has a run named "dense"
         monkeypatch.chdir(d)
-        assert replay.main(["--run", "dense", "--params", "params.yaml"]) == 0
+        assert replay_stage.main(["--run", "dense", "--params", "params.yaml"]) == 0
         outs.append(d)
     a, b = outs
     ra, rb = (p / "work/runs/dense/replay.json" for p in outs)
@@ -349,7 +350,7 @@ def test_bad_plan_is_a_clear_error(work: Path) -> None:
 
 KILL_CHILD = """
 import sys, time
-from stages import shards
+from moe_study.data import shards
 shards.CHUNK_TOKENS = 64
 slow = shards.progress
 def crawl(it, **kw):

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from test_train_eval import PARAMS, make_work
 
-from stages import checkpoint
-from stages.common import ROOT, read_json, write_json
-from stages.schema import parse_params
-from stages.train import NonFiniteError, run_train
+from moe_study.config.schema import parse_params
+from moe_study.io import ROOT, read_json, write_json
+from moe_study.train import checkpoint
+from moe_study.train.loop import NonFiniteError, run_train
 
 CKPT_EVERY = 4
 
@@ -32,8 +32,8 @@ KILLED_TRAINER = """
 import os, signal, sys
 from pathlib import Path
 import yaml
-from stages.schema import parse_params
-from stages import train as T
+from moe_study.config.schema import parse_params
+from moe_study.train import loop as T
 work, kill_at = Path(sys.argv[1]), int(sys.argv[2])
 p = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
 step = T.Trainer.train_step

@@ -18,8 +18,8 @@ import torch
 from test_moe_fused import HAVE_TRITON, run_interpreted
 
 from kernels import router as fused
-from stages.model import MoE, Router, expert_counts, route
-from stages.schema import RouterConfig
+from moe_study.config.schema import RouterConfig
+from moe_study.model.moe import MoE, Router, expert_counts, route
 
 CUDA = torch.cuda.is_available()
 
@@ -127,8 +127,8 @@ def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, 
 CASES = r"""
 import json, torch
 from kernels import router as R
-from stages.model import MoE, Router
-from stages.schema import RouterConfig
+from moe_study.model.moe import MoE, Router
+from moe_study.config.schema import RouterConfig
 
 def err(a, b, floor=1e-12):
     a, b = a.detach().double(), b.detach().double()

@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from dedupe_helpers import write_token_shards
 
-from data.synthetic import generate
-from stages import dedupe as D
-from stages import split as S
-from stages.schema import parse_params
+from moe_study.config.schema import parse_params
+from moe_study.data import dedupe as D
+from moe_study.data import split as S
+from moe_study.data.synthetic import generate
+from stages import dedupe as dedupe_stage
+from stages import split as split_stage
 
 
 def params(fraction: float = 0.2, seed: int = 7) -> object:
@@ -138,14 +140,14 @@ def test_stages_from_the_command_line(tmp_path, monkeypatch, tiny_params):
     """`python -m stages.dedupe` then `python -m stages.split` with the default paths of the registry."""
     import yaml
 
-    from stages.registry import stage
+    from moe_study.registry import stage
 
     c = generate(400, 0.05, 0.05, seed=3)
     write_token_shards(tmp_path / "work" / "tokens", c.texts, c.ids, docs_per_shard=150)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     monkeypatch.chdir(tmp_path)
-    assert D.main([]) == 0
-    assert S.main([]) == 0
+    assert dedupe_stage.main([]) == 0
+    assert split_stage.main([]) == 0
     for name in ("dedupe", "split"):
         for out in stage(name).all_outs:
             assert (tmp_path / out).exists(), out

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.synthetic import generate, jaccard_words, normalise_words, shingle_set
+from moe_study.data.synthetic import generate, jaccard_words, normalise_words, shingle_set
 
 
 @pytest.fixture(scope="module")

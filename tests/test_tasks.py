@@ -11,17 +11,10 @@ import pytest
 import torch
 from task_helpers import EOS, PrefixOracle, make_texts, make_tokenizer, random_model
 
-from stages.schema import EvalConfig
-from stages.stats import wilson
-from stages.tasks import (
-    CHOICES,
-    choice_items,
-    cloze_items,
-    encode_items,
-    evaluate_tasks,
-    jsonl,
-    score_continuations,
-)
+from moe_study.config.schema import EvalConfig
+from moe_study.data.tasks import CHOICES, choice_items, cloze_items, encode_items, jsonl
+from moe_study.evaluation.stats import wilson
+from moe_study.evaluation.tasks import evaluate_tasks, score_continuations
 
 TEXTS = make_texts()
 CFG = EvalConfig(task_items=60, choice_words=3, min_context_words=4)

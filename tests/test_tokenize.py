@@ -16,19 +16,19 @@ import pytest
 import yaml
 from conftest import TINY
 
-from stages.artefacts import DOC_SCHEMA, ShardError, ShardWriter, iter_shards, load_manifest
-from stages.common import sha256_file
-from stages.schema import Params, parse_params
-from stages.tokenize import (
+from moe_study.config.schema import Params, parse_params
+from moe_study.data.artefacts import DOC_SCHEMA, ShardError, ShardWriter, iter_shards, load_manifest
+from moe_study.data.tokenizer import (
     TOKENIZER_FILE,
     TokenizerError,
     load_tokenizer,
-    main,
     new_tokenizer,
     token_manifest,
     tokenize,
     training_sample,
 )
+from moe_study.hashing import sha256_file
+from stages.tokenize import main
 
 ROOT = Path(__file__).resolve().parent.parent
 _WORDS = ("the of and to in is was he for it with as his on be at by had are but from or have an they "
@@ -125,7 +125,8 @@ def test_deterministic_across_thread_counts(tmp_path: Path, corpus: Path) -> Non
     _, a = run(tmp_path, corpus, "all")
     code = (
         "import sys, copy; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
-        "from conftest import TINY\nfrom stages.schema import parse_params\nfrom stages.tokenize import tokenize\n"
+        "from conftest import TINY\nfrom moe_study.config.schema import parse_params\n"
+        "from moe_study.data.tokenizer import tokenize\n"
         "p = copy.deepcopy(TINY); p['tokenizer'] = {'vocab_size': 320, 'docs_per_shard': 64, 'batch_docs': 16,"
         " 'workers': 1}\n"
         "tokenize(parse_params(p), sys.argv[2], sys.argv[3], None)\n"
@@ -278,7 +279,7 @@ def test_corrupt_shard_during_encoding_leaves_old_output(tmp_path: Path, corpus:
     bad = corpus / m["shards"][-1]["file"]
     bad.write_bytes(b"not parquet at all")
     m["shards"][-1]["sha256"] = sha256_file(bad)
-    from stages.common import sha256_json
+    from moe_study.hashing import sha256_json
 
     m["sha256"] = sha256_json(m["shards"])
     (corpus / "manifest.json").write_text(json.dumps(m))

@@ -20,20 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.accounting import plan_run
-from stages.artefacts import ShardWriter, token_schema
-from stages.common import read_json, write_json
-from stages.evaluate import (
-    HeldoutDoc,
-    bootstrap,
-    load_heldout,
-    run_evaluate,
-    select_docs,
-    windows,
-)
-from stages.model import build_model, load_model
-from stages.schema import Params, parse_params
-from stages.train import Trainer, TrainError, lr_at, make_engine, param_groups, run_train, train
+from moe_study.accounting import plan_run
+from moe_study.config.schema import Params, parse_params
+from moe_study.data.artefacts import ShardWriter, token_schema
+from moe_study.data.heldout import HeldoutDoc, load_heldout
+from moe_study.evaluation.heldout_loss import bootstrap, run_evaluate, select_docs, windows
+from moe_study.io import read_json, write_json
+from moe_study.model.lm import build_model, load_model
+from moe_study.train.engine import lr_at, make_engine, param_groups
+from moe_study.train.loop import Trainer, TrainError, run_train, train
 
 VOCAB, EOS, N_DOCS = 64, 0, 80
 
@@ -64,7 +59,7 @@ def heldout(d: int) -> bool:
 
 def make_work(root: Path, p: Params, runs: list[str]) -> Path:
     """work/ with token shards, split, and each run's plan.json + replay.json (the real replay stage)."""
-    from stages.replay import build_replay
+    from moe_study.data.replay import build_replay
 
     work = root / "work"
     w = ShardWriter(work / "tokens", "tokens", token_schema("uint16"))
@@ -133,7 +128,7 @@ def test_train_learns_and_meets_the_budget(trained: Path, run: str) -> None:
     assert res["tokens_seen"] == plan["tokens"] == res["steps"] * plan["tokens_per_step"]
     assert res["steps"] == plan["steps"]
     assert (res["nonvocab_params"], res["nonvocab_active"]) == (plan["nonvocab_params"], plan["nonvocab_active"])
-    audit = res["audit"]  # plan vs module params, loader tokens and flop-counter FLOPs (stages/audit.py)
+    audit = res["audit"]  # plan vs module params, loader tokens and flop-counter FLOPs (moe_study/train/audit.py)
     assert audit["ok"] and audit["tokens"]["actual"] == plan["tokens"], audit
     assert abs(audit["flops_per_token"]["rel_dev"]) < 0.01
     assert res["first_train_loss"] > math.log(VOCAB) - 0.3
@@ -178,7 +173,7 @@ def test_other_seed_gives_other_weights(trained: Path, params: Params, tmp_path:
 
 def test_resume_from_state_dict_is_exact(params: Params, tmp_path: Path) -> None:
     """Stop half way, restore model/optimizer/loader state into a fresh trainer: same weights."""
-    from stages.shards import ReplayLoader
+    from moe_study.data.shards import ReplayLoader
 
     work = make_work(tmp_path, params, ["dense"])
     plan = read_json(work / "runs/dense/plan.json")
@@ -393,7 +388,7 @@ def counting_tasks(directory: Path, rng: np.random.Generator) -> None:
 
 def test_evaluate_scores_the_zero_shot_tasks(trained: Path, tmp_path: Path) -> None:
     """A model that learned to count predicts the next token of a counting doc and picks its continuation."""
-    from stages.evaluate import EvalError
+    from moe_study.evaluation.heldout_loss import EvalError
 
     work = tmp_path / "work"
     work.mkdir()
@@ -453,7 +448,7 @@ def test_steps_parquet_and_dvclive(trained: Path, run: str) -> None:
 
 
 def test_wsd_schedule_and_warmup_fraction() -> None:
-    from stages.engine import schedule_lr
+    from moe_study.train.engine import schedule_lr
 
     lrs = [lr_at(s, 100, 1.0, 10, 0.1, "wsd", 0.2) for s in range(100)]
     assert lrs[9] == pytest.approx(1.0) and all(v == 1.0 for v in lrs[10:80])
@@ -464,7 +459,7 @@ def test_wsd_schedule_and_warmup_fraction() -> None:
 
 
 def test_deepspeed_config_follows_params() -> None:
-    from stages.engine import deepspeed_config
+    from moe_study.train.engine import deepspeed_config
 
     raw = copy.deepcopy(PARAMS)
     raw["train"] |= {"batch_size": 32, "micro_batch_size": 4, "gpus": 2, "zero_stage": 2, "dtype": "bf16",
@@ -489,7 +484,7 @@ def test_deepspeed_config_follows_params() -> None:
 
 def test_deepspeed_invalid_norm_sentinel_is_nan() -> None:
     """DeepSpeed reports a non-finite bf16 norm as -1 when it does not check overflow: the loop must see NaN."""
-    from stages.engine import ds_grad_norm
+    from moe_study.train.engine import ds_grad_norm
 
     assert ds_grad_norm(torch.tensor(2.5)) == 2.5 and ds_grad_norm(0.0) == 0.0
     assert all(math.isnan(ds_grad_norm(v)) for v in (-1.0, None, float("nan"), torch.tensor(-1.0)))

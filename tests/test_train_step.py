@@ -15,11 +15,13 @@ import pytest
 import torch
 from test_train_eval import PARAMS, VOCAB, ListLoader, counting_batches, make_work
 
-from stages import train as T
-from stages.accounting import plan_run
-from stages.engine import make_engine
-from stages.model import build_model
-from stages.schema import parse_params
+from moe_study.accounting import plan_run
+from moe_study.config.schema import parse_params
+from moe_study.model.lm import build_model
+from moe_study.train import launch
+from moe_study.train import loop as T
+from moe_study.train.engine import make_engine
+from stages import train as train_stage
 
 
 def trainer(run: str, batches: list[torch.Tensor], batch_size: int, device: str = "cpu",
@@ -121,7 +123,7 @@ def test_load_statistics_are_computed_once_per_step(tmp_path: Path, monkeypatch:
     the layer columns, and those follow exactly from the fractions the file stores."""
     import pyarrow.parquet as pq
 
-    from stages import trainlog
+    from moe_study.train import trainlog
 
     calls = []
     stats = trainlog.layer_load_stats
@@ -149,8 +151,8 @@ def test_one_batch_split_for_params_the_loop_and_deepspeed(monkeypatch: pytest.M
                                                            processes: int, micro: int | None) -> None:
     """schema.batch_split is the only definition of micro-batch and accumulation: params.yaml validation
     (gpus), the Trainer and the generated DeepSpeed config (world size) accept the same splits and agree."""
-    from stages.engine import EngineError, deepspeed_config
-    from stages.schema import ParamsError, batch_split
+    from moe_study.config.schema import ParamsError, batch_split
+    from moe_study.train.engine import EngineError, deepspeed_config
 
     raw = {**PARAMS, "train": PARAMS["train"] | {"batch_size": batch, "gpus": processes, "micro_batch_size": micro}}
     try:
@@ -193,8 +195,8 @@ def relaunch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: int, device:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
     launched: list[list[str]] = []
-    monkeypatch.setattr(T.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
-    assert T.relaunch_under_torchrun(["--run", "dense", "--params", str(tmp_path / "params.yaml")]) in (0, None)
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    assert launch.relaunch_under_torchrun(["--run", "dense", "--params", str(tmp_path / "params.yaml")]) in (0, None)
     return launched
 
 
@@ -212,17 +214,17 @@ def test_train_gpus_that_fit_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_too_many_train_gpus_is_an_error_before_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture, gpus: int, device: str,
                                                          cuda: int) -> None:
-    with pytest.raises(T.TrainError, match=f"train.gpus={gpus} but {cuda} CUDA device"):
+    with pytest.raises(launch.LaunchError, match=f"train.gpus={gpus} but {cuda} CUDA device"):
         relaunch(tmp_path, monkeypatch, gpus, device, cuda)
     with pytest.raises(SystemExit) as exit_:  # the command line: one line, exit 2, nothing launched
-        T.main(["--run", "dense", "--params", str(tmp_path / "params.yaml")])
+        train_stage.main(["--run", "dense", "--params", str(tmp_path / "params.yaml")])
     assert exit_.value.code == 2 and f"error: train.gpus={gpus}" in capsys.readouterr().err
 
 
 def test_a_process_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launched from outside (torchrun / srun with more processes per node than GPUs): named, not an
     'invalid device ordinal' from CUDA."""
-    from stages.engine import EngineError, resolve_device
+    from moe_study.train.engine import EngineError, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from stages.common import dist_env
-from stages.model import LM
-from stages.schema import TrainConfig, batch_split
+from moe_study.config.schema import TrainConfig, batch_split
+from moe_study.model.lm import LM
+from moe_study.train.launch import dist_env
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8

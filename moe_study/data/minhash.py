@@ -45,8 +45,8 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
-from stages.common import mix64
-from stages.schema import DedupeConfig
+from moe_study.config.schema import DedupeConfig
+from moe_study.hashing import mix64
 
 U64 = np.uint64
 MASK64 = (1 << 64) - 1

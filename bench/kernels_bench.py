@@ -9,7 +9,7 @@ backward (dx and dw), TFLOP/s = 2*rows*d*f per product (3 products for fwd+bwd),
 - triton:    the plain grouped GEMM of kernels/moe_fused.py (autotuned Triton);
 - loop:      the reference backend (one matmul per expert);
 - dense:     one ungrouped GEMM (rows, d) @ (d, f) of the same FLOPs: the ceiling.
-Part "layer": stages.model.MoE (route, permute, SwiGLU experts, combine; each expert backend,
+Part "layer": moe_study.model.moe.MoE (route, permute, SwiGLU experts, combine; each expert backend,
 "fused" = kernels/moe_fused.py: gather, SwiGLU and the gate-weighted combine fused into Triton expert
 GEMMs, its plain products on cutlass; options as "fused:combine=atomic", "fused:combine=unfused",
 "fused:wgrad=gather" or "fused:gather") vs a dense SwiGLU FFN with the same activated FLOPs (hidden k*f),
@@ -18,7 +18,7 @@ in bf16, forward and forward+backward.
 Loads are mildly unbalanced: per-expert row counts are the mean +-25% (seeded), as in routing.
 Timing: CUDA events around each call, after warm-up, median of --iters repeats.
 
-    python kernels/bench.py --out results/kernels/grouped_gemm_h100.csv
+    python bench/kernels_bench.py --out results/kernels/grouped_gemm_h100.csv
 
 writes the CSV, a Markdown summary beside it (with this exact command), and prints the table.
 """
@@ -230,7 +230,8 @@ def kind_rows(s: tuple[int, int, int, int, int], warmup: int, iters: int) -> lis
 # --------------------------------------------------------------------------------------- layer part
 def layer_rows(s: tuple[int, int, int, int, int], backends: list[str], warmup: int,
                iters: int, compile_: bool = False) -> list[dict[str, Any]]:
-    from stages.model import MoE, SwiGLU
+    from moe_study.model.layers import SwiGLU
+    from moe_study.model.moe import MoE
 
     T, k, E, d, f = s
     dev, bf = "cuda", torch.bfloat16
@@ -314,7 +315,7 @@ def markdown(rows: list[dict[str, Any]], command: str, machine: str) -> str:
             "vs_dense_fwd_bwd", "fwd_ms", "fwd_bwd_ms", "max_rel_err", "note"]
     out = [f"# MoE expert kernels ({machine})", "", f"`{command}`", "",
            "op: one projection x(T*k,d) @ w(E,d,f), TFLOP/s of 2*T*k*d*f per product (3 for fwd+bwd); "
-           "layer: stages.model.MoE vs dense SwiGLU of hidden k*f (same expert FLOPs); vs_*: speed ratio "
+           "layer: moe_study.model.moe.MoE vs dense SwiGLU of hidden k*f (same expert FLOPs); vs_*: speed ratio "
            "(>1 = faster than torch._grouped_mm / the dense equivalent). " + {
                "eager": "Median of CUDA-event timings of eager calls (includes host overhead where the host "
                         "is slower than the GPU).",

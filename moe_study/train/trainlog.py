@@ -5,7 +5,7 @@
   normalised entropy, mean over layers; and per layer, as list columns: max/mean, entropy and the
   fraction of routed slots per expert). The same rows make train_log.csv (the historical columns),
   work/runs/<run>/steps.parquet (every column, for DuckDB) and the dvclive curves.
-- MFU = (model FLOPs per token from the planner, stages.accounting) * tokens/s / device peak.
+- MFU = (model FLOPs per token from the planner, moe_study.accounting) * tokens/s / device peak.
   Peaks are dense bf16 tensor-core figures of the datasheets (fp32 runs use the same peak, so
   their MFU is honest about what was left on the table). On CPU there is no trustworthy peak, so
   MFU is null unless train.peak_tflops gives one.
@@ -64,7 +64,7 @@ def device_peak_flops(device: torch.device, override_tflops: float | None = None
     for key, tflops in PEAK_TFLOPS.items():
         if key in name:
             return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s dense bf16 (datasheet)"
-    return None, f"{name}: not in stages.trainlog.PEAK_TFLOPS"
+    return None, f"{name}: not in moe_study.train.trainlog.PEAK_TFLOPS"
 
 
 def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> float | None:
@@ -147,7 +147,7 @@ def steps_table(history: list[StepStats], kind: str) -> Any:
 def write_steps_parquet(path: Path, history: list[StepStats], kind: str) -> None:
     import pyarrow.parquet as pq
 
-    from stages.common import atomic_path
+    from moe_study.io import atomic_path
 
     with atomic_path(path) as tmp:
         pq.write_table(steps_table(history, kind), tmp)
@@ -167,7 +167,7 @@ def write_dvclive(directory: Path, history: list[StepStats], kind: str, summary:
         from dvclive import Live
     except ImportError:
         return False
-    from stages.common import atomic_path
+    from moe_study.io import atomic_path
 
     stride = max(1, math.ceil(len(history) / DVCLIVE_MAX_ROWS))  # dvclive appends row by row (~5 ms per step)
     with atomic_path(directory) as tmp:

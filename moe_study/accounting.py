@@ -42,7 +42,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from stages.schema import ModelConfig, Params, PlannerConfig, RunConfig
+from moe_study.config.schema import ModelConfig, Params, PlannerConfig, RunConfig
 
 COMPUTE_CONVENTIONS = ("6n", "nonvocab", "exact")
 EMBEDDING_CONVENTIONS = ("nonvocab", "with_embeddings")
@@ -340,7 +340,7 @@ def count_summary(a: Architecture, vocab_size: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ the planner
 AUDIT_TOLERANCE = 0.01  # a run whose measured N, N_active, tokens or FLOPs deviate from its plan by more
-# than this fails the audit (stages/audit.py) and marks its study failed (stages/aggregate.py)
+# than this fails the audit (moe_study/train/audit.py) and marks its study failed (stages/aggregate.py)
 
 
 class PlanError(ValueError):

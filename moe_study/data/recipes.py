@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import atomic_path, sha256_file
+from moe_study.hashing import sha256_file
+from moe_study.io import atomic_path
 
 log = logging.getLogger("stages.corpus.recipes")
 
@@ -207,7 +208,7 @@ def recipe_for(package: str, field: str = "corpus.sources[].package") -> Recipe:
     except KeyError:
         raise RecipeError(
             f"{field}: Debian package {package!r} has no recipe; supported: {', '.join(sorted(RECIPES))} "
-            "(add one to data/recipes.py RECIPES, or use a parquet/jsonl/text source)"
+            "(add one to moe_study/data/recipes.py RECIPES, or use a parquet/jsonl/text source)"
         ) from None
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common import read_json, sha256_file, sha256_json, write_json
+from moe_study.hashing import sha256_file, sha256_json
+from moe_study.io import read_json, write_json
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 

@@ -9,11 +9,9 @@ default.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -216,7 +214,7 @@ class RunConfig(Strict):
 
 # ----------------------------------------------------------------------------------------- router
 class RouterConfig(Strict):
-    """How MoE layers pick experts (stages/model.py `Router`); the default is today's softmax top-k.
+    """How MoE layers pick experts (moe_study/model/ `Router`); the default is today's softmax top-k.
 
     `score`: softmax over the E logits (Switch/Mixtral) or an independent sigmoid per expert
     (DeepSeek-V3). Either way the top-k weights are renormalised to sum to 1. `bias_balancing`
@@ -253,7 +251,7 @@ def batch_split(batch_size: int, processes: int, micro_batch_size: int | None = 
 
 
 class TrainConfig(Strict):
-    """How every run trains (stages/train.py; the engines and DeepSpeed config: stages/engine.py).
+    """How every run trains (stages/train.py; the engines and DeepSpeed config: moe_study/train/engine.py).
 
     `batch_size` is the global batch (sequences per optimizer step, all GPUs together); it is split
     into `gpus` data-parallel shares of `micro_batch_size` sequences, accumulated over
@@ -297,7 +295,8 @@ class TrainConfig(Strict):
     log_every: int = Field(default=25, gt=0)
     checkpoint_every: int = Field(default=200, ge=0, description="checkpoint every N steps (0: only at the end)")
     peak_tflops: float | None = Field(
-        default=None, gt=0, description="device peak for MFU; None: the table in stages/trainlog.py (CPU: MFU null)")
+        default=None, gt=0,
+        description="device peak for MFU; None: the table in moe_study/train/trainlog.py (CPU: MFU null)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -379,39 +378,3 @@ def parse_params(data: object, path: Path | str = "params.yaml") -> Params:
         return Params.model_validate(data)
     except ValidationError as err:
         raise ParamsError(_format(err, Path(path))) from None
-
-
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Validate the file: schema first, then that every run can be planned within the budget."""
-    from stages.accounting import PlanError, check_feasible  # accounting imports this module
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    params = parse_params(data, path)
-    try:
-        check_feasible(params)
-    except PlanError as err:
-        raise ParamsError(f"{path}: {err}") from None
-    return params
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.schema [params.yaml]`: validate and exit non-zero with the reason."""
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args else "params.yaml"
-    try:
-        p = load_params(path)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{path}: valid (study {p.study!r}, {len(p.runs)} runs)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

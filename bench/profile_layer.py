@@ -2,9 +2,9 @@
 kernel, on the GPU; --timeline also lists one step's kernels in start order with the idle gaps
 between them (launch latency, the setup kernels, tails of persistent kernels).
 
-    python kernels/profile_layer.py --backend cutlass --shape 0
-    python kernels/profile_layer.py --part op --backend cutlass --shape 0 --timeline
-    python kernels/profile_layer.py --backend fused:combine=atomic --shape 0   (moe_fused options as in bench.py)
+    python bench/profile_layer.py --backend cutlass --shape 0
+    python bench/profile_layer.py --part op --backend cutlass --shape 0 --timeline
+    python bench/profile_layer.py --backend fused:combine=atomic --shape 0   (moe_fused options as in bench.py)
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kernels_bench import SHAPES, parse_backend, unbalanced_offsets  # noqa: E402
+
 from kernels import grouped_gemm, moe_fused, profiling  # noqa: E402
 from kernels import router as fused_router  # noqa: E402
-from kernels.bench import SHAPES, parse_backend, unbalanced_offsets  # noqa: E402
-from stages.model import MoE  # noqa: E402
+from moe_study.model.moe import MoE  # noqa: E402
 
 
 def layer_step(spec: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
@@ -40,7 +41,7 @@ def layer_step(spec: str, shape: tuple[int, int, int, int, int]) -> Callable[[],
 
 
 def op_step(backend: str, shape: tuple[int, int, int, int, int]) -> Callable[[], None]:
-    """One projection x (T*k, d) @ w (E, d, f) fwd+bwd, as in kernels/bench.py's op part."""
+    """One projection x (T*k, d) @ w (E, d, f) fwd+bwd, as in bench/kernels_bench.py's op part."""
     T, k, E, d, f = shape
     offs = unbalanced_offsets(T * k, E).cuda()
     x = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16).requires_grad_()

@@ -1,6 +1,6 @@
 """The stage registry: the only description of the DAG.
 
-`dvc.yaml` is generated from it (`python -m stages.registry --write`; a test fails when the
+`dvc.yaml` is generated from it (`python -m moe_study.registry --write`; a test fails when the
 committed file drifts), and the `Snakefile` reads it at parse time. Each stage names its inputs,
 outputs, the params.yaml sections it reads, its command and its resources, so a cluster profile
 (`snakemake --profile slurm`) needs nothing beyond what is here.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import ROOT
+from moe_study.codebase import code_files, stage_module
+from moe_study.io import ROOT
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,6 @@ class Stage:
     deps: tuple[Dep, ...]
     outs: tuple[str, ...]  # a trailing "/" marks a directory output
     params: tuple[str, ...] = ()
-    code: tuple[str, ...] = ()  # source files beyond stages/<name>.py and stages/common.py
     metrics: tuple[str, ...] = ()  # small JSON outputs, not cached by DVC, shown by `dvc metrics`
     plots: tuple[str, ...] = ()  # CSV curves (step, loss, ...), shown by `dvc plots show`; "dir/": dvclive TSVs
     # metrics DVC caches (dvclive's summary): under the git-ignored work/, yet `dvc exp show` reads them
@@ -64,7 +64,7 @@ class Stage:
 
     @property
     def module(self) -> str:
-        return f"stages.{self.name}"
+        return stage_module(self.name)
 
     @property
     def command(self) -> str:
@@ -72,7 +72,10 @@ class Stage:
 
     @property
     def code_files(self) -> tuple[str, ...]:
-        return (f"stages/{self.name}.py", "stages/common.py", "stages/schema.py", "stages/artefacts.py", *self.code)
+        """The source files that can change this stage's outputs: its entry point's import closure
+        (moe_study.codebase), all of kernels/ as one directory where a kernel is reached."""
+        return code_files(self.module)
+
 
     @property
     def all_outs(self) -> tuple[str, ...]:
@@ -88,7 +91,6 @@ STAGES: tuple[Stage, ...] = (
         deps=(),
         outs=("work/corpus/",),
         params=("corpus",),
-        code=("data/recipes.py", "data/synthetic.py"),
         metrics=("work/metrics/corpus.json",),
         resources=Resources(cpus=1, mem_mb=4000, time_min=60),
     ),
@@ -107,7 +109,6 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/tokens/",),
         outs=("work/dedupe/",),
         params=("dedupe",),
-        code=("stages/minhash.py",),
         metrics=("work/metrics/dedupe.json",),
         resources=Resources(cpus=CPU_ALL, mem_mb=8000, time_min=240),
     ),
@@ -117,7 +118,6 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/tokens/", "work/dedupe/"),
         outs=("work/split/",),
         params=("split",),
-        code=("stages/minhash.py",),
         metrics=("work/metrics/split.json",),
         resources=Resources(cpus=1, mem_mb=4000, time_min=60),
     ),
@@ -127,7 +127,6 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/tokens/", "work/split/"),
         outs=("work/tasks/",),
         params=("eval", "model"),  # whole sections: DVC wants listed keys present in params.yaml
-        code=("stages/heldout.py", "stages/tokenize.py", "stages/stats.py"),
         resources=Resources(cpus=1, mem_mb=2000, time_min=30),
     ),
     Stage(
@@ -136,7 +135,6 @@ STAGES: tuple[Stage, ...] = (
         deps=("work/split/",),
         outs=("work/runs/{run}/plan.json",),
         params=("seed", "budget", "model", "tokenizer.vocab_size", "train.batch_size", "runs.{run}"),
-        code=("stages/accounting.py",),
         per_run=True,
         resources=Resources(cpus=1, mem_mb=1000, time_min=5),
     ),
@@ -147,7 +145,6 @@ STAGES: tuple[Stage, ...] = (
         outs=("results/{study}/plan.parquet", "results/{study}/plan.md"),
         metrics=("results/{study}/plan_metrics.json",),  # git-tracked: `dvc exp show` sees the plan
         params=("study", "budget", "model", "tokenizer.vocab_size", "train.batch_size", "runs"),
-        code=("stages/accounting.py",),
         uncached=True,
         resources=Resources(cpus=1, mem_mb=1000, time_min=5),
     ),
@@ -156,7 +153,6 @@ STAGES: tuple[Stage, ...] = (
         doc="Epoch-replay shards for one run: seeded per-epoch permutations, packed, shared by content.",
         deps=("work/tokens/", "work/split/", "work/runs/{run}/plan.json"),
         outs=("work/runs/{run}/replay.json",),
-        code=("stages/shards.py",),
         per_run=True,
         resources=Resources(cpus=1, mem_mb=4000, time_min=120),
     ),
@@ -168,27 +164,21 @@ STAGES: tuple[Stage, ...] = (
             "work/runs/{run}/replay.json",
             "work/tokens/",
             "work/split/",  # the loader rebuilds a missing replay epoch from tokens + split
-            "kernels/",
         ),
         outs=("work/runs/{run}/model/", "work/runs/{run}/steps.parquet"),
         params=("train", "router", "runs.{run}"),
-        code=("stages/model.py", "stages/shards.py", "stages/accounting.py", "stages/audit.py", "stages/engine.py",
-              "stages/checkpoint.py", "stages/trainlog.py"),
         metrics=("work/runs/{run}/train.json",),
         cached_metrics=("work/runs/{run}/dvclive/metrics.json",),
-        plots=("work/runs/{run}/train_log.csv", "work/runs/{run}/dvclive/plots/metrics/"),
+        plots=("work/runs/{run}/dvclive/plots/metrics/",),
         per_run=True,
         resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440),
     ),
     Stage(
         name="evaluate",
         doc="Held-out loss, bits per byte and zero-shot task accuracy of one trained run, with 95% intervals.",
-        deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/", "work/tasks/",
-              "kernels/"),
+        deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/", "work/tasks/"),
         outs=(),
         params=("eval",),
-        code=("stages/model.py", "stages/accounting.py", "stages/heldout.py", "stages/tasks.py", "stages/tokenize.py",
-              "stages/stats.py"),
         metrics=("work/eval/{run}.json",),
         per_run=True,
         resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120),
@@ -218,7 +208,6 @@ STAGES: tuple[Stage, ...] = (
         ),
         metrics=("results/{study}/metrics.json",),  # git-tracked, so `dvc exp show` sees it per experiment
         params=("study", "runs"),
-        code=("stages/report.py", "stages/stats.py", "stages/accounting.py"),
         uncached=True,
         resources=Resources(cpus=1, mem_mb=2000, time_min=10),
     ),
@@ -269,7 +258,7 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
 
 
 HEADER = (
-    "# GENERATED by `python -m stages.registry --write` from stages/registry.py: do not edit by hand.\n"
+    "# GENERATED by `python -m moe_study.registry --write` from moe_study/registry.py: do not edit by hand.\n"
     "# Per-run stages fan out over `runs` in params.yaml (foreach). See README.md.\n"
 )
 
@@ -278,7 +267,7 @@ def dvc_yaml_text() -> str:
     return HEADER + yaml.safe_dump(render_dvc(), sort_keys=False, width=120)
 
 
-README_BEGIN, README_END = "<!-- stage table: generated from stages/registry.py -->", "<!-- end of stage table -->"
+README_BEGIN, README_END = "<!-- stage table: generated from moe_study/registry.py -->", "<!-- end of stage table -->"
 
 
 def readme_table() -> str:
@@ -310,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.check:
         stale = [t.name for t, text in targets.items() if not t.exists() or t.read_text() != text]
         if stale:
-            print(f"{', '.join(stale)} stale: run `python -m stages.registry --write`", file=sys.stderr)
+            print(f"{', '.join(stale)} stale: run `python -m moe_study.registry --write`", file=sys.stderr)
             return 1
         print("dvc.yaml and README.md are up to date")
     else:

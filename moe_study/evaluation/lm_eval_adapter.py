@@ -3,11 +3,11 @@
 Why: the study's own tasks (stages/tasks.py) need no download, but any task the harness knows
 can then be run on the same model: a YAML task over a local JSONL (`dataset_path: json`) works
 offline. The adapter only turns strings into the project's token ids; scoring is the project's
-`stages.tasks.score_continuations` (each request alone, as EOS + context + continuation), so the
+`moe_study.evaluation.tasks.score_continuations` (each request alone, as EOS + context + continuation), so the
 harness and `evaluate@run` agree on the same items (tests/test_lm_eval.py checks it).
 
-    python -m stages.lm_eval_adapter --run dense_s0 --export-study-tasks work/lm_eval   # YAMLs of work/tasks
-    python -m stages.lm_eval_adapter --run dense_s0 --include-path work/lm_eval \\
+    python -m moe_study.evaluation.lm_eval_adapter --run dense_s0 --export-study-tasks work/lm_eval  # tasks
+    python -m moe_study.evaluation.lm_eval_adapter --run dense_s0 --include-path work/lm_eval \\
         --tasks moe_eq_cloze,moe_eq_choice [--limit 100] [--out work/lm_eval/dense_s0.json]
 
 or from Python: `lm_eval.simple_evaluate(model=ProjectLM("work/runs/x/model"), tasks=[...],
@@ -32,9 +32,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from stages.common import write_bytes, write_json
-from stages.model import load_model
-from stages.tasks import score_continuations
+from moe_study.evaluation.tasks import score_continuations
+from moe_study.io import write_bytes, write_json
+from moe_study.model.lm import load_model
 
 DEFAULT_MAX_GEN_TOKS = 32
 
@@ -47,7 +47,7 @@ class ProjectLM(LM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
         super().__init__()
         if tokenizer is None:
-            from stages.tokenize import load_tokenizer
+            from moe_study.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(tokens_dir)
         self.tokenizer = tokenizer

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.artefacts import iter_shards
+from moe_study.data.artefacts import iter_shards
 
 
 class HeldoutError(ValueError):

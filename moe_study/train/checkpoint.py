@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common import WORK, dist_env, read_json, sha256_json, write_json
+from moe_study.hashing import sha256_json
+from moe_study.io import WORK, read_json, write_json
+from moe_study.train.launch import dist_env
 
 LATEST = "latest.json"
 NOT_IN_KEY = ("log_every", "checkpoint_every")

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.accounting import AUDIT_TOLERANCE
-from stages.common import atomic_path
+from moe_study.accounting import AUDIT_TOLERANCE
+from moe_study.io import atomic_path
 
 CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
                "activation_rate", "experts", "top_k", "shared_experts", "compute_budget", "compute_convention",
@@ -81,7 +81,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
     lines += ["", "![held-out loss vs activation rate](loss_vs_activation.png)", "",
               "![training curves](training_curves.png) ![expert load](expert_load.png)", "",
               "Equal resources: every run has the same non-vocab params N, compute C = F·T (F = training FLOPs per "
-              f"token in the `{conventions}` convention of stages/accounting.py) and unique tokens "
+              f"token in the `{conventions}` convention of moe_study/accounting.py) and unique tokens "
               "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
               "Student-t over seeds otherwise. Δ vs dense: minus the dense baseline (view `dense_baseline`), the mean "
               "over every dense run (each seed once) of the same N, C and U. Task accuracies (stages/tasks.py): "

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stages.accounting import AUDIT_TOLERANCE, Architecture
-from stages.model import LM, MoE, count_nonvocab_params
+from moe_study.accounting import AUDIT_TOLERANCE, Architecture
+from moe_study.model.lm import LM, count_nonvocab_params
+from moe_study.model.moe import MoE
 
 
 def rel_dev(plan: float, actual: float) -> float:
@@ -99,6 +100,6 @@ def audit_run(plan: dict[str, Any], model: LM, tokens_served: int, *, measure_fl
     out["tolerance"] = AUDIT_TOLERANCE
     out["ok"] = out["max_rel_dev"] <= AUDIT_TOLERANCE
     out["flops_note"] = ("matmul FLOPs of one forward+backward per token (LM head and full S x S attention "
-                         "included) by torch.utils.flop_counter vs stages/accounting.py")
+                         "included) by torch.utils.flop_counter vs moe_study/accounting.py")
     return out
 

@@ -57,19 +57,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.artefacts import iter_shards, load_manifest
-from stages.common import (
-    progress,
-    read_json,
-    recover_interrupted,
-    sha256_file,
-    sha256_json,
-    splitmix64,
-    temp_sibling,
-    write_json,
-)
+from moe_study.cli import progress
+from moe_study.data.artefacts import iter_shards, load_manifest
+from moe_study.hashing import sha256_file, sha256_json, splitmix64
+from moe_study.io import read_json, recover_interrupted, temp_sibling, write_json
 
-log = logging.getLogger("stages.shards")
+log = logging.getLogger("moe_study.data.shards")
 
 FORMAT = 1  # bump when the on-disk layout or the order/packing rules change (it is part of the key)
 PERM = "splitmix64-argsort-v1"

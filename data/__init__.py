@@ -1,1 +1,0 @@
-"""Corpus sources: Debian-packaged texts (`data.recipes`) and synthetic documents (`data.synthetic`)."""

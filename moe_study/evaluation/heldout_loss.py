@@ -1,0 +1,235 @@
+"""evaluate@run: held-out loss and bits per byte of one trained run, with a bootstrap interval.
+
+Held-out documents are the rows of work/split/split.parquet with split == "heldout"; their tokens
+come from the token shards. Each document is scored on its own as `EOS d EOS`: the model predicts
+every token of d and the closing EOS (len(d) + 1 predictions) from the opening EOS on, so the
+loss includes knowing where the document ends, and no run can profit from context of another
+document. Documents longer than seq_len are cut into consecutive windows of seq_len predictions;
+a window starts with no context from the previous one (a slight pessimism on long documents, the
+same for every run).
+
+Metrics: mean loss per predicted token (nats), perplexity exp(loss), and bits per byte
+bpb = total nats / ln 2 / total UTF-8 bytes of the scored documents, which compares models
+whatever their tokenizer. The 95% intervals resample documents with replacement
+(`eval.bootstrap` times, seeded by `eval.seed`): documents, not tokens, are the independent units.
+With `eval.max_tokens`, a seeded random subset of whole documents is scored (the same subset for
+every run, since it depends only on the held-out set and the seed), stopping before the cap.
+
+Zero-shot tasks (stages/tasks.py: sentence-final-word cloze and 4-way continuation choice, built
+once from the same held-out documents by the tasks stage) are scored under `tasks` with Wilson 95%
+intervals; `eval.task_items: 0` turns them off (`tasks` is then null).
+
+The output work/eval/<run>.json holds `loss`, `bpb`, `perplexity`, their 95% intervals `loss_ci`
+and `bpb_ci` (null when eval.bootstrap is 0), `tasks`, the scored `tokens`/`bytes`/`docs`, and under `plan`
+the run's key figures (arch, N, N_active, r_a, training tokens, epochs, compute), so the aggregate
+stage needs nothing else.
+
+Device: CUDA when visible, else CPU; always float32 (scoring is cheap next to training, and
+float32 keeps the figures comparable across machines).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_study.cli import n_workers, progress
+from moe_study.config.schema import EvalConfig, Params
+from moe_study.data.artefacts import load_manifest
+from moe_study.data.heldout import HeldoutDoc, load_heldout
+from moe_study.evaluation.tasks import evaluate_tasks
+from moe_study.hashing import sha256_file, sha256_tree
+from moe_study.io import WORK, read_json, write_json
+from moe_study.model.lm import LM, load_model
+from moe_study.provenance import provenance
+
+PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
+             "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
+
+log = logging.getLogger("stages.evaluate")
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated (the message names the file or field)."""
+
+
+def select_docs(docs: list[HeldoutDoc], max_tokens: int | None, seed: int) -> tuple[list[HeldoutDoc], int]:
+    """Drop empty docs; under a cap, take whole docs of a seeded order until the next would exceed it.
+
+    Returns (docs to score, number of empty docs skipped). Each doc costs len(tokens) + 1 predictions.
+    """
+    nonempty = [d for d in docs if len(d.tokens) > 0]
+    skipped = len(docs) - len(nonempty)
+    if max_tokens is None:
+        return nonempty, skipped
+    order = np.random.default_rng(seed).permutation(len(nonempty))
+    chosen, total = [], 0
+    for i in order.tolist():
+        cost = len(nonempty[i].tokens) + 1
+        if total + cost > max_tokens:
+            break
+        chosen.append(nonempty[i])
+        total += cost
+    if not chosen:
+        raise EvalError(f"eval.max_tokens={max_tokens} is below the first held-out document's "
+                        f"{len(nonempty[order[0]].tokens) + 1} predictions")
+    chosen.sort(key=lambda d: d.doc)
+    return chosen, skipped
+
+
+def windows(tokens: np.ndarray, eos_id: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) windows of at most seq_len predictions covering EOS + tokens + EOS."""
+    seq = np.concatenate([[eos_id], tokens, [eos_id]]).astype(np.int64)
+    out = []
+    for start in range(0, len(seq) - 1, seq_len):
+        inp = seq[start:start + seq_len]
+        tgt = seq[start + 1:start + seq_len + 1]
+        out.append((inp[:len(tgt)], tgt))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def score_docs(model: LM, docs: list[HeldoutDoc], eos_id: int, batch_size: int,
+               device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document (summed nats, predicted tokens), float64/int64, in the order of `docs`."""
+    seq_len = model.arch.seq_len
+    items: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for i, d in enumerate(docs):
+        items.extend((i, inp, tgt) for inp, tgt in windows(d.tokens, eos_id, seq_len))
+    # longest first: batches of similar length waste little padding, and the order is fixed
+    items.sort(key=lambda it: (-len(it[2]), it[0]))
+    nats = np.zeros(len(docs), dtype=np.float64)
+    count = np.zeros(len(docs), dtype=np.int64)
+    model.eval()
+    batches = range(0, len(items), batch_size)
+    for b in progress(batches, total=len(batches), desc="evaluate", unit="batch"):
+        chunk = items[b:b + batch_size]
+        width = len(chunk[0][2])
+        x = torch.full((len(chunk), width), eos_id, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for r, (_, inp, tgt) in enumerate(chunk):
+            x[r, :len(inp)] = torch.from_numpy(inp)
+            y[r, :len(tgt)] = torch.from_numpy(tgt)
+        logits = model(x.to(device)).logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
+                              ignore_index=-100, reduction="none").view(len(chunk), width)
+        per_row = nll.double().sum(dim=1).cpu().numpy()
+        for r, (i, _, tgt) in enumerate(chunk):
+            nats[i] += per_row[r]
+            count[i] += len(tgt)
+    return nats, count
+
+
+def summary(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray) -> dict[str, float]:
+    """`tokens`/`bytes` are the scored held-out predictions and UTF-8 bytes (not training tokens)."""
+    total_nats, total_tokens, total_bytes = float(nats.sum()), int(count.sum()), int(n_bytes.sum())
+    loss = total_nats / total_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": total_nats / math.log(2) / total_bytes,
+            "tokens": total_tokens, "bytes": total_bytes, "nats": total_nats}
+
+
+def bootstrap(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray, resamples: int,
+              seed: int) -> dict[str, Any] | None:
+    """95% percentile intervals of loss and bpb, resampling documents with replacement."""
+    if resamples == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    n = len(nats)
+    loss = np.empty(resamples)
+    bpb = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        s = nats[idx].sum()
+        loss[r] = s / count[idx].sum()
+        bpb[r] = s / math.log(2) / n_bytes[idx].sum()
+    return {"resamples": resamples, "seed": seed, "level": 0.95,
+            "loss": [float(np.percentile(loss, 2.5)), float(np.percentile(loss, 97.5))],
+            "bpb": [float(np.percentile(bpb, 2.5)), float(np.percentile(bpb, 97.5))],
+            "loss_se": float(loss.std(ddof=1)) if resamples > 1 else None,
+            "bpb_se": float(bpb.std(ddof=1)) if resamples > 1 else None}
+
+
+def evaluate_model(model: LM, docs: list[HeldoutDoc], eos_id: int, cfg: EvalConfig,
+                   device: torch.device) -> dict[str, Any]:
+    """Score the selected docs and return the metrics (no files)."""
+    nats, count = score_docs(model, docs, eos_id, cfg.batch_size, device)
+    n_bytes = np.array([d.n_bytes for d in docs], dtype=np.int64)
+    if n_bytes.sum() <= 0:
+        raise EvalError("the scored held-out documents have 0 bytes in total (n_bytes column)")
+    out = summary(nats, count, n_bytes)
+    out["docs"] = len(docs)
+    ci = bootstrap(nats, count, n_bytes, cfg.bootstrap, cfg.seed)
+    out["bootstrap"] = ci
+    out["loss_ci"] = ci["loss"] if ci else None  # null when eval.bootstrap = 0
+    out["bpb_ci"] = ci["bpb"] if ci else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------- stage
+def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = None) -> dict[str, Any]:
+    """The stage: load model and held-out docs, score, write work/eval/<run>.json."""
+    p.run(run)
+    cfg = p.eval
+    rdir = work / "runs" / run
+    model_dir, plan_path = rdir / "model", rdir / "plan.json"
+    tokens_dir, split_path = work / "tokens", work / "split" / "split.parquet"
+    plan = read_json(plan_path)
+    missing = [k for k in PLAN_KEYS if k not in plan]
+    if missing:
+        raise EvalError(f"{plan_path}: missing key(s) {missing} (re-run the plan stage)")
+    manifest = load_manifest(tokens_dir)
+    torch.set_num_threads(n_workers())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(model_dir, device=device)
+    if config["arch"] != plan.get("arch"):
+        raise EvalError(f"{model_dir}/config.json arch differs from {plan_path} (re-run train)")
+    eos_id = int(config.get("eos_id", manifest.get("eos_id", -1)))
+    if "eos_id" in manifest and int(manifest["eos_id"]) != eos_id:
+        raise EvalError(f"{model_dir}: trained with eos_id {eos_id}, {tokens_dir}/manifest.json says "
+                        f"{manifest['eos_id']} (re-run train)")
+    if "vocab_size" in manifest and int(manifest["vocab_size"]) != model.vocab_size:
+        raise EvalError(f"{model_dir}: vocab {model.vocab_size}, tokens manifest says "
+                        f"{manifest['vocab_size']} (re-run train)")
+    all_docs = load_heldout(tokens_dir, split_path)
+    docs, empty = select_docs(all_docs, cfg.max_tokens, cfg.seed)
+    log.info("%s: scoring %d of %d held-out docs (%d empty skipped) on %s", run, len(docs), len(all_docs),
+             empty, device)
+    metrics = evaluate_model(model, docs, eos_id, cfg, device)
+    inputs = {"model": sha256_tree(model_dir), "plan": sha256_file(plan_path), "tokens": manifest["sha256"],
+              "split": sha256_file(split_path)}
+    if cfg.task_items > 0:
+        tasks_dir = work / "tasks"
+        tasks_manifest = tasks_dir / "manifest.json"
+        if not tasks_manifest.exists():
+            raise EvalError(f"{tasks_manifest}: missing (run the tasks stage, or set eval.task_items: 0)")
+        inputs["tasks"] = sha256_file(tasks_manifest)
+        metrics["tasks"] = evaluate_tasks(model, tasks_dir, eos_id, cfg.batch_size, device)
+        log.info("%s: %s", run, ", ".join(f"{k} acc {v['acc']:.4f} of {v['items']}" for k, v in
+                                         metrics["tasks"].items() if v["items"]))
+    else:
+        metrics["tasks"] = None
+    result = {
+        "run": run,
+        "kind": plan["arch"]["kind"],
+        "plan": {k: plan[k] for k in PLAN_KEYS},
+        **metrics,
+        "heldout_docs": len(all_docs),
+        "heldout_docs_empty_skipped": empty,
+        "max_tokens": cfg.max_tokens,
+        "scoring": "each doc alone as EOS+doc+EOS, windows of seq_len without cross-window context",
+        "device": str(device),
+        "provenance": provenance("evaluate", inputs, {"eval": cfg.model_dump(), "run": run}),
+    }
+    write_json((out_dir or work / "eval") / f"{run}.json", result)
+    ci = metrics["bootstrap"]
+    log.info("%s: loss %.4f nats/token, bpb %.4f%s over %d tokens / %d bytes", run, metrics["loss"],
+             metrics["bpb"], f" [{ci['bpb'][0]:.4f}, {ci['bpb'][1]:.4f}]" if ci else "",
+             metrics["tokens"], metrics["bytes"])
+    return result
