@@ -46,8 +46,14 @@ def module_path(module: str, root: Path = ROOT) -> Path | None:
     return None
 
 
-def _imported(path: Path, module: str) -> set[str]:
-    """Project modules a file imports, anywhere in it (`from pkg import sub` counts `pkg.sub` if it is one)."""
+def direct_imports(module: str, root: Path = ROOT) -> set[str]:
+    """The project modules `module`'s file imports, anywhere in it (lazy imports in functions too).
+
+    `from pkg import name` counts `pkg.name` when that is a module, else `pkg`; the packages above
+    an imported module are not listed here (import_closure adds them: importing runs them)."""
+    path = module_path(module, root)
+    if path is None:
+        return set()
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -58,9 +64,10 @@ def _imported(path: Path, module: str) -> set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-    return {m for m in found if m.split(".")[0] in PACKAGES}
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                found.add(sub if module_path(sub, root) is not None else base)
+    return {m for m in found if m.split(".")[0] in PACKAGES and module_path(m, root) is not None}
 
 
 def _validation_only(importer: str, imported: str) -> bool:
@@ -79,11 +86,10 @@ def import_closure(module: str, root: Path = ROOT) -> tuple[str, ...]:
             name = ".".join(parts[:i])
             if name in seen:
                 continue
-            path = module_path(name, root)
-            if path is None:  # a name imported from a module, not a module
+            if module_path(name, root) is None:
                 continue
             seen.add(name)
-            todo.extend(m for m in _imported(path, name) if not _validation_only(name, m))
+            todo.extend(m for m in direct_imports(name, root) if not _validation_only(name, m))
     return tuple(sorted(seen))
 
 

@@ -1,4 +1,4 @@
-"""Stage `corpus`: the document table (id, source, text) from the sources in params.yaml.
+"""The document table (used by stage `corpus`) (id, source, text) from the sources in params.yaml.
 
 Reads `corpus.sources` in order (Debian packages via `moe_study.data.recipes`, the user's Parquet / JSONL /
 plain-text files, or `moe_study.data.synthetic`), filters documents, and streams them into

@@ -1,4 +1,4 @@
-"""dedupe: exact and MinHash-LSH near-duplicate clusters, one survivor per cluster.
+"""Exact and MinHash-LSH near-duplicate clusters of token shards or a Parquet file; one survivor each.
 
 Two entry points, one core (`moe_study/data/minhash.py`):
 

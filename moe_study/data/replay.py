@@ -1,4 +1,4 @@
-"""replay@run: the epoch-replay data plan of one run (which epochs, how much of each), as a manifest.
+"""The epoch-replay data plan of one run (which epochs, how much of each), as a manifest.
 
 The run's plan gives its token budget T, the shared unique-token budget U, seq_len and the data
 seed. This stage makes sure the content-addressed store (moe_study/data/shards.py) holds the unique set

@@ -1,4 +1,4 @@
-"""split: train / held-out split by duplicate cluster, after dedupe.
+"""The train / held-out split by duplicate cluster, after dedupe.
 
 Why by cluster: a held-out document whose near duplicate is in training measures memorisation,
 not generalisation. Only the dedupe survivors (keep == True) enter the split, and the side is a

@@ -1,4 +1,4 @@
-"""tasks: zero-shot tasks built from the held-out documents, and how a model is scored on them.
+"""Zero-shot tasks built from the held-out documents (scored by moe_study.evaluation.tasks).
 
 Why built here and not downloaded: the study's models are tiny and trained on one corpus, the
 machines have no hub access, and items drawn from the deduplicated held-out split can never have

@@ -1,4 +1,4 @@
-"""tokenize: train (or load) a byte-level BPE tokenizer and encode every document into token shards.
+"""Train (or load) a byte-level BPE tokenizer and encode every document into token shards.
 
 Why it looks like this:
 - Byte-level BPE (HF `tokenizers`) encodes any text losslessly, so decoding a document's tokens

@@ -1,4 +1,4 @@
-"""evaluate@run: held-out loss and bits per byte of one trained run, with a bootstrap interval.
+"""Held-out loss and bits per byte of one trained run (stage `evaluate`), with a bootstrap interval.
 
 Held-out documents are the rows of work/split/split.parquet with split == "heldout"; their tokens
 come from the token shards. Each document is scored on its own as `EOS d EOS`: the model predicts

@@ -1,4 +1,4 @@
-"""aggregate: the study database (DuckDB) from the per-run collect outputs, and the study report.
+"""The study database (DuckDB) from the per-run collect outputs, and the study report.
 
 Incremental by construction: each run's rows are made once by collect@run (work/collect/<run>/);
 this stage only unions them with DuckDB `read_parquet` (the runs of params.yaml, nothing stale), adds

@@ -1,4 +1,4 @@
-"""collect@run: one run's plan, training record and evaluation as Parquet rows for the study database.
+"""One run's plan, training record and evaluation as Parquet rows for the study database.
 
 Why a stage per run: aggregation is incremental. Adding or re-running one run re-collects that run
 only; the aggregate stage unions the per-run files with DuckDB (`read_parquet`), so its own work is

@@ -1,4 +1,4 @@
-"""plan_table: the study's plan as one table (results/<study>/plan.parquet and plan.md).
+"""The study's plan as one table (results/<study>/plan.parquet and plan.md).
 
 Its key figures per run also go to results/<study>/plan_metrics.json, a DVC metric, so
 `dvc exp show` lists each experiment's planned r_a, N, tokens, epochs and FLOPs per token.

@@ -1,4 +1,4 @@
-"""train@run: train one dense or MoE LM on its replayed token stream, exactly plan["steps"] steps.
+"""The training loop: train one dense or MoE LM on its replayed token stream, exactly plan["steps"] steps.
 
 Inputs: the run's plan.json (architecture, steps, tokens), its replay.json (the epoch-replay data
 plan, read through moe_study.data.shards.ReplayLoader) and the token manifest (vocab size, EOS id).
