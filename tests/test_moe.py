@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.experts import combine, dispatch
 from moe_study.accounting import Architecture
 from moe_study.config.schema import RouterConfig
 from moe_study.model.layers import ModelConfigError
 from moe_study.model.lm import build_model, load_model, save_model
-from moe_study.model.moe import MoE, Router, combine, dispatch
+from moe_study.model.moe import MoE
+from moe_study.model.router import Router
 
 
 def test_dispatch_combine_gradients_match_plain_indexing() -> None:
