@@ -1,4 +1,8 @@
-"""Expert kernels for the MoE layers (grouped GEMM with interchangeable backends)."""
+"""Expert kernels for the MoE layers (grouped GEMM with interchangeable backends).
+
+The model calls this package through two entry points: kernels.experts (dispatch, expert GEMMs,
+combine) and kernels.router (the fused router). Nothing here imports moe_study or stages.
+"""
 
 from kernels.grouped_gemm import (
     BACKENDS,

@@ -1,6 +1,6 @@
 """Grouped GEMM for MoE experts: one matrix product per expert over that expert's rows.
 
-After dispatch (moe_study/model/) the routed token rows are sorted by expert, so expert e owns the
+After dispatch (kernels/experts.py) the routed token rows are sorted by expert, so expert e owns the
 contiguous row range [offs[e-1], offs[e]) of `x`. `grouped_mm(x, w, offs)` returns, for every e,
 `x[rows of e] @ w[e]` stacked in the same row order: the whole expert FFN is three such calls
 instead of E small matmuls (MegaBlocks' "dropless" formulation: no capacity, no padding).
@@ -25,7 +25,7 @@ Speeds (H100, bf16): results/kernels/grouped_gemm_h100.md (`bench/kernels_bench.
 
 Why the fallback instead of an error: the backend is a speed choice, never a maths choice, so a
 run must not fail (or silently differ) because a kernel lacks a dtype; the backend that actually
-ran is recorded by the caller (`GroupedExperts.last_backend` in moe_study/model/).
+ran is returned by kernels/experts.py (`GroupedExperts.last_backend` in moe_study/model/).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ its epilogue, the SwiGLU backward in the epilogue of the down projection's input
 (OPTIONS["combine"], off by default: measured slower) the gate-weighted combine (un-permutation) in the
 down projection's epilogue with the gate-weight gradient in that input-gradient GEMM's epilogue.
 
-The unfused path (moe_study/model/ with the `cutlass`/`torch_grouped` backends) runs
+The unfused path (kernels/experts.py with the `cutlass`/`torch_grouped` backends) runs
     x_perm = permute(x)          (P, d) written          h13 = x_perm @ w13[e]      (P, 2f) written
     act = swiglu(h13)            (P, 2f) read again      y_perm = act @ w2[e]       (P, d) written
     y = unpermute(y_perm, w)     (P, d) gathered back

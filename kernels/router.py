@@ -1,7 +1,7 @@
 """Fused MoE router: scores, top-k, renormalised weights, counts, balancing and z losses in two small
 Triton kernels forward and one backward.
 
-The eager router (moe_study/model/ `Router`) is ~15 launches forward (softmax, mean, topk, sum, div,
+The eager router (moe_study/model/router.py `Router`) is ~15 launches forward (softmax, mean, topk, sum, div,
 a scatter_add for the counts, logsumexp, pow, mean, ...) and a long autograd chain of small kernels
 backward; at T=16384 tokens, top-8 of 64 it was ~0.45 ms of a ~3.5 ms MoE layer step on an H100
 (results/kernels/profile_moe_layer_fused_shape0_h100.txt). Here, from the router logits x (T, E):

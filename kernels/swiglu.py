@@ -1,6 +1,6 @@
 """SwiGLU of the fused gate/up projection: silu(h13[:, :f]) * h13[:, f:], with a one-pass backward.
 
-The MoE experts compute gate and up as ONE grouped GEMM into h13 (rows, 2f) (moe_study/model/).
+The MoE experts compute gate and up as ONE grouped GEMM into h13 (rows, 2f) (kernels/experts.py).
 Eager PyTorch on the two strided halves costs several full passes and, in the backward, two
 zero-filled (rows, 2f) slice gradients and their sum. Here the forward reads h13 once and writes h
 once, and the backward reads h13 and dh once and writes dh13 once: on CUDA through two small

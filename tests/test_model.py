@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.experts import combine, dispatch
 from moe_study.accounting import Architecture, plan_run
 from moe_study.config.load import load_params
 from moe_study.model.layers import ModelConfigError
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, load_model, save_model
-from moe_study.model.moe import MoE, Router, combine, dispatch
+from moe_study.model.moe import MoE
+from moe_study.model.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 97

@@ -3,15 +3,22 @@ dispatch/combine, router config plumbing, and (on a GPU) the MoE layer equal acr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.experts import combine, dispatch, expert_forward
 from moe_study.accounting import Architecture
 from moe_study.config.schema import RouterConfig
 from moe_study.model.layers import ModelConfigError
 from moe_study.model.lm import build_model, load_model, save_model
-from moe_study.model.moe import MoE, Router, combine, dispatch
+from moe_study.model.moe import MoE
+from moe_study.model.router import Router
 
 
 def test_dispatch_combine_gradients_match_plain_indexing() -> None:
@@ -220,3 +227,35 @@ def test_swiglu_reference_still_dense_maths() -> None:
     e = moe.experts
     h = F.silu(x @ e.w1[0]) * (x @ e.w3[0]) @ e.w2[0]
     assert h.shape == (5, 8)
+
+
+def test_expert_facade_takes_plain_values_and_reports_what_ran() -> None:
+    """kernels.experts.expert_forward: y = sum_j w_tj expert_{i_tj}(x_t), the backend that ran, and the
+    reason a request fell back ("fused" on a CPU without Triton's interpreter)."""
+    torch.manual_seed(4)
+    T, k, E, d, f = 9, 2, 5, 6, 4
+    x = torch.randn(T, d, dtype=torch.float64)
+    w13 = torch.randn(E, d, 2 * f, dtype=torch.float64)
+    w2 = torch.randn(E, f, d, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.float64)
+    res = expert_forward(x, w, idx, None, w13, w2, "reference")
+    want = torch.stack([sum(w[t, j] * (F.silu(x[t] @ w13[e, :, :f]) * (x[t] @ w13[e, :, f:])) @ w2[e]
+                            for j, e in enumerate(idx[t].tolist())) for t in range(T)])
+    torch.testing.assert_close(res.y, want)
+    assert (res.backend_used, res.fallback_reason) == ("reference", None)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        fb = expert_forward(x, w, idx, None, w13, w2, "fused")
+        assert torch.equal(fb.y, res.y) and "fused" in (fb.fallback_reason or "")
+    with pytest.raises(ValueError, match="expert backend 'fast'"):
+        expert_forward(x, w, idx, None, w13, w2, "fast")
+
+
+def test_kernels_do_not_import_the_library() -> None:
+    """The import direction is stages -> moe_study -> kernels: the expert facade and the fused router
+    load neither moe_study nor stages (they take plain values, never a config object)."""
+    code = ("import sys, kernels, kernels.experts, kernels.router\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('moe_study', 'stages')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -45,7 +45,8 @@ import json, torch
 from kernels import moe_fused
 from kernels.grouped_gemm import _reference
 from kernels.swiglu import swiglu
-from moe_study.model.moe import MoE, route
+from kernels.experts import route
+from moe_study.model.moe import MoE
 
 def routed(T, k, E, seed, empty):
     g = torch.Generator().manual_seed(seed)
@@ -250,7 +251,7 @@ def test_fused_layer_matches_unfused_on_gpu(shape: tuple[int, int, int, int, int
 
 def _gpu_block_inputs(shape: tuple[int, int, int, int, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """bf16 expert-block inputs on the GPU, routed by random scores with every (t, e) pair distinct."""
-    from moe_study.model.moe import route
+    from kernels.experts import route
 
     T, k, E, d, f = shape
     g = torch.Generator(device="cuda").manual_seed(seed)

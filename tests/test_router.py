@@ -18,8 +18,10 @@ import torch
 from test_moe_fused import HAVE_TRITON, run_interpreted
 
 from kernels import router as fused
+from kernels.experts import expert_counts, route
 from moe_study.config.schema import RouterConfig
-from moe_study.model.moe import MoE, Router, expert_counts, route
+from moe_study.model.moe import MoE
+from moe_study.model.router import Router
 
 CUDA = torch.cuda.is_available()
 
@@ -127,7 +129,8 @@ def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, 
 CASES = r"""
 import json, torch
 from kernels import router as R
-from moe_study.model.moe import MoE, Router
+from moe_study.model.moe import MoE
+from moe_study.model.router import Router
 from moe_study.config.schema import RouterConfig
 
 def err(a, b, floor=1e-12):

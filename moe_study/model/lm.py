@@ -1,4 +1,4 @@
-"""The decoder LM of the study: dense SwiGLU or top-k routed MoE, in one readable file.
+"""The decoder LM of the study: dense SwiGLU or top-k routed MoE.
 
 The architecture is fixed by moe_study/accounting.py (whose formulas the planner uses to equalise
 non-vocabulary parameters N and compute C): pre-norm blocks of RMSNorm (weight only), causal
@@ -8,14 +8,16 @@ plus optional always-active shared experts; MoE models may keep their first laye
 every n-th) dense. `count_nonvocab_params` counts the
 real module so a test can prove it equals `Architecture.nonvocab_total / nonvocab_active`.
 
-MoE layout (torchtitan style, kept as three parts so each can be tested alone):
-- `Router`: softmax over E logits, top-k, renormalised top-k weights, Switch/GShard
-  load-balancing loss E * sum_i f_i P_i, optional router z-loss mean(logsumexp(logits)^2).
-- `dispatch` / `combine`: sort the (token, slot) pairs by expert so each expert's rows are
-  contiguous (per-expert counts and int32 cumulative offsets), and the inverse permutation with
-  the weighted sum over the k slots. Dropless: no capacity factor, no token is ever dropped.
-- `GroupedExperts`: the E experts as stacked (E, d, f) / (E, f, d) weights computed by
-  `kernels.grouped_mm` (reference loop on CPU, one grouped kernel on GPU).
+Where the parts live (torchtitan style: each part can be tested and swapped alone):
+- layers.py: RMSNorm, rotary attention, the dense SwiGLU.
+- router.py: `Router`, softmax or sigmoid over E logits, top-k, renormalised top-k weights,
+  optional aux-loss-free bias; balancing.py: the Switch/GShard load-balancing loss
+  E * sum_i f_i P_i, the router z-loss mean(logsumexp(logits)^2) and the bias step.
+- moe.py: the `MoE` block, `GroupedExperts` (the E experts as stacked (E, d, 2f) / (E, f, d)
+  weights) and `SharedExperts`.
+- kernels/experts.py: dispatch (sort the (token, slot) pairs by expert), the grouped expert GEMMs
+  (reference loop on CPU, one grouped kernel or the fused Triton block on GPU) and combine (the
+  inverse permutation with the weighted sum over the k slots). Dropless: no token is ever dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from torch import nn
 from moe_study.accounting import Architecture
 from moe_study.config.schema import RouterConfig
 from moe_study.model.layers import Attention, ModelConfigError, RMSNorm, SwiGLU
-from moe_study.model.moe import MoE, MoEOutput, Router, SharedExperts
+from moe_study.model.moe import MoE, MoEOutput, SharedExperts
+from moe_study.model.router import Router
 
 INIT_STD = 0.02
 
