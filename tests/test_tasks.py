@@ -13,8 +13,9 @@ from task_helpers import EOS, PrefixOracle, make_texts, make_tokenizer, random_m
 
 from moe_study.config.schema import EvalConfig
 from moe_study.data.tasks import CHOICES, choice_items, cloze_items, encode_items, jsonl
+from moe_study.evaluation.scoring import score_continuations
 from moe_study.evaluation.stats import wilson
-from moe_study.evaluation.tasks import evaluate_tasks, score_continuations
+from moe_study.evaluation.tasks import evaluate_tasks
 
 TEXTS = make_texts()
 CFG = EvalConfig(task_items=60, choice_words=3, min_context_words=4)
