@@ -350,4 +350,4 @@ def test_accuracy_interval_over_seeds_keeps_the_item_sampling() -> None:
 
 @pytest.mark.parametrize(("n", "t"), [(2, 12.706), (5, 2.776), (11, 2.228), (16, 2.131), (31, 2.042), (121, 1.980)])
 def test_t_quantiles(n: int, t: float) -> None:
-    assert t95(n) == pytest.approx(t, abs=2e-3)
+    assert t95(n) == pytest.approx(t, abs=5e-4)  # the printed tables round to 3 decimals

@@ -126,7 +126,14 @@ def summary(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray) -> dict[st
 
 def bootstrap(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray, resamples: int,
               seed: int) -> dict[str, Any] | None:
-    """95% percentile intervals of loss and bpb, resampling documents with replacement."""
+    """95% percentile intervals of loss and bpb, resampling documents with replacement.
+
+    Hand-written rather than scipy.stats.bootstrap on purpose: given the same Generator, scipy
+    (paired, method="percentile") draws the same resamples, but its vectorised sums, percentile and
+    standard error differ from these in the last bit, so every committed interval would move by an
+    ulp; it would also need one pass per statistic or a vector-valued one. Loss and bpb share each
+    resample here, and the numbers stay those of every earlier run.
+    """
     if resamples == 0:
         return None
     rng = np.random.default_rng(seed)
