@@ -14,7 +14,6 @@ compares the final training loss (mean of the last 10% of steps) and the loss cu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def train_in_copy(d: Path, tag: str, gpus: int, runs: list[str]) -> dict[str, An
             out[run] = {"failed": str(err)}
             continue
         res = json.loads((c / "work/runs" / run / "train.json").read_text())
-        curve = [float(r["loss"]) for r in csv.DictReader((c / "work/runs" / run / "train_log.csv").open())]
+        curve = pq.read_table(c / "work/runs" / run / "steps.parquet", columns=["loss"]).column("loss").to_pylist()
         out[run] = {"final_loss": res["final_train_loss"], "curve_every_50": curve[::50]} | {
             k: res[k] for k in ("steps", "engine", "processes", "device_name", "tokens_per_second", "mfu",
                                 "wall_seconds", "resumed_from_step")}

@@ -46,7 +46,6 @@ from moe_study.config.schema import ModelConfig, Params, PlannerConfig, RunConfi
 
 COMPUTE_CONVENTIONS = ("6n", "nonvocab", "exact")
 EMBEDDING_CONVENTIONS = ("nonvocab", "with_embeddings")
-QK_NORMS = ("none", "layer", "head")
 
 
 # ------------------------------------------------------------------------------------- the terms
@@ -237,10 +236,6 @@ def _embeddings(a: Architecture, vocab_size: int, count_embeddings: str) -> int:
 def train_flops(n_active: float, tokens: float) -> float:
     """C = 6 N_active T (Kaplan's approximation; the "6n" convention)."""
     return 6.0 * n_active * tokens
-
-
-def tokens_for_compute(n_active: float, compute: float) -> float:
-    return compute / (6.0 * n_active)
 
 
 # ------------------------------------------------------------------------- Hugging Face configs

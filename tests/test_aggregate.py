@@ -314,13 +314,12 @@ def test_collect_names_the_file_and_the_missing_key(tmp_path: Path, file: str, k
 
 
 def test_collect_needs_steps_parquet(tmp_path: Path) -> None:
-    """train always writes steps.parquet; a train_log.csv alone is not read."""
+    """train always writes steps.parquet; without it collect stops and names the file."""
     p = parse_params(RAW)
     work = tmp_path / "work"
     fabricate(work, p, "dense_s0", np.random.default_rng(0))
     rdir = work / "runs/dense_s0"
     (rdir / "steps.parquet").unlink()
-    (rdir / "train_log.csv").write_text("step,loss,lr,tokens,aux_loss,grad_norm\n1,5.0,0.001,512,0.0,0.5\n")
     with pytest.raises(CollectError, match=re.escape(f"{rdir / 'steps.parquet'}: missing (run the train stage)")):
         run_collect(p, "dense_s0", work=work)
 
@@ -350,4 +349,4 @@ def test_accuracy_interval_over_seeds_keeps_the_item_sampling() -> None:
 
 @pytest.mark.parametrize(("n", "t"), [(2, 12.706), (5, 2.776), (11, 2.228), (16, 2.131), (31, 2.042), (121, 1.980)])
 def test_t_quantiles(n: int, t: float) -> None:
-    assert t95(n) == pytest.approx(t, abs=2e-3)
+    assert t95(n) == pytest.approx(t, abs=5e-4)  # the printed tables round to 3 decimals

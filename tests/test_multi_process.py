@@ -8,7 +8,6 @@ same check on two GPUs (NCCL, DeepSpeed) runs only where two GPUs are visible.
 from __future__ import annotations
 
 import copy
-import csv
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train_eval import PARAMS, make_work
+from test_train_eval import PARAMS, make_work, step_curve
 
 from moe_study.config.schema import parse_params
 from moe_study.io import ROOT, read_json
@@ -33,8 +32,7 @@ def train_cli(tmp: Path, raw: dict, run: str) -> subprocess.CompletedProcess:
 
 
 def losses(work: Path, run: str) -> list[float]:
-    rows = csv.DictReader((work / "runs" / run / "train_log.csv").read_text().splitlines())
-    return [float(r["loss"]) for r in rows]
+    return step_curve(work / "runs" / run)["loss"]
 
 
 def two_vs_one(tmp_path: Path, run: str, train: dict) -> tuple[list[float], list[float], dict]:

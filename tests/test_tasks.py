@@ -13,8 +13,9 @@ from task_helpers import EOS, PrefixOracle, make_texts, make_tokenizer, random_m
 
 from moe_study.config.schema import EvalConfig
 from moe_study.data.tasks import CHOICES, choice_items, cloze_items, encode_items, jsonl
+from moe_study.evaluation.scoring import score_continuations
 from moe_study.evaluation.stats import wilson
-from moe_study.evaluation.tasks import evaluate_tasks, score_continuations
+from moe_study.evaluation.tasks import evaluate_tasks
 
 TEXTS = make_texts()
 CFG = EvalConfig(task_items=60, choice_words=3, min_context_words=4)
@@ -119,6 +120,26 @@ def test_accuracy_matches_a_direct_computation(tasks_dir: Path, tok) -> None:
         correct += int(np.argmax(per_byte) == it["label"])
     assert res["choice"]["correct"] == correct and res["choice"]["acc"] == correct / len(choice)
     assert res["choice"]["acc_ci"] == pytest.approx(wilson(correct, len(choice)))
+
+
+def wilson_by_hand(correct: int, n: int, z: float) -> list[float]:
+    """The Wilson score interval written out (what stats.py computed before it used scipy)."""
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def test_wilson_is_the_hand_written_formula() -> None:
+    """scipy's interval is the formula to 1e-12 with the exact quantile; the old z = 1.959964 moves it < 5e-9."""
+    from scipy.special import ndtri
+
+    for n in (1, 2, 5, 10, 64, 100, 999, 3000, 10**5):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            got = wilson(k, n)
+            assert got == pytest.approx(wilson_by_hand(k, n, float(ndtri(0.975))), abs=1e-12), (k, n)
+            assert got == pytest.approx(wilson_by_hand(k, n, 1.959964), abs=5e-9), (k, n)
 
 
 def test_wilson_interval() -> None:

@@ -1,7 +1,7 @@
 """The training step's hot path: what it reduces across processes and copies to the host, per step.
 
 The loop needs the loss, the aux/z losses, the MoE load and the pre-clip gradient norm on the host every
-step (the NaN / spike stop runs before the update; every step is a row of train_log.csv), so the step
+step (the NaN / spike stop runs before the update; every step is a row of steps.parquet), so the step
 packs them into one tensor: one all-reduce, one device-to-host copy.
 """
 

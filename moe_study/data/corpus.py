@@ -295,13 +295,6 @@ def validate_sources(cfg: CorpusConfig, root: Path, cache: Path) -> None:
             for path in resolve_files(src, i, root):
                 if src.kind == "parquet":
                     check_parquet(path, src, i)
-        else:
-            try:
-                from moe_study.data.synthetic import generate  # noqa: F401
-            except ImportError as err:
-                raise CorpusError(
-                    f"corpus.sources[{i}]: kind synthetic needs moe_study/data/synthetic.py ({err})"
-                ) from None
 
 
 # ------------------------------------------------------------------------------------------ build

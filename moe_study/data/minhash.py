@@ -208,7 +208,9 @@ def _band_pairs(key: np.ndarray, max_pairs: int) -> list[np.ndarray]:
 
 def candidate_pairs_by_band(band_keys_iter: Iterable[np.ndarray], n: int,
                             max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
-    """`candidate_pairs` over the band columns given one at a time (each uint64 [n]).
+    """Unique (i, j), i < j, row indices sharing a band key; int64 [pairs, 2], sorted.
+
+    The band key columns come one at a time (each uint64 [n]).
 
     One band's keys and its sort are all that is held besides the pairs found, so the keys of a
     large corpus can stay on disk (`DedupeIndex` reads one band file at a time).
@@ -222,11 +224,6 @@ def candidate_pairs_by_band(band_keys_iter: Iterable[np.ndarray], n: int,
         return np.zeros((0, 2), dtype=np.int64)
     packed = np.unique(np.concatenate(found))
     return np.stack([packed // n, packed % n], axis=1)
-
-
-def candidate_pairs(keys: np.ndarray, max_pairs: int = MAX_BUCKET_PAIRS) -> np.ndarray:
-    """Unique (i, j), i < j, row indices sharing a band key; int64 [pairs, 2], sorted."""
-    return candidate_pairs_by_band((keys[:, b] for b in range(keys.shape[1])), keys.shape[0], max_pairs)
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -527,15 +524,6 @@ class DedupeIndex:
             "lsh_verified_pairs": int(n_verified),
         }
         return DedupeResult(cluster=labels, keep=keep, reason=reason, stats=stats)
-
-
-def dedupe_sequences(
-    batches: Iterable[tuple[np.ndarray, np.ndarray]], cfg: DedupeConfig, threads: int = 1
-) -> DedupeResult:
-    """Run the index over (values, offsets) batches."""
-    with DedupeIndex(cfg, threads) as idx:
-        idx.add_all(batches, lambda b: b)
-        return idx.finish()
 
 
 def dedupe_texts(

@@ -43,7 +43,6 @@ from moe_study.provenance import provenance
 
 TASKS = ("cloze", "choice")
 CHOICES = 4
-TASKS_DIR = WORK / "tasks"
 # a word of >= 3 letters after a space, directly followed by sentence-final punctuation
 SENTENCE_END = re.compile(r"(?<= )([A-Za-z][A-Za-z'-]*[A-Za-z])(?=[.!?](?:\s|$))")
 WORD = re.compile(r"\S+")

@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from moe_study.cli import n_workers, progress
+from moe_study.cli import n_workers
 from moe_study.config.schema import EvalConfig, Params
 from moe_study.data.artefacts import load_manifest
 from moe_study.data.heldout import HeldoutDoc, load_heldout
+from moe_study.evaluation.scoring import score_requests
 from moe_study.evaluation.tasks import evaluate_tasks
 from moe_study.hashing import sha256_file, sha256_tree
 from moe_study.io import WORK, read_json, write_json
@@ -95,35 +95,24 @@ def windows(tokens: np.ndarray, eos_id: int, seq_len: int) -> list[tuple[np.ndar
 
 
 # ---------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
 def score_docs(model: LM, docs: list[HeldoutDoc], eos_id: int, batch_size: int,
                device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Per-document (summed nats, predicted tokens), float64/int64, in the order of `docs`."""
-    seq_len = model.arch.seq_len
-    items: list[tuple[int, np.ndarray, np.ndarray]] = []
+    """Per-document (summed nats, predicted tokens), float64/int64, in the order of `docs`.
+
+    Every window of every document is one request of the shared loop (moe_study.evaluation.scoring),
+    all its predictions targets; a document's nats are its windows' sums added in window order.
+    """
+    doc_of: list[int] = []
+    requests: list[tuple[np.ndarray, int]] = []
     for i, d in enumerate(docs):
-        items.extend((i, inp, tgt) for inp, tgt in windows(d.tokens, eos_id, seq_len))
-    # longest first: batches of similar length waste little padding, and the order is fixed
-    items.sort(key=lambda it: (-len(it[2]), it[0]))
+        for inp, tgt in windows(d.tokens, eos_id, model.arch.seq_len):
+            doc_of.append(i)
+            requests.append((np.append(inp, tgt[-1]), len(tgt)))
+    scores = score_requests(model, requests, eos_id, batch_size, device, desc="evaluate")
     nats = np.zeros(len(docs), dtype=np.float64)
     count = np.zeros(len(docs), dtype=np.int64)
-    model.eval()
-    batches = range(0, len(items), batch_size)
-    for b in progress(batches, total=len(batches), desc="evaluate", unit="batch"):
-        chunk = items[b:b + batch_size]
-        width = len(chunk[0][2])
-        x = torch.full((len(chunk), width), eos_id, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for r, (_, inp, tgt) in enumerate(chunk):
-            x[r, :len(inp)] = torch.from_numpy(inp)
-            y[r, :len(tgt)] = torch.from_numpy(tgt)
-        logits = model(x.to(device)).logits.float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
-                              ignore_index=-100, reduction="none").view(len(chunk), width)
-        per_row = nll.double().sum(dim=1).cpu().numpy()
-        for r, (i, _, tgt) in enumerate(chunk):
-            nats[i] += per_row[r]
-            count[i] += len(tgt)
+    np.add.at(nats, doc_of, -scores.logprob)  # in window order: the order the sums were always added in
+    np.add.at(count, doc_of, scores.count)
     return nats, count
 
 
@@ -137,7 +126,14 @@ def summary(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray) -> dict[st
 
 def bootstrap(nats: np.ndarray, count: np.ndarray, n_bytes: np.ndarray, resamples: int,
               seed: int) -> dict[str, Any] | None:
-    """95% percentile intervals of loss and bpb, resampling documents with replacement."""
+    """95% percentile intervals of loss and bpb, resampling documents with replacement.
+
+    Hand-written rather than scipy.stats.bootstrap on purpose: given the same Generator, scipy
+    (paired, method="percentile") draws the same resamples, but its vectorised sums, percentile and
+    standard error differ from these in the last bit, so every committed interval would move by an
+    ulp; it would also need one pass per statistic or a vector-valued one. Loss and bpb share each
+    resample here, and the numbers stay those of every earlier run.
+    """
     if resamples == 0:
         return None
     rng = np.random.default_rng(seed)

@@ -3,7 +3,7 @@
 Why: the study's own tasks (stages/tasks.py) need no download, but any task the harness knows
 can then be run on the same model: a YAML task over a local JSONL (`dataset_path: json`) works
 offline. The adapter only turns strings into the project's token ids; scoring is the project's
-`moe_study.evaluation.tasks.score_continuations` (each request alone, as EOS + context + continuation), so the
+`moe_study.evaluation.scoring.score_continuations` (each request alone, as EOS + context + continuation), so the
 harness and `evaluate@run` agree on the same items (tests/test_lm_eval.py checks it).
 
     python -m moe_study.evaluation.lm_eval_adapter --run dense_s0 --export-study-tasks work/lm_eval  # tasks
@@ -32,7 +32,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from moe_study.evaluation.tasks import score_continuations
+from moe_study.evaluation.scoring import score_continuations
 from moe_study.io import write_bytes, write_json
 from moe_study.model.lm import load_model
 

@@ -5,7 +5,7 @@ this stage only unions them with DuckDB `read_parquet` (the runs of params.yaml,
 the views and writes the exports, so adding a run re-collects that run alone.
 
 `results/<study>/metrics.duckdb` (and a copy of the current study at `results/metrics.duckdb`):
-- table `runs`: one row per run (columns: stages/collect.py RUN_COLUMNS: run_id, study, kind,
+- table `runs`: one row per run (columns: moe_study/report/collect.py RUN_COLUMNS: run_id, study, kind,
   total_params, active_params, activation_rate, experts, top_k, shared_experts, train_flops,
   tokens_seen, unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
   intervals, audit deviations, params_sha256, ...);

@@ -10,7 +10,8 @@ work/eval/<run>.json. Every key of those files that the rows need is required (R
 file that lacks one is an error naming the file and the key, not a silent default. Outputs in
 work/collect/<run>/:
 - `run.parquet`: one row of the `runs` table (RUN_COLUMNS);
-- `steps.parquet`: the training curve (STEP_COLUMNS; a column the trainer did not log is null);
+- `steps.parquet`: the training curve (STEPS_TABLE_COLUMNS: run_id, study and the trainer's STEP_COLUMNS;
+  a column the trainer did not log is null);
 - `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
 
 `train_flops` is the plan's training FLOPs per token (in the budget's `compute_convention`; 6 N_active
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 from moe_study.config.schema import Params
 from moe_study.hashing import sha256_file, sha256_json
 from moe_study.io import WORK, atomic_path, read_json
+from moe_study.train.trainlog import STEP_COLUMNS
 
 log = logging.getLogger("stages.collect")
 
@@ -55,12 +57,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("audit_flops_dev", pa.float64()), ("audit_max_dev", pa.float64()), ("audit_ok", pa.bool_()),
     ("wall_seconds", pa.float64()), ("params_sha256", pa.string()), ("eval_sha256", pa.string()),
 ]
-STEP_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("run_id", pa.string()), ("study", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()),
-    ("loss", pa.float64()), ("lr", pa.float64()), ("grad_norm", pa.float64()), ("tokens_per_s", pa.float64()),
-    ("mfu", pa.float64()), ("aux_loss", pa.float64()), ("z_loss", pa.float64()),
-    ("load_max_over_mean", pa.float64()), ("load_entropy", pa.float64()),
-]
+# the `steps` table: the trainer's steps.parquet columns (their schema lives with the writer) under the run
+STEPS_TABLE_COLUMNS: list[tuple[str, pa.DataType]] = [("run_id", pa.string()), ("study", pa.string()), *STEP_COLUMNS]
 LOAD_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("study", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
     ("fraction", pa.float64()), ("over_uniform", pa.float64()),
@@ -174,9 +172,8 @@ def step_rows(run: str, study: str, rdir: Path) -> pa.Table:
         raise CollectError(f"{path}: missing (run the train stage)")
     t = pq.read_table(path)
     n = t.num_rows
-    cols = [c for c, _ in STEP_COLUMNS if c not in ("run_id", "study")]
-    data = {c: t.column(c).to_pylist() if c in t.column_names else [None] * n for c in cols}
-    return pa.table({"run_id": [run] * n, "study": [study] * n, **data}, schema=schema(STEP_COLUMNS))
+    data = {c: t.column(c).to_pylist() if c in t.column_names else [None] * n for c, _ in STEP_COLUMNS}
+    return pa.table({"run_id": [run] * n, "study": [study] * n, **data}, schema=schema(STEPS_TABLE_COLUMNS))
 
 
 def load_rows(run: str, study: str, train: dict[str, Any]) -> pa.Table:

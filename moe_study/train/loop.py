@@ -3,8 +3,8 @@
 Inputs: the run's plan.json (architecture, steps, tokens), its replay.json (the epoch-replay data
 plan, read through moe_study.data.shards.ReplayLoader) and the token manifest (vocab size, EOS id).
 Outputs: work/runs/<run>/model/ (model.safetensors + HF-style config.json, renamed into place at
-the end), train_log.csv (one row per step), steps.parquet (one row per step: loss, lr, grad norm,
-tokens, tokens/s, MFU, MoE load), dvclive/ (the same curves for `dvc plots` / `dvc exp show`) and
+the end), steps.parquet (one row per step: loss, lr, grad norm, tokens, tokens/s, MFU, MoE load;
+the run's one per-step record), dvclive/ (the same curves for `dvc plots` / `dvc exp show`) and
 train.json (metrics and provenance, written last).
 
 Recipe (the same for every run, so only the architecture and the data reuse differ): AdamW with
@@ -33,8 +33,6 @@ data order is fixed by the replay, the init by the seed, and every CPU op used i
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -49,7 +47,7 @@ import torch
 from moe_study.cli import n_workers
 from moe_study.config.schema import Params, TrainConfig, batch_split
 from moe_study.hashing import sha256_file
-from moe_study.io import WORK, atomic_path, read_json, write_bytes, write_json
+from moe_study.io import WORK, atomic_path, read_json, write_json
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, save_model
 from moe_study.provenance import provenance
 from moe_study.train import checkpoint
@@ -127,7 +125,7 @@ def step_values_to_host(means: torch.Tensor, norm: torch.Tensor | None, world: i
     after the reduction (it is already global: the engine all-reduced the gradients before taking it).
     Why one packed tensor: every separate all-reduce or `.cpu()` is a stall of the host on the GPU;
     the loop needs these values every step anyway (the NaN / spike stop checks the loss and the norm
-    before the update, and every step is a row of train_log.csv). float64, not float32: the loss
+    before the update, and every step is a row of steps.parquet). float64, not float32: the loss
     is a mean over micro-batches, and float64 keeps the logged values what they were (byte-identical
     CPU runs); the tensor is tiny (3 + layers * E numbers).
     """
@@ -325,15 +323,6 @@ def summarize(history: list[StepStats], trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def log_csv(history: list[StepStats]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["step", "loss", "lr", "tokens", "aux_loss", "grad_norm"])
-    for h in history:
-        w.writerow([h.step, repr(h.loss), repr(h.lr), h.tokens, repr(h.aux_loss), repr(h.grad_norm)])
-    return buf.getvalue().encode()
-
-
 # ---------------------------------------------------------------------------------------- stage
 def check_plan(plan: dict[str, Any], plan_path: Path | str, cfg: TrainConfig) -> None:
     """The plan fields the loop relies on, and that it matches the current train section."""
@@ -473,7 +462,6 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
-    write_bytes(rdir / "train_log.csv", log_csv(trainer.history))
     kind = plan["arch"]["kind"]
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
     result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,

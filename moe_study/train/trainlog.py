@@ -3,8 +3,8 @@
 - `StepStats`: one row per optimizer step (loss, lr, grad norm, tokens, tokens/s, MFU, and for MoE
   the aux/z losses and the step's expert load: max/mean over experts, worst layer, and the
   normalised entropy, mean over layers; and per layer, as list columns: max/mean, entropy and the
-  fraction of routed slots per expert). The same rows make train_log.csv (the historical columns),
-  work/runs/<run>/steps.parquet (every column, for DuckDB) and the dvclive curves.
+  fraction of routed slots per expert). The same rows make work/runs/<run>/steps.parquet (every
+  column, for DuckDB; its schema is STEP_COLUMNS + LAYER_COLUMNS) and the dvclive curves.
 - MFU = (model FLOPs per token from the planner, moe_study.accounting) * tokens/s / device peak.
   Peaks are dense bf16 tensor-core figures of the datasheets (fp32 runs use the same peak, so
   their MFU is honest about what was left on the table). On CPU there is no trustworthy peak, so
@@ -19,17 +19,29 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import pyarrow as pa
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the collect stage can read STEP_COLUMNS without it
+    import torch
 
 # Dense bf16 tensor-core peaks, TFLOP/s (datasheets; substring of torch.cuda.get_device_name).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
-STEP_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss",
-                "load_max_over_mean", "load_entropy")
+# The schema of steps.parquet, defined once: the trainer writes these columns and the collect stage
+# (moe_study.report.collect) reads them into the study database's `steps` table. One row per step.
+STEP_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("step", pa.int64()), ("tokens", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
+    ("grad_norm", pa.float64()), ("tokens_per_s", pa.float64()), ("mfu", pa.float64()),
+    ("aux_loss", pa.float64()), ("z_loss", pa.float64()),  # null for dense runs, as the load columns
+    ("load_max_over_mean", pa.float64()), ("load_entropy", pa.float64()),
+)
 # MoE only, per layer (lists): max/mean load, normalised entropy, fraction of routed slots per expert
-LAYER_COLUMNS = ("layer_load_max_over_mean", "layer_load_entropy", "layer_expert_fraction")
+LAYER_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("layer_load_max_over_mean", pa.list_(pa.float64())), ("layer_load_entropy", pa.list_(pa.float64())),
+    ("layer_expert_fraction", pa.list_(pa.list_(pa.float64()))),
+)
 
 
 @dataclass
@@ -60,6 +72,8 @@ def device_peak_flops(device: torch.device, override_tflops: float | None = None
         return override_tflops * 1e12, "train.peak_tflops"
     if device.type != "cuda":
         return None, "no peak for CPU (set train.peak_tflops to report MFU)"
+    import torch
+
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAK_TFLOPS.items():
         if key in name:
@@ -92,6 +106,8 @@ def step_load_fields(load: torch.Tensor | None) -> dict[str, Any]:
     """
     if load is None:
         return {}
+    import torch
+
     frac = load.float().numpy()
     ratio, ent = layer_load_stats(torch.from_numpy(frac))
     return {"load": frac, "load_max_over_mean": max(ratio), "load_entropy": sum(ent) / len(ent),
@@ -114,34 +130,22 @@ def load_stats(load_sum: torch.Tensor | None, steps: int) -> dict[str, Any] | No
     }
 
 
-def steps_table(history: list[StepStats], kind: str) -> Any:
-    """The steps.parquet table: STEP_COLUMNS, the MoE-only ones null for dense runs."""
-    import pyarrow as pa
-
+def steps_table(history: list[StepStats], kind: str) -> pa.Table:
+    """The steps.parquet table: STEP_COLUMNS then LAYER_COLUMNS, the MoE-only ones null for dense runs."""
     moe = kind == "moe"
-    cols: dict[str, Any] = {c: [] for c in STEP_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c, _ in STEP_COLUMNS}
     for h in history:
         r = h.row()
-        for c in STEP_COLUMNS:
-            v = r[c]
-            if c in ("aux_loss", "z_loss") and not moe:
-                v = None
-            cols[c].append(v)
-    types = {"step": pa.int64(), "tokens": pa.int64()}
-    table = {c: pa.array(v, types.get(c, pa.float64())) for c, v in cols.items()}
-    layer: dict[str, list[Any]] = {c: [] for c in LAYER_COLUMNS}
+        for c in cols:
+            cols[c].append(None if c in ("aux_loss", "z_loss") and not moe else r[c])
+    for c, _ in LAYER_COLUMNS:
+        cols[c] = []
     for h in history:
-        if h.load is None:
-            for c in LAYER_COLUMNS:
-                layer[c].append(None)
-            continue
-        layer["layer_load_max_over_mean"].append(h.layer_load_max_over_mean)
-        layer["layer_load_entropy"].append(h.layer_load_entropy)
-        layer["layer_expert_fraction"].append(h.load.tolist())
-    table["layer_load_max_over_mean"] = pa.array(layer["layer_load_max_over_mean"], pa.list_(pa.float64()))
-    table["layer_load_entropy"] = pa.array(layer["layer_load_entropy"], pa.list_(pa.float64()))
-    table["layer_expert_fraction"] = pa.array(layer["layer_expert_fraction"], pa.list_(pa.list_(pa.float64())))
-    return pa.table(table)
+        moe_row = h.load is not None
+        cols["layer_load_max_over_mean"].append(h.layer_load_max_over_mean if moe_row else None)
+        cols["layer_load_entropy"].append(h.layer_load_entropy if moe_row else None)
+        cols["layer_expert_fraction"].append(h.load.tolist() if moe_row else None)
+    return pa.table({c: pa.array(cols[c], t) for c, t in (*STEP_COLUMNS, *LAYER_COLUMNS)})
 
 
 def write_steps_parquet(path: Path, history: list[StepStats], kind: str) -> None:
