@@ -8,8 +8,7 @@ down to whole optimizer steps. The plan is per run so that editing one run re-pl
 
 Also: `python -m stages.plan count CONFIG.json` prints one JSON line of parameter and FLOP counts
 of a Hugging Face config.json (Llama, Mistral, Mixtral, Qwen2(-MoE), DeepSeek-MoE, OLMoE) or of a
-trained run's model/config.json; `python -m stages.plan_table [params.yaml]` writes the study's
-plan table (results/<study>/plan.parquet and plan.md, stages/plan_table.py) without running anything.
+trained run's model/config.json. The study's plan table is its own stage, `python -m stages.plan_table`.
 """
 
 from __future__ import annotations
@@ -89,15 +88,11 @@ def count_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "count":
         return count_main(args[1:])
-    if args and args[0] == "table":
-        # imported by name: the per-run plan stage's outputs do not depend on the table writer
-        return importlib.import_module("stages.plan_table").main(args[1:])
     return per_run_main("plan", __doc__, write_plan, (PlanError,), argv)
 
 

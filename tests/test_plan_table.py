@@ -60,14 +60,14 @@ def test_table_cli(tmp_path: Path) -> None:
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(d))
-    r = subprocess.run([sys.executable, "-m", "stages.plan", "table", str(tmp_path / "params.yaml")],
+    r = subprocess.run([sys.executable, "-m", "stages.plan_table", str(tmp_path / "params.yaml")],
                        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
                                                                           "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "results/cli/plan.md").exists() and (tmp_path / "results/cli/plan.parquet").exists()
     d["runs"]["moe_r50"]["vary"] = ["expert_width", "experts"]  # top_k = 1 fixed: r_a = 0.5 unreachable
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(d))
-    r = subprocess.run([sys.executable, "-m", "stages.plan", "table", str(tmp_path / "params.yaml")],
+    r = subprocess.run([sys.executable, "-m", "stages.plan_table", str(tmp_path / "params.yaml")],
                        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT),
                                                                           "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "add top_k to runs.moe_r50.vary" in r.stderr
