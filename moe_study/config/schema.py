@@ -214,10 +214,13 @@ class RunConfig(Strict):
 
 # ----------------------------------------------------------------------------------------- router
 class RouterConfig(Strict):
-    """How MoE layers pick experts (moe_study/model/ `Router`); the default is today's softmax top-k.
+    """How MoE layers pick experts (moe_study/model/ `Router`); the default is the paper's softmax top-k.
 
     `score`: softmax over the E logits (Switch/Mixtral) or an independent sigmoid per expert
-    (DeepSeek-V3). Either way the top-k weights are renormalised to sum to 1. `bias_balancing`
+    (DeepSeek-V3). `normalize_topk`: renormalise the k chosen weights to sum to 1 (Mixtral, OLMoE) or
+    keep them as the raw scores (the paper's and Switch's gate, the default). With renormalisation and
+    top_k = 1 the gate weight is exactly 1, so the router learns only from the balancing loss, never
+    from the language loss; without it every router gets the LM loss's gradient. `bias_balancing`
     turns on DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, not trained by
     gradients, is added to the scores for the top-k *selection only* (the gate weights stay the
     unbiased scores) and, after every optimizer step, moves by `bias_update_rate` * sign(mean load -
@@ -226,6 +229,9 @@ class RouterConfig(Strict):
     """
 
     score: Literal["softmax", "sigmoid"] = Field(default="softmax", description="expert scoring function")
+    normalize_topk: bool = Field(default=False, description="renormalise the top-k weights to sum to 1 (off: "
+                                 "the raw scores, the paper's gate; on: Mixtral/OLMoE, and the study before "
+                                 "issue 14; with top_k=1 it leaves the router no LM-loss gradient)")
     bias_balancing: bool = Field(default=False, description="aux-loss-free per-expert selection bias")
     bias_update_rate: float = Field(default=1e-3, ge=0, le=1,
                                     description="bias step per optimizer step (DeepSeek-V3 uses 1e-3)")
