@@ -33,18 +33,30 @@ counted, as in the references. Compute conventions for the token budget (`budget
 - "6n":       F = 6 N_active (Kaplan's C = 6 N T);
 - "nonvocab": F = 3 M, M = the forward FLOPs above without the LM head (the paper's C = 3 M D,
   following DeepSeek LLM's non-embedding M);
-- "exact":    F = 3 (M + 2 d V), all the matmuls the hardware runs (what FlopCounterMode measures).
+- "exact":    F = 3 (M + 2 d V), all the matmuls the hardware runs (what FlopCounterMode measures);
+  the default since issue 14: under "nonvocab" the LM head is free, so a run that reads more tokens
+  gets more real compute (the tiny study's MoE r25 used 1.66x the dense run's actual FLOPs).
+What a run's `train_flops` means therefore depends on the convention: F_i x T_i in the budget's
+convention (= C up to whole steps, the number the study equalises); `train_flops_exact` (plan.json,
+train.json, the `runs` table) is always the exact count (every matmul incl. the LM head and attention
+scores) x the tokens read, so a run's real compute can be compared with the dense run's under any
+convention. Under "nonvocab" the planner warns (log and the plan's `warnings`) when the LM head is more
+than HEAD_SHARE_WARN of a run's exact FLOPs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from moe_study.config.schema import ModelConfig, Params, PlannerConfig, RunConfig
 
+log = logging.getLogger("moe_study.accounting")
+
 COMPUTE_CONVENTIONS = ("6n", "nonvocab", "exact")
+HEAD_SHARE_WARN = 0.05  # "nonvocab" convention: warn when the LM head is more than this of a run's exact FLOPs
 EMBEDDING_CONVENTIONS = ("nonvocab", "with_embeddings")
 QK_NORMS = ("none", "layer", "head")
 
@@ -232,6 +244,14 @@ def _embeddings(a: Architecture, vocab_size: int, count_embeddings: str) -> int:
     if count_embeddings == "with_embeddings":
         return vocab_params(a.d_model, vocab_size, a.tie_embeddings)
     raise ValueError(f"count_embeddings={count_embeddings!r} is not one of {EMBEDDING_CONVENTIONS}")
+
+
+def unique_passes(tokens: int, unique_tokens: int, seq_len: int) -> float:
+    """Passes over the unique stream that `tokens` training tokens make: one epoch's stream is U tokens
+    (the unique docs, each after its EOS: moe_study/data/shards.py), read as (U - 1) // seq_len windows of
+    seq_len + 1 (inputs and shifted targets); the run reads tokens / seq_len windows."""
+    per_pass = max(1, (unique_tokens - 1) // seq_len)
+    return tokens / seq_len / per_pass
 
 
 def train_flops(n_active: float, tokens: float) -> float:
@@ -496,6 +516,7 @@ class RunPlan:
     count_embeddings: str = "nonvocab"
     target_params: float = 0.0
     target_rate: float | None = None
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def tokens_per_step(self) -> int:
@@ -503,11 +524,29 @@ class RunPlan:
 
     @property
     def epochs(self) -> float:
-        return self.tokens / self.unique_tokens
+        """Passes over the unique stream the run is served (moe_study/data/replay.py)."""
+        return unique_passes(self.tokens, self.unique_tokens, self.arch.seq_len)
+
+    @property
+    def reads_all_unique(self) -> bool:
+        """Whether the run reads every sequence of one pass over U (the dense run must)."""
+        return self.epochs >= 1.0
 
     @property
     def flops_per_token(self) -> float:
         return self.arch.train_flops_per_token(self.compute_convention, self.vocab_size)
+
+    @property
+    def train_flops_exact(self) -> float | None:
+        """Every matmul (LM head and attention scores included) x the tokens the run reads."""
+        return self.arch.train_flops_per_token("exact", self.vocab_size) * self.tokens if self.vocab_size else None
+
+    @property
+    def lm_head_flops_share(self) -> float | None:
+        """The LM head's share (2 d V of the forward) of the run's exact training FLOPs per token."""
+        if not self.vocab_size:
+            return None
+        return 2 * self.arch.d_model * self.vocab_size / self.arch.forward_flops(self.vocab_size)
 
     def to_dict(self) -> dict:
         a, v = self.arch, self.vocab_size
@@ -524,6 +563,7 @@ class RunPlan:
             "tokens_per_step": self.tokens_per_step,
             "unique_tokens": self.unique_tokens,
             "epochs": self.epochs,
+            "reads_all_unique": self.reads_all_unique,
             "compute": self.compute,
             "compute_used": self.flops_per_token * self.tokens,
             "compute_convention": self.compute_convention,
@@ -531,6 +571,8 @@ class RunPlan:
             "flops_per_token_6n": fpt["6n"],
             "flops_per_token_nonvocab": fpt["nonvocab"],
             "flops_per_token_exact": fpt.get("exact"),
+            "train_flops_exact": self.train_flops_exact,
+            "lm_head_flops_share": self.lm_head_flops_share,
             "vocab_size": v,
             "count_embeddings": self.count_embeddings,
             "total_params": a.total_params(v, "with_embeddings") if v else None,
@@ -539,6 +581,7 @@ class RunPlan:
             "target_activation_rate": self.target_rate,
             "params_rel_dev": a.total_params(v, self.count_embeddings) / self.target_params - 1,
             "rate_rel_dev": (a.activation_rate / self.target_rate - 1) if self.target_rate else None,
+            "warnings": list(self.warnings),
         }
 
 
@@ -557,10 +600,37 @@ def plan_run(p: Params, name: str) -> RunPlan:
             f"({fpt * per_step:.4g} FLOPs = {per_step} tokens x {fpt:.4g} FLOPs/token, "
             f"budget.compute_convention={pl.compute_convention}): raise budget.compute or lower train.batch_size")
     target_rate = run.activation_rate if run.kind == "moe" else None
-    return RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
+    plan = RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
                    unique_tokens=p.budget.unique_tokens, compute=p.budget.compute,
                    compute_convention=pl.compute_convention, vocab_size=vocab,
                    count_embeddings=pl.count_embeddings, target_params=p.budget.params, target_rate=target_rate)
+    if run.kind == "dense" and not plan.reads_all_unique:
+        need = math.ceil(max(1, (p.budget.unique_tokens - 1) // arch.seq_len) * arch.seq_len / per_step)
+        msg = (f"runs.{name}: the dense run reads {plan.epochs:.4f} of one pass over budget.unique_tokens="
+               f"{p.budget.unique_tokens} ({steps} steps of {per_step} tokens); for it to read all of U raise "
+               f"budget.compute to >= {need * per_step * fpt:.6g} ({need} steps x {per_step} tokens x {fpt:.6g} "
+               f"FLOPs/token, budget.compute_convention={pl.compute_convention})")
+        log.warning("%s", msg)
+        plan = replace(plan, warnings=(*plan.warnings, msg))
+    share = plan.lm_head_flops_share
+    if pl.compute_convention == "nonvocab" and share is not None and share > HEAD_SHARE_WARN:
+        msg = (f"runs.{name}: the LM head is {share:.1%} of this run's exact training FLOPs (> "
+               f"{HEAD_SHARE_WARN:.0%}), and budget.compute_convention=nonvocab does not count it: runs that "
+               f"read more tokens get more real compute (compare train_flops_exact; use "
+               f"compute_convention: exact to equalise it)")
+        log.warning("%s", msg)
+        plan = replace(plan, warnings=(*plan.warnings, msg))
+    return plan
+
+
+def exact_train_flops(plan: dict[str, Any], tokens: int) -> float:
+    """A plan.json's exact training FLOPs (every matmul, LM head and attention scores included) for
+    `tokens` tokens read: `train_flops_exact` of train.json and the `runs` table."""
+    arch = Architecture(**plan["arch"])
+    vocab = int(plan.get("vocab_size") or 0)
+    if not vocab:
+        raise ValueError("the plan has no vocab_size: its exact FLOPs are unknown (re-run the plan stage)")
+    return arch.train_flops_per_token("exact", vocab) * tokens
 
 
 def check_feasible(p: Params) -> None:

@@ -109,9 +109,10 @@ class PlannerConfig(Strict):
     `budget:` section holds these keys too, so every stage that reads the budget sees them)."""
 
     compute_convention: Literal["6n", "nonvocab", "exact"] = Field(
-        default="nonvocab", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
-        "nonvocab = 3 M, M the forward FLOPs with attention's sequence term, no LM head (the paper's); "
-        "exact = 3 (M + 2 d V), every matmul (tokenizer.vocab_size as V)")
+        default="exact", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
+        "nonvocab = 3 M, M the forward FLOPs with attention's sequence term, no LM head (the paper's; the LM "
+        "head is then free, which at small d_model / large V favours runs that read more tokens: the planner "
+        "warns above 5%); exact = 3 (M + 2 d V), every matmul (tokenizer.vocab_size as V), the default")
     count_embeddings: Literal["nonvocab", "with_embeddings"] = Field(
         default="nonvocab", description="whether budget.params and activation rates count the token embedding "
         "and LM head (the study's N, like the paper's, does not)")
