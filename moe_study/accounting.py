@@ -414,7 +414,63 @@ def solve_architecture(m: ModelConfig, run: RunConfig, target_params: float, nam
                 f"model.multiple_of (FFN widths move in steps of {3 * m.d_model * m.n_layers * m.multiple_of} "
                 f"params), unset model.ffn_hidden, or widen budget.params_tol")
         return arch
+    if (run.design or pl.design) == "paper":
+        return _solve_paper(m, run, target_params, name, pl, vocab_size, f_dense, shared)
     return _solve_moe(m, run, target_params, name, pl, vocab_size, f_dense, shared)
+
+
+def paper_expert_width(m: ModelConfig, run: RunConfig, f_dense: int) -> int:
+    """Design `paper`: the routed expert width, fixed across a sweep (runs.<name>.expert_width, else the
+    dense FFN width / granularity, else d_model / 4, the paper's routed width), rounded to multiple_of."""
+    if run.expert_width is not None:
+        return run.expert_width
+    goal = f_dense / run.granularity if run.granularity is not None else m.d_model / 4
+    return _round_to(goal, m.multiple_of)
+
+
+def _solve_paper(m: ModelConfig, run: RunConfig, target: float, name: str, pl: PlannerConfig, vocab: int,
+                 f_dense: int, shared: int) -> Architecture:
+    """arXiv 2506.12119's "1dense+SE" design: routed experts of a fixed width f_e, one shared expert of
+    width K f_e, the first model.first_dense_layers layers dense (of the dense reference's width), and the
+    activation rate reached by the expert count E and top-k K alone (N within params_tol, r_a within
+    rate_tol; the shape closest to both targets)."""
+    conv = pl.count_embeddings
+    f_e = paper_expert_width(m, run, f_dense)
+    probe = replace(base_architecture(m, "moe", f_e), dense_ffn_hidden=f_dense, experts=2, top_k=1)
+    n_moe, n_dense = probe.moe_layers, probe.dense_layers
+    if n_moe == 0:
+        raise PlanError(f"runs.{name}: model.first_dense_layers / moe_every leave no MoE layer")
+    d, rate = m.d_model, run.activation_rate
+    fixed = shared + n_dense * swiglu_params(d, f_dense)
+    unit = swiglu_params(d, f_e)
+    best: tuple[float, int, int, int, int] | None = None
+    near: dict[float, tuple[int, int]] = {}
+    for k in range(1, pl.max_top_k + 1):
+        for e in range(k + 1, pl.max_experts + 1):
+            total = fixed + n_moe * (e * unit + k * unit + d * e)  # E routed + one shared of width K f_e
+            active = fixed + n_moe * (2 * k * unit + d * e)
+            p_err = abs(total / target - 1)
+            if p_err <= pl.params_tol:
+                near.setdefault(round(active / total, 3), (e, k))
+            r_err = abs(active / total / rate - 1) if rate is not None else 0.0
+            worst = max(p_err / pl.params_tol, r_err / pl.rate_tol)
+            if best is None or worst < best[0]:
+                best = (worst, e, k, total, active)
+    assert best is not None
+    worst, e, k, total, active = best
+    arch = replace(probe, experts=e, top_k=k, shared_experts=1, shared_ffn_hidden=k * f_e,
+                   dense_ffn_hidden=f_dense if n_dense else None)
+    assert arch.total_params(vocab, conv) == total and arch.active_params(vocab, conv) == active
+    if worst > 1:
+        rates = sorted(near, key=lambda r: abs(r - (rate or 0)))[:4]
+        hint = ", ".join(f"{r:.3f} (E={near[r][0]}, K={near[r][1]})" for r in sorted(rates))
+        raise PlanError(
+            f"runs.{name}: design paper (routed width {f_e}, one shared expert of K x {f_e}): no E, K within "
+            f"±{pl.params_tol:.0%} of N={target:.4g} and ±{pl.rate_tol:.0%} of activation_rate={rate}; closest "
+            f"E={e}, K={k}: N={total} ({total / target - 1:+.2%}), r_a={active / total:.4f}. Relax: raise "
+            f"budget.max_top_k / max_experts, change runs.{name}.expert_width, widen budget.params_tol / rate_tol"
+            + (f"; or pick a reachable activation_rate: {hint}" if hint else ""))
+    return arch
 
 
 def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: PlannerConfig, vocab: int,

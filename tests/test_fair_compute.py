@@ -85,3 +85,34 @@ def test_epochs_are_passes_over_the_stream_and_the_dense_run_reads_all_of_u() ->
     # the committed budget before this fix: the dense run stopped short of a pass, now it is a warning
     short = plan_run(_params(compute=2.18e12), "dense_s0").to_dict()
     assert not short["reads_all_unique"] and any("reads" in w and "budget.compute" in w for w in short["warnings"])
+
+
+# ------------------------------------------------------------------------ design `paper`
+def test_paper_design_fixes_expert_width_and_shared_width_k_times_it() -> None:
+    """Design `paper` (1dense+SE): one routed width across the sweep, one shared expert of K x that width,
+    first layer dense, r_a reached by E and K only; the plan table shows granularity, E, K, shared width."""
+    from moe_study.report.plan_table import plans_from_params, rows
+
+    p = _params("studies/paper_2b.yaml")
+    assert p.budget.design == "paper" and (p.model.d_model, p.model.n_layers) == (1408, 16)
+    archs = {r: plan_run(p, r).arch for r in p.runs if p.run(r).kind == "moe"}
+    assert len(archs) >= 5 and {a.ffn_hidden for a in archs.values()} == {352}  # d_model / 4, fixed
+    for a in archs.values():
+        assert a.shared_experts == 1 and a.shared_width == a.top_k * a.ffn_hidden
+        assert a.first_dense_layers == 1 and a.moe_layers == 15 and 50 <= a.experts <= 93
+    ks = [archs[r].top_k for r in sorted(archs, key=lambda r: archs[r].activation_rate)]
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] > 8  # r_a moves with K (and E), not with the width
+    table = {r["run"]: r for r in rows(plans_from_params(p))}
+    r50 = table["moe_r50"]
+    assert (r50["design"], r50["experts"], r50["top_k"], r50["shared_width"]) == (
+        "paper", archs["moe_r50"].experts, archs["moe_r50"].top_k, archs["moe_r50"].shared_width)
+    assert r50["granularity"] == pytest.approx(table["dense"]["dense_ffn"] / 352)
+    md = (ROOT / "results/paper_2b/plan.md").read_text()
+    assert "| granularity |" in md.replace("granularity | dense_ffn", "granularity |") or "granularity" in md
+    # the default design keeps choosing the fewest routed experts per token (width moves with r_a)
+    d = yaml.safe_load((ROOT / "studies/paper_2b.yaml").read_text())
+    d["budget"]["design"] = "fewest_active"
+    d["runs"] = {"moe_r50": {"kind": "moe", "activation_rate": 0.5, "top_k": 1,
+                             "vary": ["expert_width", "experts", "top_k"]}}
+    a = plan_run(parse_params(d), "moe_r50").arch
+    assert a.shared_experts == 0 and a.ffn_hidden != 352

@@ -120,6 +120,13 @@ class PlannerConfig(Strict):
     rate_tol: float = Field(default=0.02, gt=0, lt=1, description="allowed |r_a,i / r_a - 1| of every MoE run")
     max_experts: int = Field(default=256, ge=2, description="largest expert count the search tries")
     max_top_k: int = Field(default=16, ge=1, description="largest top_k the search tries (when top_k varies)")
+    design: Literal["fewest_active", "paper"] = Field(
+        default="fewest_active", description="how MoE runs reach their activation rate (runs.<name>.design "
+        "overrides): fewest_active = any expert count / top_k / width within the tolerances, preferring the "
+        "fewest routed experts per token (r_a then moves with expert width and top_k); paper = arXiv "
+        "2506.12119's 1dense+SE: a fixed routed expert width across the sweep (runs.<name>.expert_width, or "
+        "dense FFN width / granularity, or d_model / 4), one shared expert of width top_k x that width, the "
+        "first model.first_dense_layers layers dense, r_a reached by choosing experts E and top_k K")
 
 
 class BudgetConfig(PlannerConfig):
@@ -185,6 +192,10 @@ class RunConfig(Strict):
     shared_expert_width: int | None = Field(default=None, gt=0, description="width of one shared expert; "
                                             "null = the routed expert width")
     shared_gate: bool = Field(default=False, description="sigmoid gate on the shared experts (Qwen2-MoE)")
+    design: Literal["fewest_active", "paper"] | None = Field(
+        default=None, description="MoE design space (budget.design when null)")
+    expert_width: int | None = Field(default=None, gt=0, description="design paper: the routed expert width "
+                                     "(null: dense FFN width / granularity, or d_model / 4)")
     vary: list[Literal["experts", "top_k", "expert_width"]] | None = Field(
         default=None, description="dims the planner may choose; null = expert_width and experts (expert_width "
         "and top_k when experts is given)")
@@ -197,7 +208,8 @@ class RunConfig(Strict):
         if self.kind == "moe" and self.activation_rate is None and self.experts is None:
             raise ValueError("an moe run needs activation_rate (or experts)")
         if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None
-                                     or self.shared_experts or self.granularity is not None or self.vary):
+                                     or self.shared_experts or self.granularity is not None or self.vary
+                                     or self.expert_width is not None):
             raise ValueError("a dense run has activation_rate 1 and no experts, granularity, shared experts or vary")
         if self.experts is not None and self.top_k >= self.experts:
             raise ValueError(f"top_k={self.top_k} must be below experts={self.experts}")

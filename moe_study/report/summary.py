@@ -58,12 +58,12 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
     conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     exact_ratio = _exact_vs_dense(runs)
-    lines += [f"Compute equalised: training FLOPs in the `{conventions}` convention"
+    equalised = [f"Compute equalised: training FLOPs in the `{conventions}` convention"
               + {"exact": " (every matmul, LM head and attention scores included: the real compute).",
                  "nonvocab": " (the paper's: the LM head is not counted, so the real compute differs between "
                  "runs; see the exact FLOPs vs dense below).",
                  "6n": " (6 N_active per token: the LM head and attention scores are not counted; see the exact "
-                 "FLOPs vs dense below)."}.get(conventions, "."), ""]
+                 "FLOPs vs dense below)."}.get(conventions, ".")]
     if status["status"] == "ok":
         audited = status["audited_runs"]
         lines.append(f"Status: **ok** ({audited} of {status['runs']} runs audited against their plan"
@@ -72,7 +72,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
         lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
                      f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
                      f"(largest {100 * status['audit_max_dev']:.2f}%).")
-    lines += ["", "## Groups (mean over seeds)", "",
+    lines += ["", *equalised, "", "## Groups (mean over seeds)", "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
               "| choice acc [95% CI] |",
