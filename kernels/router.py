@@ -1,5 +1,5 @@
-"""Fused MoE router: scores, top-k, renormalised weights, counts, balancing and z losses in two small
-Triton kernels forward and one backward.
+"""Fused MoE router: scores, top-k, gate weights (renormalised or not), counts, balancing and z losses in
+two small Triton kernels forward and one backward.
 
 The eager router (moe_study/model/router.py `Router`) is ~15 launches forward (softmax, mean, topk, sum, div,
 a scatter_add for the counts, logsumexp, pow, mean, ...) and a long autograd chain of small kernels
@@ -8,8 +8,9 @@ backward; at T=16384 tokens, top-8 of 64 it was ~0.45 ms of a ~3.5 ms MoE layer 
 
   forward   router_fwd       tiles of BT tokens, the whole row of E <= 256 scores in registers:
                              p = softmax(x) (or sigmoid(x)), top-k by k rounds of argmax (ties -> lowest
-                             index; an optional selection bias added for choosing only), renormalised
-                             weights w, lse = logsumexp(x); each of <= MAX_PROGRAMS programs writes its
+                             index; an optional selection bias added for choosing only), the weights
+                             w (the chosen scores, renormalised to sum 1 when NORMALIZE), lse =
+                             logsumexp(x); each of <= MAX_PROGRAMS programs writes its
                              partial sums of the importance scores, counts and lse^2 to (programs, E)
             router_finalize  one program sums those partials in a fixed order (deterministic: no float
                              atomics) into counts, load = counts / sum(counts), importance P = mean of
@@ -50,7 +51,7 @@ def _kernels() -> dict[str, Any] | None:
     @triton.jit
     def router_fwd(x_ptr, bias_ptr, w_ptr, idx_ptr, lse_ptr, s_ptr, imp_part_ptr, cnt_part_ptr, z_part_ptr,
                    T, E, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BE)
@@ -96,7 +97,9 @@ def _kernels() -> dict[str, Any] | None:
             s = tl.where(rmask, tl.sum(wt, 1), 1.0)
             km = rmask[:, None] & (kcols[None, :] < K)
             out = rows64[:, None] * K + kcols[None, :]
-            tl.store(w_ptr + out, wt / s[:, None], mask=km)
+            if NORMALIZE:
+                wt = wt / s[:, None]
+            tl.store(w_ptr + out, wt, mask=km)
             tl.store(idx_ptr + out, it.to(tl.int64), mask=km)
             tl.store(lse_ptr + rows, lse, mask=rmask)
             tl.store(s_ptr + rows, s, mask=rmask)
@@ -135,7 +138,7 @@ def _kernels() -> dict[str, Any] | None:
     @triton.jit
     def router_bwd(x_ptr, lse_ptr, s_ptr, w_ptr, idx_ptr, gw_ptr, load_ptr, gaux_ptr, gz_ptr, dx_ptr,
                    T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, SIGMOID: tl.constexpr,
-                   HAS_GW: tl.constexpr, HAS_GAUX: tl.constexpr, HAS_GZ: tl.constexpr):
+                   HAS_GW: tl.constexpr, HAS_GAUX: tl.constexpr, HAS_GZ: tl.constexpr, NORMALIZE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
@@ -173,8 +176,11 @@ def _kernels() -> dict[str, Any] | None:
                 gsel = tl.where(hit, gj[:, None], gsel)
                 chosen = chosen | hit
                 dws += gj * wj
-            s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
-            g += tl.where(chosen, (gsel - dws[:, None]) / s[:, None], 0.0)
+            if NORMALIZE:  # w_j = p_{i_j} / s
+                s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
+                g += tl.where(chosen, (gsel - dws[:, None]) / s[:, None], 0.0)
+            else:  # w_j = p_{i_j}
+                g += tl.where(chosen, gsel, 0.0)
         if SIGMOID:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
             dx = g * p * (1.0 - p) + dlse[:, None] * sm
         else:
@@ -231,7 +237,7 @@ def problem(logits: torch.Tensor, top_k: int) -> str | None:
 
 
 def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: str = "bf16",
-                   tokens: int = 16384) -> dict[str, dict[str, int]]:
+                   tokens: int = 16384, normalize: bool = True) -> dict[str, dict[str, int]]:
     """AOT-compile each kernel for the H100 (kernels/aot.py: no GPU needed) with the arguments a call
     of this size passes, and report {kernel: {"registers", "spill_stores", "spill_loads", "shared"}}.
     Used by tests/test_router.py; run it after changing a kernel or its block sizes."""
@@ -247,14 +253,16 @@ def compile_report(experts: int, top_k: int, sigmoid: bool, bias: bool, dtype: s
     plans = {
         "router_fwd": ({"x_ptr": x, "bias_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "lse_ptr": f32, "s_ptr": f32,
                         "imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, **sizes, "K": top_k,
-                        "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_BIAS": bias},
+                        "BK": pow2_at_least(top_k, 1), "BT": bt, "BE": be, "SIGMOID": sigmoid, "HAS_BIAS": bias,
+                        "NORMALIZE": normalize},
                        WARPS),
         "router_finalize": ({"imp_part_ptr": f32, "cnt_part_ptr": i32, "z_part_ptr": f32, "counts_ptr": i64,
                              "load_ptr": f32, "aux_ptr": f32, "z_ptr": f32, "nblocks": programs, **sizes,
                              "BB": finalize_rows(be), "BE": be}, FINALIZE_WARPS),
         "router_bwd": ({"x_ptr": x, "lse_ptr": f32, "s_ptr": f32, "w_ptr": f32, "idx_ptr": i64, "gw_ptr": f32,
                         "load_ptr": f32, "gaux_ptr": f32, "gz_ptr": f32, "dx_ptr": x, **sizes, "K": top_k, "BT": bt,
-                        "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True, "HAS_GZ": True}, WARPS),
+                        "BE": be, "SIGMOID": sigmoid, "HAS_GW": True, "HAS_GAUX": True, "HAS_GZ": True,
+                        "NORMALIZE": normalize}, WARPS),
     }
     return {name: sm90_resources(kern[name], args, num_warps=warps, num_stages=3)
             for name, (args, warps) in plans.items()}
@@ -275,10 +283,11 @@ def _launch(name: str, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
 
 def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: torch.Tensor, load: torch.Tensor,
                        gw: torch.Tensor | None, gaux: torch.Tensor | None, gz: torch.Tensor | None,
-                       sigmoid: bool) -> torch.Tensor:
+                       sigmoid: bool, normalize: bool = True) -> torch.Tensor:
     """dL/dx of the router's outputs, the maths router_bwd runs (and its eager fallback).
 
-    p = softmax(x) (or sigmoid(x)), s = sum of the chosen p, w_j = p_{i_j} / s, P = mean_t p_t (sigmoid:
+    p = softmax(x) (or sigmoid(x)), s = sum of the chosen p, w_j = p_{i_j} / s (normalize; else
+    w_j = p_{i_j}, and the first term below is [e = i_j] G_j), P = mean_t p_t (sigmoid:
     of q = p / sum(p)), aux = E * sum(load * P), z = mean_t lse_t^2. With G = dL/dw:
       dL/dp_e = [e = i_j] (G_j - sum_l G_l w_l) / s  +  dL/dP_e / T            (softmax)
               + for sigmoid the importance term is (dL/dP_e - sum_f dL/dP_f q_f) / (T sum(p))
@@ -300,8 +309,11 @@ def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: t
         g = (dimp / T).expand(T, E).clone()
     if gw is not None:
         gw = gw.to(x.dtype)
-        dws = (gw * w).sum(-1, keepdim=True)
-        g = g.scatter_add(1, idx, (gw - dws) / s.unsqueeze(-1))
+        if normalize:
+            dws = (gw * w).sum(-1, keepdim=True)
+            g = g.scatter_add(1, idx, (gw - dws) / s.unsqueeze(-1))
+        else:
+            g = g.scatter_add(1, idx, gw)
     if sigmoid:
         return g * p * (1 - p) + dlse * sm
     return p * (g + dlse - (p * g).sum(-1, keepdim=True))
@@ -310,7 +322,7 @@ def backward_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, s: t
 class _FusedRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, bias: torch.Tensor | None, k: int,
-                sigmoid: bool) -> tuple[torch.Tensor, ...]:
+                sigmoid: bool, normalize: bool) -> tuple[torch.Tensor, ...]:
         x = logits.contiguous()
         T, E = x.shape
         bt, be = blocks(E)
@@ -326,7 +338,7 @@ class _FusedRouter(torch.autograd.Function):
         bias_arg = bias.float().contiguous() if bias is not None else lse  # unread without HAS_BIAS
         _launch("router_fwd", (nb,), x, bias_arg, w, idx, lse, s, imp_part, cnt_part, z_part, T, E, K=k,
                 BK=pow2_at_least(k, 1), BT=bt, BE=be, SIGMOID=sigmoid, HAS_BIAS=bias is not None,
-                num_warps=WARPS)
+                NORMALIZE=normalize, num_warps=WARPS)
         counts = torch.empty(E, device=dev, dtype=torch.int64)
         load = torch.empty(E, device=dev, dtype=torch.float32)
         aux = torch.empty((), device=dev, dtype=torch.float32)
@@ -336,12 +348,13 @@ class _FusedRouter(torch.autograd.Function):
         ctx.save_for_backward(x, lse, s, w, idx, load)
         ctx.set_materialize_grads(False)
         ctx.sigmoid = sigmoid
+        ctx.normalize = normalize
         ctx.mark_non_differentiable(idx, counts, load)
         return w, idx, counts, load, aux, z
 
     @staticmethod
     def backward(ctx: Any, gw: torch.Tensor | None, _gi: Any, _gc: Any, _gl: Any, gaux: torch.Tensor | None,
-                 gz: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None]:
+                 gz: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None, None]:
         x, lse, s, w, idx, load = ctx.saved_tensors
         T, E = x.shape
         k = w.shape[1]
@@ -351,22 +364,24 @@ class _FusedRouter(torch.autograd.Function):
             _launch("router_bwd", (-(-T // bt),), x, lse, s, w, idx, w if gw is None else gw.contiguous(), load,
                     load if gaux is None else gaux, load if gz is None else gz, dx, T, E, K=k, BT=bt, BE=be,
                     SIGMOID=ctx.sigmoid, HAS_GW=gw is not None, HAS_GAUX=gaux is not None, HAS_GZ=gz is not None,
-                    num_warps=WARPS)
+                    NORMALIZE=ctx.normalize, num_warps=WARPS)
         except _LaunchFailed:
-            dx = backward_reference(x, w, idx, s, load, gw, gaux, gz, ctx.sigmoid).to(x.dtype)
-        return dx, None, None, None
+            dx = backward_reference(x, w, idx, s, load, gw, gaux, gz, ctx.sigmoid, ctx.normalize).to(x.dtype)
+        return dx, None, None, None, None
 
 
 @torch.compiler.disable  # Triton launches behind Python dispatch: run eagerly inside compiled blocks
 def fused_router(logits: torch.Tensor, top_k: int, score: str = "softmax",
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
+                 bias: torch.Tensor | None = None, normalize: bool = True) -> tuple[torch.Tensor, ...] | None:
     """(weights (T,k) fp32, indices (T,k) int64, counts (E,) int64, load (E,) fp32, aux, z) of the router
     logits (T, E) in float32/bfloat16/float16 (maths in fp32; dlogits in the logits' dtype), or None when
     a launch failed (then the caller runs the eager router). Call only where `problem` is None.
 
     `bias` (E,) is added to the scores for the top-k selection only (aux-loss-free balancing); the
-    weights are the unbiased scores. aux and z carry gradients, as do the weights."""
+    weights are the unbiased scores. `normalize` (a plain bool: RouterConfig.normalize_topk): renormalise
+    the k weights of a token to sum to 1, or keep the raw scores. aux and z carry gradients, as do the
+    weights."""
     try:
-        return _FusedRouter.apply(logits, bias, top_k, score == "sigmoid")
+        return _FusedRouter.apply(logits, bias, top_k, score == "sigmoid", bool(normalize))
     except _LaunchFailed:
         return None

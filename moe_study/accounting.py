@@ -33,18 +33,30 @@ counted, as in the references. Compute conventions for the token budget (`budget
 - "6n":       F = 6 N_active (Kaplan's C = 6 N T);
 - "nonvocab": F = 3 M, M = the forward FLOPs above without the LM head (the paper's C = 3 M D,
   following DeepSeek LLM's non-embedding M);
-- "exact":    F = 3 (M + 2 d V), all the matmuls the hardware runs (what FlopCounterMode measures).
+- "exact":    F = 3 (M + 2 d V), all the matmuls the hardware runs (what FlopCounterMode measures);
+  the default since issue 14: under "nonvocab" the LM head is free, so a run that reads more tokens
+  gets more real compute (the tiny study's MoE r25 used 1.66x the dense run's actual FLOPs).
+What a run's `train_flops` means therefore depends on the convention: F_i x T_i in the budget's
+convention (= C up to whole steps, the number the study equalises); `train_flops_exact` (plan.json,
+train.json, the `runs` table) is always the exact count (every matmul incl. the LM head and attention
+scores) x the tokens read, so a run's real compute can be compared with the dense run's under any
+convention. Under "nonvocab" the planner warns (log and the plan's `warnings`) when the LM head is more
+than HEAD_SHARE_WARN of a run's exact FLOPs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from moe_study.config.schema import ModelConfig, Params, PlannerConfig, RunConfig
 
+log = logging.getLogger("moe_study.accounting")
+
 COMPUTE_CONVENTIONS = ("6n", "nonvocab", "exact")
+HEAD_SHARE_WARN = 0.05  # "nonvocab" convention: warn when the LM head is more than this of a run's exact FLOPs
 EMBEDDING_CONVENTIONS = ("nonvocab", "with_embeddings")
 
 
@@ -233,6 +245,14 @@ def _embeddings(a: Architecture, vocab_size: int, count_embeddings: str) -> int:
     raise ValueError(f"count_embeddings={count_embeddings!r} is not one of {EMBEDDING_CONVENTIONS}")
 
 
+def unique_passes(tokens: int, unique_tokens: int, seq_len: int) -> float:
+    """Passes over the unique stream that `tokens` training tokens make: one epoch's stream is U tokens
+    (the unique docs, each after its EOS: moe_study/data/shards.py), read as (U - 1) // seq_len windows of
+    seq_len + 1 (inputs and shifted targets); the run reads tokens / seq_len windows."""
+    per_pass = max(1, (unique_tokens - 1) // seq_len)
+    return tokens / seq_len / per_pass
+
+
 def train_flops(n_active: float, tokens: float) -> float:
     """C = 6 N_active T (Kaplan's approximation; the "6n" convention)."""
     return 6.0 * n_active * tokens
@@ -389,7 +409,63 @@ def solve_architecture(m: ModelConfig, run: RunConfig, target_params: float, nam
                 f"model.multiple_of (FFN widths move in steps of {3 * m.d_model * m.n_layers * m.multiple_of} "
                 f"params), unset model.ffn_hidden, or widen budget.params_tol")
         return arch
+    if (run.design or pl.design) == "paper":
+        return _solve_paper(m, run, target_params, name, pl, vocab_size, f_dense, shared)
     return _solve_moe(m, run, target_params, name, pl, vocab_size, f_dense, shared)
+
+
+def paper_expert_width(m: ModelConfig, run: RunConfig, f_dense: int) -> int:
+    """Design `paper`: the routed expert width, fixed across a sweep (runs.<name>.expert_width, else the
+    dense FFN width / granularity, else d_model / 4, the paper's routed width), rounded to multiple_of."""
+    if run.expert_width is not None:
+        return run.expert_width
+    goal = f_dense / run.granularity if run.granularity is not None else m.d_model / 4
+    return _round_to(goal, m.multiple_of)
+
+
+def _solve_paper(m: ModelConfig, run: RunConfig, target: float, name: str, pl: PlannerConfig, vocab: int,
+                 f_dense: int, shared: int) -> Architecture:
+    """arXiv 2506.12119's "1dense+SE" design: routed experts of a fixed width f_e, one shared expert of
+    width K f_e, the first model.first_dense_layers layers dense (of the dense reference's width), and the
+    activation rate reached by the expert count E and top-k K alone (N within params_tol, r_a within
+    rate_tol; the shape closest to both targets)."""
+    conv = pl.count_embeddings
+    f_e = paper_expert_width(m, run, f_dense)
+    probe = replace(base_architecture(m, "moe", f_e), dense_ffn_hidden=f_dense, experts=2, top_k=1)
+    n_moe, n_dense = probe.moe_layers, probe.dense_layers
+    if n_moe == 0:
+        raise PlanError(f"runs.{name}: model.first_dense_layers / moe_every leave no MoE layer")
+    d, rate = m.d_model, run.activation_rate
+    fixed = shared + n_dense * swiglu_params(d, f_dense)
+    unit = swiglu_params(d, f_e)
+    best: tuple[float, int, int, int, int] | None = None
+    near: dict[float, tuple[int, int]] = {}
+    for k in range(1, pl.max_top_k + 1):
+        for e in range(k + 1, pl.max_experts + 1):
+            total = fixed + n_moe * (e * unit + k * unit + d * e)  # E routed + one shared of width K f_e
+            active = fixed + n_moe * (2 * k * unit + d * e)
+            p_err = abs(total / target - 1)
+            if p_err <= pl.params_tol:
+                near.setdefault(round(active / total, 3), (e, k))
+            r_err = abs(active / total / rate - 1) if rate is not None else 0.0
+            worst = max(p_err / pl.params_tol, r_err / pl.rate_tol)
+            if best is None or worst < best[0]:
+                best = (worst, e, k, total, active)
+    assert best is not None
+    worst, e, k, total, active = best
+    arch = replace(probe, experts=e, top_k=k, shared_experts=1, shared_ffn_hidden=k * f_e,
+                   dense_ffn_hidden=f_dense if n_dense else None)
+    assert arch.total_params(vocab, conv) == total and arch.active_params(vocab, conv) == active
+    if worst > 1:
+        rates = sorted(near, key=lambda r: abs(r - (rate or 0)))[:4]
+        hint = ", ".join(f"{r:.3f} (E={near[r][0]}, K={near[r][1]})" for r in sorted(rates))
+        raise PlanError(
+            f"runs.{name}: design paper (routed width {f_e}, one shared expert of K x {f_e}): no E, K within "
+            f"±{pl.params_tol:.0%} of N={target:.4g} and ±{pl.rate_tol:.0%} of activation_rate={rate}; closest "
+            f"E={e}, K={k}: N={total} ({total / target - 1:+.2%}), r_a={active / total:.4f}. Relax: raise "
+            f"budget.max_top_k / max_experts, change runs.{name}.expert_width, widen budget.params_tol / rate_tol"
+            + (f"; or pick a reachable activation_rate: {hint}" if hint else ""))
+    return arch
 
 
 def _solve_moe(m: ModelConfig, run: RunConfig, target: float, name: str, pl: PlannerConfig, vocab: int,
@@ -491,6 +567,7 @@ class RunPlan:
     count_embeddings: str = "nonvocab"
     target_params: float = 0.0
     target_rate: float | None = None
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def tokens_per_step(self) -> int:
@@ -498,11 +575,29 @@ class RunPlan:
 
     @property
     def epochs(self) -> float:
-        return self.tokens / self.unique_tokens
+        """Passes over the unique stream the run is served (moe_study/data/replay.py)."""
+        return unique_passes(self.tokens, self.unique_tokens, self.arch.seq_len)
+
+    @property
+    def reads_all_unique(self) -> bool:
+        """Whether the run reads every sequence of one pass over U (the dense run must)."""
+        return self.epochs >= 1.0
 
     @property
     def flops_per_token(self) -> float:
         return self.arch.train_flops_per_token(self.compute_convention, self.vocab_size)
+
+    @property
+    def train_flops_exact(self) -> float | None:
+        """Every matmul (LM head and attention scores included) x the tokens the run reads."""
+        return self.arch.train_flops_per_token("exact", self.vocab_size) * self.tokens if self.vocab_size else None
+
+    @property
+    def lm_head_flops_share(self) -> float | None:
+        """The LM head's share (2 d V of the forward) of the run's exact training FLOPs per token."""
+        if not self.vocab_size:
+            return None
+        return 2 * self.arch.d_model * self.vocab_size / self.arch.forward_flops(self.vocab_size)
 
     def to_dict(self) -> dict:
         a, v = self.arch, self.vocab_size
@@ -519,6 +614,7 @@ class RunPlan:
             "tokens_per_step": self.tokens_per_step,
             "unique_tokens": self.unique_tokens,
             "epochs": self.epochs,
+            "reads_all_unique": self.reads_all_unique,
             "compute": self.compute,
             "compute_used": self.flops_per_token * self.tokens,
             "compute_convention": self.compute_convention,
@@ -526,6 +622,8 @@ class RunPlan:
             "flops_per_token_6n": fpt["6n"],
             "flops_per_token_nonvocab": fpt["nonvocab"],
             "flops_per_token_exact": fpt.get("exact"),
+            "train_flops_exact": self.train_flops_exact,
+            "lm_head_flops_share": self.lm_head_flops_share,
             "vocab_size": v,
             "count_embeddings": self.count_embeddings,
             "total_params": a.total_params(v, "with_embeddings") if v else None,
@@ -534,6 +632,7 @@ class RunPlan:
             "target_activation_rate": self.target_rate,
             "params_rel_dev": a.total_params(v, self.count_embeddings) / self.target_params - 1,
             "rate_rel_dev": (a.activation_rate / self.target_rate - 1) if self.target_rate else None,
+            "warnings": list(self.warnings),
         }
 
 
@@ -552,10 +651,37 @@ def plan_run(p: Params, name: str) -> RunPlan:
             f"({fpt * per_step:.4g} FLOPs = {per_step} tokens x {fpt:.4g} FLOPs/token, "
             f"budget.compute_convention={pl.compute_convention}): raise budget.compute or lower train.batch_size")
     target_rate = run.activation_rate if run.kind == "moe" else None
-    return RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
+    plan = RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
                    unique_tokens=p.budget.unique_tokens, compute=p.budget.compute,
                    compute_convention=pl.compute_convention, vocab_size=vocab,
                    count_embeddings=pl.count_embeddings, target_params=p.budget.params, target_rate=target_rate)
+    if run.kind == "dense" and not plan.reads_all_unique:
+        need = math.ceil(max(1, (p.budget.unique_tokens - 1) // arch.seq_len) * arch.seq_len / per_step)
+        msg = (f"runs.{name}: the dense run reads {plan.epochs:.4f} of one pass over budget.unique_tokens="
+               f"{p.budget.unique_tokens} ({steps} steps of {per_step} tokens); for it to read all of U raise "
+               f"budget.compute to >= {need * per_step * fpt:.6g} ({need} steps x {per_step} tokens x {fpt:.6g} "
+               f"FLOPs/token, budget.compute_convention={pl.compute_convention})")
+        log.warning("%s", msg)
+        plan = replace(plan, warnings=(*plan.warnings, msg))
+    share = plan.lm_head_flops_share
+    if pl.compute_convention == "nonvocab" and share is not None and share > HEAD_SHARE_WARN:
+        msg = (f"runs.{name}: the LM head is {share:.1%} of this run's exact training FLOPs (> "
+               f"{HEAD_SHARE_WARN:.0%}), and budget.compute_convention=nonvocab does not count it: runs that "
+               f"read more tokens get more real compute (compare train_flops_exact; use "
+               f"compute_convention: exact to equalise it)")
+        log.warning("%s", msg)
+        plan = replace(plan, warnings=(*plan.warnings, msg))
+    return plan
+
+
+def exact_train_flops(plan: dict[str, Any], tokens: int) -> float:
+    """A plan.json's exact training FLOPs (every matmul, LM head and attention scores included) for
+    `tokens` tokens read: `train_flops_exact` of train.json and the `runs` table."""
+    arch = Architecture(**plan["arch"])
+    vocab = int(plan.get("vocab_size") or 0)
+    if not vocab:
+        raise ValueError("the plan has no vocab_size: its exact FLOPs are unknown (re-run the plan stage)")
+    return arch.train_flops_per_token("exact", vocab) * tokens
 
 
 def check_feasible(p: Params) -> None:

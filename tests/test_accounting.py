@@ -274,7 +274,8 @@ def test_runs_share_the_budget(params) -> None:
         # T_i = C / F_i, to within one optimizer step
         f = plan.flops_per_token
         assert params.budget.compute - f * plan.tokens_per_step < f * plan.tokens <= params.budget.compute
-        assert plan.epochs == plan.tokens / params.budget.unique_tokens
+        # passes over the unique stream (U tokens, EOS included) read as windows of seq_len (issue 14)
+        assert plan.epochs == plan.tokens / plan.arch.seq_len / ((params.budget.unique_tokens - 1) // plan.arch.seq_len)
     dense = next(p for p in plans.values() if p.arch.kind == "dense")
     for plan in plans.values():
         # at equal C, tokens scale as 1 / F_i (relative to the dense run)

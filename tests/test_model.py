@@ -191,7 +191,7 @@ def test_router_losses() -> None:
     out = r(x)
     assert float(out.aux_loss.detach()) == pytest.approx(1.0)
     assert float(out.z_loss.detach()) == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
-    torch.testing.assert_close(out.weights, torch.ones(8, 1))
+    torch.testing.assert_close(out.weights, torch.full((8, 1), 0.25))  # the raw top-1 probability (paper's gate)
     # all tokens to expert 0 with probability ~1: aux -> E * 1 * 1 = E
     with torch.no_grad():
         r.gate.weight.zero_()

@@ -96,21 +96,23 @@ def test_gpu_permute_kernels_match_eager(dtype: torch.dtype) -> None:
         assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"{name}: {err:.3g}"
 
 
-def test_sigmoid_router_weights_are_renormalised_sigmoids() -> None:
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sigmoid_router_weights_are_sigmoids_renormalised_on_request(normalize: bool) -> None:
     torch.manual_seed(1)
-    r = Router(d=6, experts=8, top_k=3, router=RouterConfig(score="sigmoid"))
+    r = Router(d=6, experts=8, top_k=3, router=RouterConfig(score="sigmoid", normalize_topk=normalize))
     x = torch.randn(10, 6)
     out = r(x)
     s = (x @ r.gate.weight.T).sigmoid()
     top, idx = s.topk(3, dim=-1)
     assert torch.equal(out.indices, idx)
-    torch.testing.assert_close(out.weights, top / top.sum(-1, keepdim=True))
+    torch.testing.assert_close(out.weights, top / top.sum(-1, keepdim=True) if normalize else top)
     assert out.aux_loss.requires_grad and float(out.aux_loss.detach()) > 0
 
 
 def test_bias_steers_selection_but_not_weights() -> None:
     torch.manual_seed(2)
-    r = Router(d=4, experts=4, top_k=1, router=RouterConfig(score="sigmoid", bias_balancing=True))
+    r = Router(d=4, experts=4, top_k=1, router=RouterConfig(score="sigmoid", bias_balancing=True,
+                                                             normalize_topk=True))
     x = torch.randn(16, 4)
     with torch.no_grad():
         r.expert_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))  # expert 2 wins every selection

@@ -102,8 +102,10 @@ U = 4000  # of ~7.5k train tokens available
 
 # ------------------------------------------------------------------------------------ unique set
 def test_unique_set_is_exactly_u_train_tokens_with_eos_separators(work: Path) -> None:
+    """U counts the EOS separators (issue 14): one epoch's stream is exactly U tokens, so the planner knows
+    how long a pass is and `epochs` is the number of passes actually served."""
     m, _ = run_replay(work, "a", tokens=16 * 4 * 40, unique=U)
-    assert m["unique"]["tokens"] == U and m["unique"]["requested"] == U
+    assert m["unique"]["tokens"] + m["unique"]["docs"] == U and m["unique"]["requested"] == U
     u = shards.ensure_unique_set(work / "store" / "replay", shards.UniqueSpec(**m["unique"]["spec"]))
     docs = u.index[:, 0]
     assert not any(heldout(int(d)) or d in (5, 6) for d in docs), "only train docs"
@@ -115,7 +117,8 @@ def test_unique_set_is_exactly_u_train_tokens_with_eos_separators(work: Path) ->
         assert np.array_equal(u.tokens[start:start + n], want)
 
     stream = np.fromfile(m["epochs"][0]["path"], dtype="<u2")
-    assert len(stream) == U + u.n_docs == m["stream_tokens_per_epoch"]
+    assert len(stream) == U == u.n_tokens + u.n_docs == m["stream_tokens_per_epoch"]
+    assert m["epochs_fraction"] == pytest.approx(m["sequences"] / m["sequences_per_epoch"])
     assert stream[0] == EOS and int((stream == EOS).sum()) == u.n_docs
     pieces = np.split(stream, np.flatnonzero(stream == EOS))[1:]  # each starts with its EOS
     got = sorted(int(p[1] // 8 - 1) for p in pieces)
@@ -128,8 +131,8 @@ def test_unique_too_large_is_a_clear_error(work: Path) -> None:
     avail = train_tokens_available()
     with pytest.raises(ReplayError, match=rf"budget.unique_tokens={avail + 1} exceeds the {avail} tokens"):
         run_replay(work, "a", tokens=1024, unique=avail + 1)
-    m, _ = run_replay(work, "b", tokens=1024, unique=avail)  # all of it is fine
-    assert m["unique"]["tokens"] == avail
+    m, _ = run_replay(work, "b", tokens=1024, unique=avail)  # all of it is fine (U counts the EOS: fewer docs)
+    assert m["unique"]["tokens"] + m["unique"]["docs"] == avail
 
 
 def test_smaller_u_is_a_subset_and_layout_does_not_matter(work: Path, tmp_path: Path) -> None:

@@ -9,6 +9,9 @@
   launch-error fallback.
 - GPU (skipped without CUDA): bf16 logits at the benchmark shape and a ragged one, against the eager
   maths with a tie rule made explicit (ties -> lowest id, as the kernel does).
+- router.normalize_topk (issue 14): off (the paper's gate, the default), the language-model loss alone
+  reaches every router's gate weight in top-1 and top-k models, on the eager path (CPU), the fused path
+  (interpreter) and on a GPU; on, a top-1 router gets no LM-loss gradient (the defect it fixes).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def stable_router(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor |
 def test_cpu_router_bytes_unchanged(score: str, bias: bool) -> None:
     """CPU runs the eager router: its outputs are the same bytes as before, and it reports the counts."""
     torch.manual_seed(11)
-    r = Router(16, 10, 3, RouterConfig(score=score, bias_balancing=bias))
+    r = Router(16, 10, 3, RouterConfig(score=score, bias_balancing=bias, normalize_topk=True))
     torch.nn.init.normal_(r.gate.weight, std=0.3)
     if bias:
         r.expert_bias.copy_(torch.randn(10) * 0.05)
@@ -104,11 +107,12 @@ def test_route_narrow_keys_and_given_counts_match_int64_sort() -> None:
 
 @pytest.mark.parametrize("T,E,k,score,bias", [(23, 6, 2, "softmax", False), (31, 9, 1, "sigmoid", True),
                                               (40, 64, 8, "softmax", True), (17, 13, 4, "sigmoid", False)])
-def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, bias: bool) -> None:
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, bias: bool, normalize: bool) -> None:
     """The derivation the backward kernel implements, against autograd through Router's eager maths
     (float64), for each output separately and for a mix."""
     torch.manual_seed(T * E)
-    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
+    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias, normalize_topk=normalize))
     if bias:
         r.expert_bias.copy_(torch.randn(E) * 0.1)
     r.double()  # the bias stays fp32 (Router._apply); the scores it is added to are fp64
@@ -122,7 +126,7 @@ def test_backward_reference_equals_autograd(T: int, E: int, k: int, score: str, 
         (want,) = torch.autograd.grad(loss, logits, retain_graph=True)
         got = fused.backward_reference(logits.detach(), out.weights.detach(), out.indices, s, out.load,
                                        cw * gw if cw else None, torch.tensor(ca, dtype=torch.float64),
-                                       torch.tensor(cz, dtype=torch.float64), score == "sigmoid")
+                                       torch.tensor(cz, dtype=torch.float64), score == "sigmoid", normalize)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -148,12 +152,13 @@ for T, E, k, score, bias, progs in [(37, 6, 2, "softmax", False, 512), (37, 6, 2
                                     (90, 256, 2, "sigmoid", True, 512), (150, 40, 6, "softmax", True, 3)]:
     R.MAX_PROGRAMS = progs
     torch.manual_seed(T + E)
-    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias))
+    norm = (T + E) % 2 == 1  # both gates: renormalised top-k weights and the raw scores
+    r = Router(4, E, k, RouterConfig(score=score, bias_balancing=bias, normalize_topk=norm))
     if bias:
         r.expert_bias.copy_(torch.randn(E) * 0.1)
     logits = torch.randn(T, E) * 2
     gw = torch.randn(T, k)
-    key = f"T{T}_E{E}_k{k}_{score}_p{progs}" + ("_bias" if bias else "")
+    key = f"T{T}_E{E}_k{k}_{score}_p{progs}" + ("_bias" if bias else "") + ("_norm" if norm else "")
     res = {}
     for path in ("eager", "fused"):
         fn = r._eager if path == "eager" else r._fused
@@ -323,7 +328,7 @@ def test_gpu_fused_router_matches_eager_maths(shape: tuple[int, int, int], score
 def test_gpu_stable_reference_is_the_eager_router_without_ties() -> None:
     """stable_router equals Router's eager maths (torch.topk) on fp32 logits, where ties do not occur."""
     torch.manual_seed(5)
-    r = Router(32, 64, 8).cuda()
+    r = Router(32, 64, 8, RouterConfig(normalize_topk=True)).cuda()
     x = torch.randn(4096, 32, device="cuda")
     o = r._eager(r.gate(x))
     w, idx, counts, load, aux, z = stable_router(r.gate(x), 8, "softmax", None)
@@ -383,3 +388,61 @@ def test_gpu_route_equals_int64_argsort(shape: tuple[int, int, int]) -> None:
     assert torch.equal(d.order, ref)
     assert torch.equal(d.order[d.inverse], torch.arange(T * k, device="cuda"))
     assert torch.equal(d.counts, expert_counts(idx, E))
+
+
+# ------------------------------------------------------------- the LM loss reaches every router
+LM_GRADS = r"""
+import torch
+from moe_study.accounting import Architecture
+from moe_study.model.lm import build_model
+from moe_study.model.router import Router
+
+def lm_router_grads(device, normalize, top_k):
+    # the language-model loss alone (no balancing or z loss) of a 3-layer MoE LM, first layer dense:
+    # (which router path ran, max |dL/d gate weight|) of each MoE layer's router
+    torch.manual_seed(0)
+    a = Architecture(kind="moe", d_model=16, n_layers=3, n_heads=2, seq_len=8, ffn_hidden=8, experts=6,
+                     top_k=top_k, dense_ffn_hidden=24, first_dense_layers=1)
+    m = build_model(a, 50, "reference", {"normalize_topk": normalize}).to(device)
+    idx = torch.randint(0, 50, (2, 8)).to(device)
+    m(idx, idx.roll(-1, 1)).ce.backward()
+    routers = [mod for mod in m.modules() if isinstance(mod, Router)]
+    return [(mod.last_path, float(mod.gate.weight.grad.abs().max())) for mod in routers]
+"""
+
+
+def _check_lm_router_grads(grads: dict, path: str) -> None:
+    for key, layers in grads.items():
+        assert len(layers) == 2 and all(p == path for p, _ in layers), (key, layers)
+        normalize, k = key.split("_")
+        if normalize == "raw" or k != "k1":  # every router learns from the LM loss
+            assert all(g > 1e-7 for _, g in layers), (key, layers)
+        else:  # renormalised top-1: the weight is exactly 1, no LM gradient (rounding noise only)
+            assert all(g < 1e-9 for _, g in layers), (key, layers)
+
+
+def _grads_here(device: str) -> dict:
+    ns: dict = {}
+    exec(LM_GRADS, ns)
+    return {f"{'norm' if n else 'raw'}_k{k}": ns["lm_router_grads"](device, n, k)
+            for n in (False, True) for k in (1, 3)}
+
+
+def test_lm_loss_reaches_every_router_eager() -> None:
+    assert RouterConfig().normalize_topk is False  # the paper's gate is the default
+    _check_lm_router_grads(_grads_here("cpu"), "eager")
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_lm_loss_reaches_every_router_fused_in_interpreter() -> None:
+    code = LM_GRADS + """
+import json
+out = {f"{'norm' if n else 'raw'}_k{k}": lm_router_grads("cpu", n, k) for n in (False, True) for k in (1, 3)}
+print("RESULT " + json.dumps(out))
+"""
+    _check_lm_router_grads(run_interpreted(code), "fused")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_lm_loss_reaches_every_router_fused() -> None:
+    _check_lm_router_grads(_grads_here("cuda"), "fused")

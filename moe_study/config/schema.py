@@ -109,9 +109,10 @@ class PlannerConfig(Strict):
     `budget:` section holds these keys too, so every stage that reads the budget sees them)."""
 
     compute_convention: Literal["6n", "nonvocab", "exact"] = Field(
-        default="nonvocab", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
-        "nonvocab = 3 M, M the forward FLOPs with attention's sequence term, no LM head (the paper's); "
-        "exact = 3 (M + 2 d V), every matmul (tokenizer.vocab_size as V)")
+        default="exact", description="training FLOPs per token F_i (T_i = C / F_i): 6n = 6 N_active (Kaplan); "
+        "nonvocab = 3 M, M the forward FLOPs with attention's sequence term, no LM head (the paper's; the LM "
+        "head is then free, which at small d_model / large V favours runs that read more tokens: the planner "
+        "warns above 5%); exact = 3 (M + 2 d V), every matmul (tokenizer.vocab_size as V), the default")
     count_embeddings: Literal["nonvocab", "with_embeddings"] = Field(
         default="nonvocab", description="whether budget.params and activation rates count the token embedding "
         "and LM head (the study's N, like the paper's, does not)")
@@ -119,6 +120,13 @@ class PlannerConfig(Strict):
     rate_tol: float = Field(default=0.02, gt=0, lt=1, description="allowed |r_a,i / r_a - 1| of every MoE run")
     max_experts: int = Field(default=256, ge=2, description="largest expert count the search tries")
     max_top_k: int = Field(default=16, ge=1, description="largest top_k the search tries (when top_k varies)")
+    design: Literal["fewest_active", "paper"] = Field(
+        default="fewest_active", description="how MoE runs reach their activation rate (runs.<name>.design "
+        "overrides): fewest_active = any expert count / top_k / width within the tolerances, preferring the "
+        "fewest routed experts per token (r_a then moves with expert width and top_k); paper = arXiv "
+        "2506.12119's 1dense+SE: a fixed routed expert width across the sweep (runs.<name>.expert_width, or "
+        "dense FFN width / granularity, or d_model / 4), one shared expert of width top_k x that width, the "
+        "first model.first_dense_layers layers dense, r_a reached by choosing experts E and top_k K")
 
 
 class BudgetConfig(PlannerConfig):
@@ -184,6 +192,10 @@ class RunConfig(Strict):
     shared_expert_width: int | None = Field(default=None, gt=0, description="width of one shared expert; "
                                             "null = the routed expert width")
     shared_gate: bool = Field(default=False, description="sigmoid gate on the shared experts (Qwen2-MoE)")
+    design: Literal["fewest_active", "paper"] | None = Field(
+        default=None, description="MoE design space (budget.design when null)")
+    expert_width: int | None = Field(default=None, gt=0, description="design paper: the routed expert width "
+                                     "(null: dense FFN width / granularity, or d_model / 4)")
     vary: list[Literal["experts", "top_k", "expert_width"]] | None = Field(
         default=None, description="dims the planner may choose; null = expert_width and experts (expert_width "
         "and top_k when experts is given)")
@@ -196,7 +208,8 @@ class RunConfig(Strict):
         if self.kind == "moe" and self.activation_rate is None and self.experts is None:
             raise ValueError("an moe run needs activation_rate (or experts)")
         if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None
-                                     or self.shared_experts or self.granularity is not None or self.vary):
+                                     or self.shared_experts or self.granularity is not None or self.vary
+                                     or self.expert_width is not None):
             raise ValueError("a dense run has activation_rate 1 and no experts, granularity, shared experts or vary")
         if self.experts is not None and self.top_k >= self.experts:
             raise ValueError(f"top_k={self.top_k} must be below experts={self.experts}")
@@ -214,10 +227,13 @@ class RunConfig(Strict):
 
 # ----------------------------------------------------------------------------------------- router
 class RouterConfig(Strict):
-    """How MoE layers pick experts (moe_study/model/ `Router`); the default is today's softmax top-k.
+    """How MoE layers pick experts (moe_study/model/ `Router`); the default is the paper's softmax top-k.
 
     `score`: softmax over the E logits (Switch/Mixtral) or an independent sigmoid per expert
-    (DeepSeek-V3). Either way the top-k weights are renormalised to sum to 1. `bias_balancing`
+    (DeepSeek-V3). `normalize_topk`: renormalise the k chosen weights to sum to 1 (Mixtral, OLMoE) or
+    keep them as the raw scores (the paper's and Switch's gate, the default). With renormalisation and
+    top_k = 1 the gate weight is exactly 1, so the router learns only from the balancing loss, never
+    from the language loss; without it every router gets the LM loss's gradient. `bias_balancing`
     turns on DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, not trained by
     gradients, is added to the scores for the top-k *selection only* (the gate weights stay the
     unbiased scores) and, after every optimizer step, moves by `bias_update_rate` * sign(mean load -
@@ -226,6 +242,9 @@ class RouterConfig(Strict):
     """
 
     score: Literal["softmax", "sigmoid"] = Field(default="softmax", description="expert scoring function")
+    normalize_topk: bool = Field(default=False, description="renormalise the top-k weights to sum to 1 (off: "
+                                 "the raw scores, the paper's gate; on: Mixtral/OLMoE, and the study before "
+                                 "issue 14; with top_k=1 it leaves the router no LM-loss gradient)")
     bias_balancing: bool = Field(default=False, description="aux-loss-free per-expert selection bias")
     bias_update_rate: float = Field(default=1e-3, ge=0, le=1,
                                     description="bias step per optimizer step (DeepSeek-V3 uses 1e-3)")

@@ -120,7 +120,8 @@ def build_replay(
         "sequences_per_epoch": per_epoch,
         "epochs": epochs,
         "n_epochs": len(epochs),
-        "epochs_fraction": served / u.n_tokens,
+        # passes over the unique stream actually served (issue 14: was tokens / U without the EOS)
+        "epochs_fraction": sum(usage) / per_epoch,
         "sequences": sum(usage),
         "tokens_served": served,
         "budget_tokens": plan["tokens"],
@@ -131,7 +132,7 @@ def build_replay(
     if abs(served - plan["tokens"]) >= seq_len:
         raise ReplayError(f"internal: {served} tokens served for a budget of {plan['tokens']}")
     log.info("%s: U=%d in %d docs, %d epochs (%.3f passes), %d sequences, %d tokens served (budget %d)",
-             run, u.n_tokens, u.n_docs, len(epochs), served / u.n_tokens, sum(usage), served, plan["tokens"])
+             run, u.n_tokens, u.n_docs, len(epochs), sum(usage) / per_epoch, sum(usage), served, plan["tokens"])
     return manifest
 
 

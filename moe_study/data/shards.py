@@ -64,7 +64,8 @@ from moe_study.io import read_json, recover_interrupted, temp_sibling, write_jso
 
 log = logging.getLogger("moe_study.data.shards")
 
-FORMAT = 1  # bump when the on-disk layout or the order/packing rules change (it is part of the key)
+FORMAT = 2  # bump when the on-disk layout or the order/packing rules change (it is part of the key);
+# 2: U counts the EOS separators (one epoch's stream is exactly U tokens)
 PERM = "splitmix64-argsort-v1"
 KEY_CHARS = 24  # store directory name: a prefix of the full key (the full key is in unique.json)
 CHUNK_TOKENS = 1 << 22  # tokens gathered per write when building an epoch (~32 MiB of int64 indices)
@@ -275,6 +276,9 @@ def select_unique(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Which docs (and how many of their tokens) form the unique set: a seeded prefix reaching U.
 
+    U counts what a pass reads: each doc's tokens plus the EOS before it, so one epoch's packed stream
+    is exactly U tokens (the planner then knows the length of a pass: accounting.unique_passes).
+
     `doc` (sorted) and `length` describe every row of the token shards. Returns (selected doc ids
     sorted, tokens taken of each, stats).
     """
@@ -297,12 +301,12 @@ def select_unique(
             "lower budget.unique_tokens or add corpus sources"
         )
     order = seeded_permutation(len(train), _SALT_UNIQUE, spec.data_seed)
-    cum = np.cumsum(tlen[order])
+    cum = np.cumsum(tlen[order] + 1)  # + its EOS
     k = int(np.searchsorted(cum, spec.unique_tokens, side="left")) + 1  # docs needed to reach U
     chosen = np.sort(order[:k])  # train is sorted by doc id, so this sorts the chosen docs by id
     take = tlen[chosen].copy()
     last = order[k - 1]
-    kept = int(tlen[last]) - (int(cum[k - 1]) - spec.unique_tokens)
+    kept = int(tlen[last]) - (int(cum[k - 1]) - spec.unique_tokens)  # >= 0: cum[k - 2] < U
     take[np.searchsorted(chosen, last)] = kept
     stats = {
         "train_docs": n_train,
@@ -341,7 +345,7 @@ def build_unique_set(directory: Path, spec: UniqueSpec) -> UniqueSet:
                 parts.append(np.stack([ids[hit], start + np.cumsum(keep) - keep, keep], axis=1))
                 start += len(kept)
         index = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
-        if start != spec.unique_tokens or len(index) != len(sel_doc):
+        if start + len(sel_doc) != spec.unique_tokens or len(index) != len(sel_doc):
             raise ReplayError(f"{spec.tokens_dir}: token shards changed while the unique set was built")
         _publish(tmp, dest)
     finally:

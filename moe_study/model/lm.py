@@ -10,7 +10,8 @@ real module so a test can prove it equals `Architecture.nonvocab_total / nonvoca
 
 Where the parts live (torchtitan style: each part can be tested and swapped alone):
 - layers.py: RMSNorm, rotary attention, the dense SwiGLU.
-- router.py: `Router`, softmax or sigmoid over E logits, top-k, renormalised top-k weights,
+- router.py: `Router`, softmax or sigmoid over E logits, top-k, the top-k weights (renormalised
+  only with router.normalize_topk),
   optional aux-loss-free bias; balancing.py: the Switch/GShard load-balancing loss
   E * sum_i f_i P_i, the router z-loss mean(logsumexp(logits)^2) and the bias step.
 - moe.py: the `MoE` block, `GroupedExperts` (the E experts as stacked (E, d, 2f) / (E, f, d)
@@ -203,6 +204,8 @@ def router_config(router: RouterConfig | dict[str, Any] | None) -> RouterConfig 
     """A RouterConfig from the params section, its dict form (config.json), or None (the default)."""
     if router is None or isinstance(router, RouterConfig):
         return router
+    if "normalize_topk" not in router:  # saved before the option existed: those routers renormalised
+        router = {**router, "normalize_topk": True}
     try:
         return RouterConfig(**router)
     except Exception as err:
@@ -269,7 +272,8 @@ def load_model(directory: Path | str, expert_backend: str = "auto",
     for key in ("arch", "vocab_size"):
         if key not in config:
             raise ModelConfigError(f"{cfg_path}: missing key {key!r}")
-    model = build_model(config["arch"], config["vocab_size"], expert_backend, config.get("router"))
+    # a config.json without "router" predates the option: softmax top-k, renormalised (router_config)
+    model = build_model(config["arch"], config["vocab_size"], expert_backend, config.get("router", {}))
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

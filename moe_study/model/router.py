@@ -22,7 +22,7 @@ from moe_study.model.layers import ModelConfigError
 
 @dataclass
 class RouterOutput:
-    weights: torch.Tensor  # (T, k) renormalised top-k probabilities
+    weights: torch.Tensor  # (T, k) top-k scores (renormalised to sum 1 with normalize_topk)
     indices: torch.Tensor  # (T, k) expert ids
     aux_loss: torch.Tensor  # scalar, E * sum_i f_i P_i (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2
@@ -31,8 +31,9 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Bias-free linear gate, top-k over softmax or sigmoid scores, renormalised weights, and the
-    balancing losses; optionally DeepSeek-V3's aux-loss-free bias balancing.
+    """Bias-free linear gate, top-k over softmax or sigmoid scores, the gate weights (the raw top-k
+    scores, or renormalised to sum to 1 with RouterConfig.normalize_topk), and the balancing losses;
+    optionally DeepSeek-V3's aux-loss-free bias balancing.
 
     Bias balancing: `expert_bias` (a buffer: saved with the model, never touched by the optimizer)
     is added to the scores for choosing the top-k experts only; the gate weights are the unbiased
@@ -55,6 +56,7 @@ class Router(nn.Module):
         self.experts = experts
         self.top_k = top_k
         self.score = cfg.score
+        self.normalize_topk = cfg.normalize_topk
         self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d, experts, bias=False)
         self.bias_balancing = cfg.bias_balancing
@@ -76,7 +78,7 @@ class Router(nn.Module):
     def _fused(self, logits: torch.Tensor) -> RouterOutput | None:
         """The router outputs from kernels/router.py (None if its launch failed: then run eagerly)."""
         bias = self.expert_bias if self.bias_balancing else None
-        res = fused_router.fused_router(logits, self.top_k, self.score, bias)
+        res = fused_router.fused_router(logits, self.top_k, self.score, bias, normalize=self.normalize_topk)
         if res is None:
             return None
         top_w, top_i, counts, load, aux, z = res
@@ -95,7 +97,8 @@ class Router(nn.Module):
         else:  # the bias steers the selection only; the weights are the unbiased scores
             top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
             top_w = scores.gather(-1, top_i)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if self.normalize_topk:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         slots = expert_counts(top_i, self.experts)
         counts = slots.to(scores.dtype)
         if self.bias_balancing and self.training:

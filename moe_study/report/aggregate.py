@@ -6,8 +6,9 @@ the views and writes the exports, so adding a run re-collects that run alone.
 
 `results/<study>/metrics.duckdb` (and a copy of the current study at `results/metrics.duckdb`):
 - table `runs`: one row per run (columns: moe_study/report/collect.py RUN_COLUMNS: run_id, study, kind,
-  total_params, active_params, activation_rate, experts, top_k, shared_experts, train_flops,
-  tokens_seen, unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
+  total_params, active_params, activation_rate, experts, top_k, shared_experts, train_flops (F x T in
+  the budget's compute convention), train_flops_exact (every matmul x T, any convention), tokens_seen,
+  unique_tokens, epochs, val_loss, val_bpb, cloze/choice accuracies with Wilson
   intervals, audit deviations, params_sha256, ...);
 - table `steps`: every run's training curve; table `expert_load`: routed fraction per layer/expert;
 - table `study`: one row, `status` 'failed' when a run's audit is not ok (`audit_ok`, decided by
@@ -68,7 +69,8 @@ DENSE_BASELINE = f"""
                string_agg(DISTINCT grp, ',' ORDER BY grp) AS dense_groups,
                avg(total_params) AS dense_total_params, avg(tokens_seen) AS dense_tokens_seen,
                avg(val_loss) AS dense_val_loss, avg(val_bpb) AS dense_val_bpb,
-               avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc
+               avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc,
+               avg(train_flops_exact) AS dense_train_flops_exact
         FROM runs WHERE kind = 'dense' GROUP BY {", ".join(BASELINE_KEY)}
         ORDER BY {", ".join(BASELINE_KEY)}"""
 
@@ -81,7 +83,9 @@ VIEWS = {  # created in this order: moe_vs_dense reads dense_baseline
                m.val_loss, d.dense_val_loss, m.val_loss - d.dense_val_loss AS d_val_loss,
                m.val_bpb, d.dense_val_bpb, m.val_bpb - d.dense_val_bpb AS d_val_bpb,
                m.cloze_acc, d.dense_cloze_acc, m.cloze_acc - d.dense_cloze_acc AS d_cloze_acc,
-               m.choice_acc, d.dense_choice_acc, m.choice_acc - d.dense_choice_acc AS d_choice_acc
+               m.choice_acc, d.dense_choice_acc, m.choice_acc - d.dense_choice_acc AS d_choice_acc,
+               m.train_flops_exact, d.dense_train_flops_exact,
+               m.train_flops_exact / d.dense_train_flops_exact AS flops_exact_vs_dense
         FROM runs m JOIN dense_baseline d USING ({", ".join(BASELINE_KEY)})
         WHERE m.kind = 'moe' ORDER BY m.study, m.size, m.activation_rate DESC, m.run_id""",
     "by_activation_rate": """

@@ -15,7 +15,10 @@ work/collect/<run>/:
 - `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
 
 `train_flops` is the plan's training FLOPs per token (in the budget's `compute_convention`; 6 N_active
-for plans that predate conventions) times the tokens the loader served (train.json); `audit_*` are the relative
+for plans that predate conventions) times the tokens the loader served (train.json): what the study
+equalises, C up to whole steps. `train_flops_exact` is the exact count (every matmul, the LM head and
+attention scores included: accounting.exact_train_flops) times the same tokens, the run's real compute
+whatever the convention (equal to `train_flops` under `exact`). `audit_*` are the relative
 deviations the trainer's audit measured (null without an audit). `params_sha256` hashes the
 params hashes of plan, train and evaluate provenance: two runs share it only when every setting
 that made them is the same.
@@ -30,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moe_study.accounting import exact_train_flops, unique_passes
 from moe_study.config.schema import Params
 from moe_study.hashing import sha256_file, sha256_json
 from moe_study.io import WORK, atomic_path, read_json
@@ -56,6 +60,7 @@ RUN_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("audit_params_dev", pa.float64()), ("audit_active_dev", pa.float64()), ("audit_tokens_dev", pa.float64()),
     ("audit_flops_dev", pa.float64()), ("audit_max_dev", pa.float64()), ("audit_ok", pa.bool_()),
     ("wall_seconds", pa.float64()), ("params_sha256", pa.string()), ("eval_sha256", pa.string()),
+    ("train_flops_exact", pa.float64()),  # issue 14: every matmul x tokens read (any convention)
 ]
 # the `steps` table: the trainer's steps.parquet columns (their schema lives with the writer) under the run
 STEPS_TABLE_COLUMNS: list[tuple[str, pa.DataType]] = [("run_id", pa.string()), ("study", pa.string()), *STEP_COLUMNS]
@@ -69,9 +74,10 @@ AUDIT_KEYS = {"audit_params_dev": "nonvocab_params", "audit_active_dev": "nonvoc
 # stage; `audit` (optional: null columns without it) and the eval intervals and tasks (present, null when
 # turned off) are read apart.
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "plan": ("arch.kind", "arch.ffn_hidden", "arch.experts", "arch.top_k", "arch.shared_experts",
+    "plan": ("arch.kind", "arch.ffn_hidden", "arch.experts", "arch.top_k", "arch.shared_experts", "arch.seq_len",
              "nonvocab_params", "nonvocab_active", "activation_rate", "target_params", "compute",
-             "compute_convention", "flops_per_token", "tokens", "steps", "unique_tokens", "provenance.params_sha256"),
+             "compute_convention", "flops_per_token", "tokens", "steps", "unique_tokens", "provenance.params_sha256",
+             "vocab_size"),
     "train": ("nonvocab_params", "nonvocab_active", "tokens_seen", "steps", "seed", "lr", "final_train_loss",
               "wall_seconds", "expert_load", "provenance.params_sha256"),
     "eval": ("plan.nonvocab_params", "plan.nonvocab_active", "loss", "loss_ci", "perplexity", "bpb", "bpb_ci",
@@ -147,8 +153,9 @@ def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e:
         "shared_experts": arch["shared_experts"], "ffn_hidden": arch["ffn_hidden"],
         "compute_budget": float(plan["compute"]), "compute_convention": plan["compute_convention"],
         "train_flops": float(plan["flops_per_token"]) * tokens_seen,
+        "train_flops_exact": exact_train_flops(plan, tokens_seen),
         "tokens_seen": tokens_seen, "unique_tokens": plan["unique_tokens"],
-        "epochs": tokens_seen / plan["unique_tokens"],
+        "epochs": unique_passes(tokens_seen, plan["unique_tokens"], arch["seq_len"]),
         "steps": train["steps"], "final_train_loss": train["final_train_loss"],
         "val_loss": e["loss"], "val_loss_lo": loss_ci[0], "val_loss_hi": loss_ci[1],
         "val_ppl": e["perplexity"],

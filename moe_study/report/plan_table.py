@@ -18,7 +18,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from moe_study.accounting import plan_run
+from moe_study.accounting import dense_width, plan_run
 from moe_study.config.schema import Params
 from moe_study.io import write_bytes, write_json
 
@@ -26,10 +26,16 @@ from moe_study.io import write_bytes, write_json
 COLUMNS: list[tuple[str, Any, str]] = [
     ("run", lambda p: p["run"], "{}"),
     ("kind", lambda p: p["arch"]["kind"], "{}"),
+    ("design", lambda p: p.get("design"), "{}"),
     ("experts", lambda p: p["arch"]["experts"], "{}"),
     ("top_k", lambda p: p["arch"]["top_k"], "{}"),
     ("expert_width", lambda p: p["arch"]["ffn_hidden"] if p["arch"]["kind"] == "moe" else None, "{}"),
     ("shared_experts", lambda p: p["arch"].get("shared_experts", 0), "{}"),
+    ("shared_width", lambda p: ((p["arch"].get("shared_ffn_hidden") or p["arch"]["ffn_hidden"])
+                                if p["arch"]["kind"] == "moe" and p["arch"].get("shared_experts") else None), "{}"),
+    # granularity G = dense reference FFN width / routed expert width (Krajewski et al. 2024)
+    ("granularity", lambda p: (p["dense_reference_ffn"] / p["arch"]["ffn_hidden"]
+                               if p["arch"]["kind"] == "moe" and p.get("dense_reference_ffn") else None), "{:.2f}"),
     ("dense_ffn", lambda p: (p["arch"]["ffn_hidden"] if p["arch"]["kind"] == "dense"
                              else p["arch"].get("dense_ffn_hidden")), "{}"),
     ("nonvocab_params", lambda p: p["nonvocab_params"], "{:,}"),
@@ -65,8 +71,13 @@ def summary(plans: list[dict]) -> dict:
 
 
 def plans_from_params(p: Params) -> list[dict]:
-    """Plan every run from the params alone (no corpus needed)."""
-    return [plan_run(p, r).to_dict() for r in sorted(p.runs)]
+    """Plan every run from the params alone (no corpus needed), with the dense reference's FFN width
+    (for the granularity column) and each run's MoE design (budget.design or runs.<name>.design)."""
+    f_dense = dense_width(p.model, p.budget.params, p.tokenizer.vocab_size, p.budget.count_embeddings)
+    return [plan_run(p, r).to_dict() | {"dense_reference_ffn": f_dense,
+                                        "design": (p.run(r).design or p.budget.design) if p.run(r).kind == "moe"
+                                        else None}
+            for r in sorted(p.runs)]
 
 
 def rows(plans: list[dict]) -> list[dict]:
@@ -94,7 +105,9 @@ def markdown(p: Params, table_rows: list[dict]) -> str:
         f"Model family: d_model {p.model.d_model}, {p.model.n_layers} layers, {p.model.n_heads} heads"
         f"{f' ({p.model.n_kv_heads} kv)' if p.model.n_kv_heads else ''}, seq_len {p.model.seq_len}, "
         f"vocab {p.tokenizer.vocab_size}. total/active_params count embeddings (the published convention); "
-        "flops_per_token_exact includes the LM head. Formulas: moe_study/accounting.py.",
+        "flops_per_token_exact includes the LM head. granularity = dense reference FFN width / routed expert "
+        "width; shared_width = the width of one shared expert (design `paper`: top_k x the routed width). "
+        "Formulas: moe_study/accounting.py.",
         "",
         "| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -17,9 +17,10 @@ from moe_study.io import atomic_path
 
 CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_params", "active_params",
                "activation_rate", "experts", "top_k", "shared_experts", "compute_budget", "compute_convention",
-               "train_flops", "tokens_seen", "unique_tokens", "epochs", "final_train_loss", "val_loss", "val_loss_lo",
-               "val_loss_hi", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "cloze_lo", "cloze_hi", "choice_acc",
-               "choice_lo", "choice_hi", "audit_max_dev", "audit_ok", "params_sha256")
+               "train_flops", "train_flops_exact", "tokens_seen", "unique_tokens", "epochs", "final_train_loss",
+               "val_loss", "val_loss_lo", "val_loss_hi", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc",
+               "cloze_lo", "cloze_hi", "choice_acc", "choice_lo", "choice_hi", "audit_max_dev", "audit_ok",
+               "params_sha256")
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -33,9 +34,36 @@ def _ci(g: dict[str, Any], m: str, lo: str, hi: str, fmt: str = ".4f") -> str:
     return f"{g[m]:{fmt}} [{_f(g.get(lo), fmt)}, {_f(g.get(hi), fmt)}]"
 
 
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"×{v:.3f}"
+
+
+def _exact_vs_dense(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Each run's train_flops_exact over the mean of the dense runs' at its study, N, C and U (the key of
+    the `dense_baseline` view)."""
+    key = ("study", "size", "compute_budget", "unique_tokens")
+    dense: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r["kind"] == "dense" and r.get("train_flops_exact") is not None:
+            dense.setdefault(tuple(r[k] for k in key), []).append(r["train_flops_exact"])
+    out: dict[str, float | None] = {}
+    for r in runs:
+        d = dense.get(tuple(r[k] for k in key))
+        out[r["run_id"]] = r["train_flops_exact"] / (sum(d) / len(d)) if d and r.get("train_flops_exact") else None
+    return out
+
+
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
                      status: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
+    conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
+    exact_ratio = _exact_vs_dense(runs)
+    equalised = [f"Compute equalised: training FLOPs in the `{conventions}` convention"
+              + {"exact": " (every matmul, LM head and attention scores included: the real compute).",
+                 "nonvocab": " (the paper's: the LM head is not counted, so the real compute differs between "
+                 "runs; see the exact FLOPs vs dense below).",
+                 "6n": " (6 N_active per token: the LM head and attention scores are not counted; see the exact "
+                 "FLOPs vs dense below)."}.get(conventions, ".")]
     if status["status"] == "ok":
         audited = status["audited_runs"]
         lines.append(f"Status: **ok** ({audited} of {status['runs']} runs audited against their plan"
@@ -44,7 +72,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
         lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
                      f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
                      f"(largest {100 * status['audit_max_dev']:.2f}%).")
-    lines += ["", "## Groups (mean over seeds)", "",
+    lines += ["", *equalised, "", "## Groups (mean over seeds)", "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
               "| choice acc [95% CI] |",
@@ -59,30 +87,34 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
     if moe_vs_dense:
         lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`)", "",
-                  "| run | r_a | experts/top-k | tokens vs dense | Δ loss | Δ bpb | Δ cloze acc | Δ choice acc "
-                  "| dense runs |", "|" + "---|" * 9]
+                  "| run | r_a | experts/top-k | tokens vs dense | exact FLOPs vs dense | Δ loss | Δ bpb | Δ cloze acc "
+                  "| Δ choice acc | dense runs |", "|" + "---|" * 10]
         for m in moe_vs_dense:
             lines.append(
                 f"| {m['run_id']} | {m['activation_rate']:.3f} | {m['experts']}/{m['top_k']} "
-                f"| ×{m['tokens_seen'] / m['dense_tokens_seen']:.2f} | {_f(m['d_val_loss'], '+.4f')} "
+                f"| ×{m['tokens_seen'] / m['dense_tokens_seen']:.2f} "
+                f"| {_ratio(m.get('flops_exact_vs_dense'))} "
+                f"| {_f(m['d_val_loss'], '+.4f')} "
                 f"| {_f(m['d_val_bpb'], '+.4f')} | {_f(m['d_cloze_acc'], '+.3f')} | {_f(m['d_choice_acc'], '+.3f')} "
                 f"| {m['dense_run_ids']} |")
     lines += ["", "## Runs", "",
-              "| run | group | seed | lr | train FLOPs | tokens | val loss | bits/byte | cloze | choice "
-              "| audit max dev | params sha256 |", "|" + "---|" * 12]
+              "| run | group | seed | lr | train FLOPs | exact FLOPs (× dense) | tokens | val loss | bits/byte "
+              "| cloze | choice | audit max dev | params sha256 |", "|" + "---|" * 13]
     for r in runs:
         audit = "-" if r["audit_max_dev"] is None else f"{100 * r['audit_max_dev']:.3f}%" + (
             "" if r["audit_ok"] else " FAIL")
         lines.append(
             f"| {r['run_id']} | {r['grp']} | {r['seed']} | {r['lr']:.3g} | {r['train_flops']:.3e} "
+            f"| {_f(r.get('train_flops_exact'), '.3e')} ({_ratio(exact_ratio[r['run_id']])}) "
             f"| {r['tokens_seen']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {_f(r['cloze_acc'], '.3f')} "
             f"| {_f(r['choice_acc'], '.3f')} | {audit} | `{r['params_sha256'][:12]}` |")
-    conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     lines += ["", "![held-out loss vs activation rate](loss_vs_activation.png)", "",
               "![training curves](training_curves.png) ![expert load](expert_load.png)", "",
               "Equal resources: every run has the same non-vocab params N, compute C = F·T (F = training FLOPs per "
-              f"token in the `{conventions}` convention of moe_study/accounting.py) and unique tokens "
-              "U; MoE runs read U for more epochs. Loss intervals: bootstrap over held-out documents for one seed, "
+              f"token in the `{conventions}` convention of moe_study/accounting.py: `train FLOPs`) and unique tokens "
+              "U; `exact FLOPs` counts every matmul (LM head, attention scores) x tokens read, whatever the "
+              "convention, with its ratio to the dense baseline's. MoE runs read U for more epochs. Loss "
+              "intervals: bootstrap over held-out documents for one seed, "
               "Student-t over seeds otherwise. Δ vs dense: minus the dense baseline (view `dense_baseline`), the mean "
               "over every dense run (each seed once) of the same N, C and U. Task accuracies (stages/tasks.py): "
               "cloze = greedy sentence-final word, choice = 4-way continuation by log-likelihood per byte "

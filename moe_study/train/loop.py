@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moe_study.accounting import exact_train_flops
 from moe_study.cli import n_workers
 from moe_study.config.schema import Params, TrainConfig, batch_split
 from moe_study.hashing import sha256_file
@@ -466,7 +467,11 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
     result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,
               "tokens_seen": loader.tokens_served, "plan_tokens": plan["tokens"], "lr": lr, "seed": seed,
-              **metrics, "flops_convention": plan["compute_convention"], "checkpoint_dir": str(ckpt_dir),
+              **metrics, "flops_convention": plan["compute_convention"],
+              # F x tokens read: in the budget's convention (what the study equalises) and exactly (every matmul)
+              "train_flops": plan["flops_per_token"] * loader.tokens_served,
+              "train_flops_exact": exact_train_flops(plan, loader.tokens_served),
+              "checkpoint_dir": str(ckpt_dir),
               "provenance": prov}
     result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
     keys = ("final_train_loss", "tokens_per_second", "mfu", "final_aux_loss", "wall_seconds")
