@@ -661,17 +661,21 @@ def plan_run(p: Params, name: str) -> RunPlan:
                f"{p.budget.unique_tokens} ({steps} steps of {per_step} tokens); for it to read all of U raise "
                f"budget.compute to >= {need * per_step * fpt:.6g} ({need} steps x {per_step} tokens x {fpt:.6g} "
                f"FLOPs/token, budget.compute_convention={pl.compute_convention})")
-        log.warning("%s", msg)
-        plan = replace(plan, warnings=(*plan.warnings, msg))
+        plan = _with_warning(plan, msg)
     share = plan.lm_head_flops_share
     if pl.compute_convention == "nonvocab" and share is not None and share > HEAD_SHARE_WARN:
         msg = (f"runs.{name}: the LM head is {share:.1%} of this run's exact training FLOPs (> "
                f"{HEAD_SHARE_WARN:.0%}), and budget.compute_convention=nonvocab does not count it: runs that "
                f"read more tokens get more real compute (compare train_flops_exact; use "
                f"compute_convention: exact to equalise it)")
-        log.warning("%s", msg)
-        plan = replace(plan, warnings=(*plan.warnings, msg))
+        plan = _with_warning(plan, msg)
     return plan
+
+
+def _with_warning(plan: RunPlan, msg: str) -> RunPlan:
+    """Log a planning warning and keep it in the plan (plan.json `warnings`), where the table shows it."""
+    log.warning("%s", msg)
+    return replace(plan, warnings=(*plan.warnings, msg))
 
 
 def exact_train_flops(plan: dict[str, Any], tokens: int) -> float:
