@@ -175,10 +175,11 @@ def measure(run: str, variant: str, steps: int, warmup: int, batch: int, vocab: 
 
 def machine() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or os.environ.get("GIT_COMMIT")
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(  # GIT_COMMIT: a copy of the tree without .git
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
+    ).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if cuda else None, "commit": commit or os.environ.get("GIT_COMMIT")}
+            "gpu": torch.cuda.get_device_name(0) if cuda else None, "commit": commit or None}
 
 
 def pack(n: int, run: str, variant: str, a: argparse.Namespace) -> dict[str, Any]:
