@@ -258,7 +258,12 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu(run: str) -> None:
     graphed = trainer(run, batches, 4, device="cuda", dtype="bf16", cuda_graph=True)
     assert T.attach_step_graphs(graphed) is None
     graphed.run()
-    assert graphed.engine.graphs.captured and graphed.engine.graphs.opt is not None
+    g = graphed.engine.graphs
+    backends = set(graphed.engine.module.expert_backends().values())
+    if "reference" in backends:  # the tiny MoE's widths do not suit the grouped kernels: stays eager, says why
+        assert not g.captured and "reference" in g.disabled
+    else:
+        assert g.captured and g.opt is not None and g.disabled is None
     for a, b in zip(eager.history, graphed.history, strict=True):
         assert abs(a.loss - b.loss) <= 2e-2 * abs(a.loss), (a.loss, b.loss)
         assert abs(a.grad_norm - b.grad_norm) <= 5e-2 * abs(a.grad_norm) + 1e-6, (a.grad_norm, b.grad_norm)

@@ -60,6 +60,7 @@ class StepGraphs:
         self.norm: torch.Tensor | None = None
         self.pool: Any = None
         self.load_shape: tuple[int, ...] | None = None
+        self.disabled: str | None = None  # why the step stays eager after the warm-up (None: graphed)
 
     @property
     def captured(self) -> bool:
@@ -79,20 +80,42 @@ class StepGraphs:
         the gradients are left in the parameters' .grad."""
         self.x.copy_(mb[:, :-1], non_blocking=True)
         self.y.copy_(mb[:, 1:], non_blocking=True)
-        if self.fwd is None and self.calls < self.warmup:
+        if self.fwd is None and (self.calls < self.warmup or self.disabled is not None):
             self.calls += 1
             return (*self._body(loss_fn), self.load_shape)
         if self.fwd is None:
-            self.engine.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.packed, self.norm = self._body(loss_fn)
-            self.fwd, self.pool = g, g.pool()
-            log.info("train.cuda_graph: forward+backward captured")
+            self.disabled = self._problem()
+            if self.disabled is None:
+                try:
+                    self._capture(loss_fn)
+                except Exception as err:  # e.g. a host sync in some op: train on, eagerly
+                    self.fwd = None
+                    self.disabled = f"capture failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    torch.cuda.synchronize()
+            if self.disabled is not None:
+                log.warning("train.cuda_graph off: %s", self.disabled)
+                self.engine.optimizer.zero_grad(set_to_none=True)
+                return (*self._body(loss_fn), self.load_shape)
+        assert self.fwd is not None
         self.fwd.replay()
         assert self.packed is not None and self.norm is not None
         return self.packed, self.norm, self.load_shape
+
+    def _problem(self) -> str | None:
+        """Why the warmed-up model cannot be captured (None: try): a layer on the reference expert GEMMs
+        reads its group sizes on the host (kernels/grouped_gemm.py)."""
+        backends = getattr(self.engine.module, "expert_backends", lambda: {})() or {}
+        bad = sorted({v for k, v in backends.items() if not k.endswith("fallback") and v == "reference"})
+        return "an MoE layer runs the reference expert GEMMs (a host sync per call)" if bad else None
+
+    def _capture(self, loss_fn: Callable[[Any], torch.Tensor]) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.packed, self.norm = self._body(loss_fn)
+        self.fwd, self.pool = g, g.pool()
+        log.info("train.cuda_graph: forward+backward captured")
 
     def optimizer_step(self, step: Callable[[], None]) -> None:
         """Run `step` (clip + optimizer, no zero_grad) eagerly before the forward graph exists, then as graph B."""

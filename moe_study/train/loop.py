@@ -415,8 +415,9 @@ def train(
     metrics["micro_batch_size"] = trainer.micro
     metrics["compile"] = cfg.compile
     if cfg.cuda_graph:  # only then: CPU runs' train.json stays byte-identical
-        metrics["cuda_graph"] = getattr(engine, "graphs", None) is not None
-        metrics["cuda_graph_fallback"] = graph_why
+        graphs = getattr(engine, "graphs", None)
+        metrics["cuda_graph"] = graphs is not None and graphs.captured
+        metrics["cuda_graph_fallback"] = graph_why or (graphs.disabled if graphs is not None else None)
     metrics["resumed_from_step"] = resumed_from
     metrics["threads"] = torch.get_num_threads()
     metrics["expert_backends"] = engine.module.expert_backends() or None
