@@ -4,8 +4,8 @@ Family: d_model 256, 8 layers, GQA 4 query / 1 kv heads, seq 1024, batch 64 (65,
 vocab 8192, N = 2e7 non-vocab params (the planner, multiple_of 16: dense SwiGLU 3040 wide; r_a 0.1 =
 31 experts top-1 of width 96; r_a 0.2 = 14 experts top-2 of width 224; r_a 0.42 = 5 experts top-2 of
 width 608 at r_a 0.44, the planner's nearest reachable rate). Every row trains with the real loop
-(`moe_study.train.loop.train`, torch engine, bf16) on random tokens for --warmup + --steps steps; the rate is the median step time of the
-timed steps (each step ends with the loop's host sync of its loss).
+(`moe_study.train.loop.train`, torch engine, bf16) on random tokens for --warmup + --steps steps; the
+rate is the median step time of the timed steps (each step ends with the loop's host sync of its loss).
 
 A variant is `backend:compile:graph`: backend = train.expert_backend (torch_grouped | fused | cutlass |
 auto), compile = none | default | reduce-overhead | max-autotune-no-cudagraphs (train.compile /
