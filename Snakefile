@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from moe_study.registry import STAGES, AllRuns, Stage  # noqa: E402
+from moe_study.registry import STAGES, AllRuns, Stage, gpu_slots  # noqa: E402
 from moe_study.config.load import load_params  # noqa: E402
 from moe_study.config.schema import ParamsError  # noqa: E402
 
@@ -80,6 +80,11 @@ for _s in STAGES:
             runtime=_s.resources.time_min,
             # the train stage runs train.gpus processes (one per GPU) under torchrun
             gpu=(0 if P.train.device == "cpu" else P.train.gpus if _s.name == "train" else _s.resources.gpus),
+            # GPU sharing: `--config gpu_share=S --resources gpu_slots=G*S` runs up to S shareable one-GPU jobs
+            # (train, evaluate) on each of G GPUs at once; counted whatever train.device (so a CPU test with a
+            # fake GPU count schedules the same way)
+            gpu_slots=gpu_slots(_s.resources, P.train.gpus if _s.name == "train" else _s.resources.gpus,
+                                         int(config.get("gpu_share", 1))),
         log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
         message: _s.doc
         shell: "{params.cmd} 2> >(tee {log} >&2)"

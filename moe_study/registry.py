@@ -29,6 +29,22 @@ class Resources:
     mem_mb: int = 2000
     gpus: int = 0
     time_min: int = 30
+    # one-GPU jobs of this stage may share a GPU with others (the study's small runs leave an H200 mostly
+    # idle): they take one of its `gpu_share` slots instead of the whole GPU (see gpu_slots)
+    gpu_shareable: bool = False
+
+
+def gpu_slots(r: Resources, gpus: int, share: int) -> int:
+    """The `gpu_slots` a job takes when each GPU has `share` slots (Snakefile resource; `snakemake
+    --config gpu_share=S --resources gpu_slots=G*S` packs up to S shareable one-GPU jobs on each of G GPUs).
+
+    No GPU: 0. A shareable one-GPU job: 1 slot. Anything else (several GPUs, or a stage that needs a GPU to
+    itself): all slots of its GPUs."""
+    if gpus <= 0:
+        return 0
+    if share < 1:
+        raise ValueError(f"gpu_share={share} must be at least 1")
+    return 1 if r.gpu_shareable and gpus == 1 else gpus * share
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,7 @@ STAGES: tuple[Stage, ...] = (
         cached_metrics=("work/runs/{run}/dvclive/metrics.json",),
         plots=("work/runs/{run}/dvclive/plots/metrics/",),
         per_run=True,
-        resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440),
+        resources=Resources(cpus=CPU_ALL, mem_mb=16000, gpus=1, time_min=1440, gpu_shareable=True),
     ),
     Stage(
         name="evaluate",
@@ -181,7 +197,7 @@ STAGES: tuple[Stage, ...] = (
         params=("eval",),
         metrics=("work/eval/{run}.json",),
         per_run=True,
-        resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120),
+        resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120, gpu_shareable=True),
     ),
     Stage(
         name="collect",

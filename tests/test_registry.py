@@ -47,3 +47,18 @@ def test_every_dependency_is_produced_upstream_or_is_source() -> None:
         for c in s.code_files:
             assert (ROOT / c).exists() or c.startswith("kernels"), c
         produced.update(s.all_outs)
+
+
+def test_gpu_slots_let_small_train_jobs_share_a_gpu() -> None:
+    """train and evaluate take one of a GPU's gpu_share slots; several GPUs or no GPU are whole / nothing."""
+    from moe_study.registry import STAGES, Resources, gpu_slots
+
+    by = {s.name: s.resources for s in STAGES}
+    assert by["train"].gpu_shareable and by["evaluate"].gpu_shareable
+    assert gpu_slots(by["train"], 1, 4) == 1  # four runs at once on one GPU with --resources gpu_slots=4
+    assert gpu_slots(by["train"], 2, 4) == 8  # a two-GPU run takes both GPUs whole
+    assert gpu_slots(by["train"], 0, 4) == 0
+    assert gpu_slots(Resources(gpus=1), 1, 4) == 4  # not shareable: the whole GPU
+    assert gpu_slots(by["train"], 1, 1) == 1  # share 1 (the default): one job per GPU, as before
+    snakefile = (Path(__file__).resolve().parent.parent / "Snakefile").read_text()
+    assert "gpu_slots=gpu_slots(" in snakefile

@@ -233,3 +233,37 @@ def test_a_process_without_a_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(EngineError, match="LOCAL_RANK=2 has no GPU: 2 CUDA"):
         resolve_device("auto")
+
+
+def test_cuda_graph_is_off_on_cpu_and_the_cpu_step_unchanged() -> None:
+    """train.cuda_graph on a CPU: the loop says why it is off and trains exactly as without it."""
+    plain = trainer("dense", counting_batches(3), 4)
+    plain.run()
+    graphed = trainer("dense", counting_batches(3), 4, cuda_graph=True)
+    assert T.attach_step_graphs(graphed) == "train.cuda_graph needs CUDA, not cpu"
+    assert graphed.engine.graphs is None
+    graphed.run()
+    assert [s.loss for s in graphed.history] == [s.loss for s in plain.history]
+    assert [s.grad_norm for s in graphed.history] == [s.grad_norm for s in plain.history]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+@pytest.mark.parametrize("run", ["dense", "moe"])
+def test_cuda_graph_steps_match_eager_steps_on_the_gpu(run: str) -> None:
+    """Graphed steps (after 3 eager warm-up steps) follow the eager GPU run within bf16/fp32 rounding, and
+    a replay launches two graphs instead of hundreds of kernels."""
+    batches = counting_batches(8)
+    eager = trainer(run, batches, 4, device="cuda", dtype="bf16")
+    eager.run()
+    graphed = trainer(run, batches, 4, device="cuda", dtype="bf16", cuda_graph=True)
+    assert T.attach_step_graphs(graphed) is None
+    graphed.run()
+    g = graphed.engine.graphs
+    backends = set(graphed.engine.module.expert_backends().values())
+    if "reference" in backends:  # the tiny MoE's widths do not suit the grouped kernels: stays eager, says why
+        assert not g.captured and "reference" in g.disabled
+    else:
+        assert g.captured and g.opt is not None and g.disabled is None
+    for a, b in zip(eager.history, graphed.history, strict=True):
+        assert abs(a.loss - b.loss) <= 2e-2 * abs(a.loss), (a.loss, b.loss)
+        assert abs(a.grad_norm - b.grad_norm) <= 5e-2 * abs(a.grad_norm) + 1e-6, (a.grad_norm, b.grad_norm)

@@ -294,6 +294,8 @@ class TrainConfig(Strict):
                           "head, cross-entropy) in place: state_dict keys unchanged")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         default=None, description="torch.compile mode when compile is on (None: torch's default)")
+    cuda_graph: bool = Field(default=False, description="torch engine on CUDA: each training step as two CUDA graphs "
+                             "(forward+backward+norm, clip+AdamW; moe_study/train/cudagraph.py); ignored on CPU")
     lr: float = Field(default=3e-3, gt=0)
     schedule: Literal["cosine", "wsd"] = Field(
         default="cosine", description="after warmup: cosine to min_lr_ratio*lr, or warmup-stable-decay (constant, "

@@ -119,9 +119,10 @@ def init_distributed(device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+def autocast_context(device: torch.device, dtype: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast (cache=False: no weight-cast cache, as inside a captured CUDA graph), else nothing."""
     if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -210,11 +211,17 @@ class TorchEngine(_InMemoryState):
         self.cfg = cfg
         self.world = dist_env()[1]
         cuda = device.type == "cuda"  # one fused kernel on GPUs; the reference loop on CPU (bit-stable)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
-                                           eps=ADAM_EPS, fused=cuda or None)
+        self.graphs: Any = None  # moe_study.train.cudagraph.StepGraphs, set by the loop (train.cuda_graph)
+        if cuda and cfg.cuda_graph:  # capturable: step count and learning rate live on the device
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay),
+                                               lr=torch.tensor(lr, dtype=torch.float32, device=device),
+                                               betas=ADAM_BETAS, eps=ADAM_EPS, fused=True, capturable=True)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=ADAM_BETAS,
+                                               eps=ADAM_EPS, fused=cuda or None)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
-        with autocast_context(self.device, self.cfg.dtype):
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, cache: bool = True) -> Any:
+        with autocast_context(self.device, self.cfg.dtype, cache):
             return self.module(x, targets)
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
@@ -237,11 +244,20 @@ class TorchEngine(_InMemoryState):
 
     def step(self, lr: float, norm: torch.Tensor) -> None:
         """Clip with the pre-clip norm of grad_norm() (no second pass over the gradients), then AdamW."""
-        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip, norm)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
+            if isinstance(g["lr"], torch.Tensor):  # capturable AdamW (train.cuda_graph): set in place
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        if self.graphs is not None:  # clip + AdamW as one CUDA graph (gradients stay allocated)
+            self.graphs.optimizer_step(lambda: self._clip_step(norm))
+            return
+        self._clip_step(norm)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_step(self, norm: torch.Tensor) -> None:
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.cfg.grad_clip, norm)
+        self.optimizer.step()
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         if dist_env()[0] == 0:

@@ -196,6 +196,44 @@ class Trainer:
         share = self.batch_size // self.world
         rows = batch[self.rank * share:(self.rank + 1) * share]
         lr = schedule_lr(self.cfg, self.step, self.steps, self.lr)
+        graphs = getattr(self.engine, "graphs", None)
+        if graphs is not None:  # train.cuda_graph: the same step as two CUDA graphs (moe_study/train/cudagraph.py)
+            packed, norm, load_shape = graphs.forward_backward(rows.to(device, non_blocking=True), self._loss)
+        else:
+            packed, norm, load_shape = self._micro_steps(rows, device)
+        host = step_values_to_host(packed / self.accumulation, norm, self.world)  # the step's only host sync
+        ce_v, aux_v, z_v = (float(v) for v in host[:3])
+        if not all(map(math.isfinite, (ce_v, aux_v, z_v))):
+            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
+        norm_v = float(host[-1]) if norm is not None else None
+        if norm_v is not None:
+            self._check_norm(norm_v)
+        after = self.engine.step(lr, norm)
+        if after is not None:
+            norm_v = after
+            self._check_norm(norm_v)
+        update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
+        if callable(update_bias):
+            update_bias()
+        stats_load = None
+        if load_shape is not None:
+            stats_load = host[3:3 + math.prod(load_shape)].reshape(load_shape).clone()
+            self.load_sum = stats_load if self.load_sum is None else self.load_sum + stats_load
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        tokens_step = self.batch_size * self.seq_len
+        rate = tokens_step / max(seconds, 1e-12)
+        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm_v, seconds=seconds,
+                         tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
+                         **step_load_fields(stats_load))
+
+    def _loss(self, out: Any) -> torch.Tensor:
+        """The training loss of a forward's output (what the step graph captures; no fault injection there)."""
+        return out.ce + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
+
+    def _micro_steps(self, rows: torch.Tensor, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...] | None]:
+        """Forward and backward of each micro-batch: (packed step values, pre-clip norm, load shape)."""
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce, aux, z over micro-batches
         load = None
         for m in range(self.accumulation):
@@ -214,31 +252,7 @@ class Trainer:
         # the pre-clip norm, a device tensor: the torch engine knows it before the update (None: deepspeed, after it)
         norm = self.engine.grad_norm()
         packed = sums if load is None else torch.cat([sums, load.reshape(-1)])
-        host = step_values_to_host(packed / self.accumulation, norm, self.world)  # the step's only host sync
-        ce_v, aux_v, z_v = (float(v) for v in host[:3])
-        if not all(map(math.isfinite, (ce_v, aux_v, z_v))):
-            raise self._blew_up(f"non-finite loss (cross-entropy {ce_v}, aux {aux_v}, z {z_v})")
-        norm_v = float(host[-1]) if norm is not None else None
-        if norm_v is not None:
-            self._check_norm(norm_v)
-        after = self.engine.step(lr, norm)
-        if after is not None:
-            norm_v = after
-            self._check_norm(norm_v)
-        update_bias = getattr(self.engine.module, "update_router_bias", None)  # issue 5's aux-loss-free balancing
-        if callable(update_bias):
-            update_bias()
-        stats_load = None
-        if load is not None:
-            stats_load = host[3:3 + load.numel()].reshape(load.shape).clone()
-            self.load_sum = stats_load if self.load_sum is None else self.load_sum + stats_load
-        self.step += 1
-        seconds = time.perf_counter() - t0
-        tokens_step = self.batch_size * self.seq_len
-        rate = tokens_step / max(seconds, 1e-12)
-        return StepStats(self.step, ce_v, lr, self.step * tokens_step, aux_v, z_v, norm_v, seconds=seconds,
-                         tokens_per_s=rate, mfu=mfu(self.flops_per_token, rate, self.peak_flops),
-                         **step_load_fields(stats_load))
+        return packed, norm, None if load is None else tuple(load.shape)
 
     def run(self) -> list[StepStats]:
         it = iter(self.loader)
@@ -337,6 +351,20 @@ def check_plan(plan: dict[str, Any], plan_path: Path | str, cfg: TrainConfig) ->
         raise TrainError(f"{plan_path}: tokens={plan['tokens']} != steps * batch_size * seq_len")
 
 
+def attach_step_graphs(trainer: Trainer) -> str | None:
+    """Give the torch engine its StepGraphs (train.cuda_graph); the reason it cannot, logged, else None."""
+    from moe_study.train.cudagraph import StepGraphs, graph_problem
+
+    engine = trainer.engine
+    why = ("train.cuda_graph needs the torch engine" if not hasattr(engine, "graphs")
+           else graph_problem(engine.device, trainer.accumulation, trainer.world, trainer.fault))
+    if why is not None:
+        log.warning("train.cuda_graph off: %s", why)
+        return why
+    engine.graphs = StepGraphs(engine, trainer.micro, trainer.seq_len)
+    return None
+
+
 def train(
     model: LM,
     loader: BatchLoader,
@@ -362,6 +390,7 @@ def train(
     trainer = Trainer(engine=engine, loader=loader, steps=steps, batch_size=batch_size,
                       seq_len=model.arch.seq_len, vocab_size=model.vocab_size, lr=lr, cfg=cfg,
                       flops_per_token=flops_per_token, peak_flops=peak, ckpt_dir=ckpt_dir, fault=fault_from_env())
+    graph_why = attach_step_graphs(trainer) if cfg.cuda_graph else None
     resumed_from = trainer.step if trainer.resume() else None
     history = trainer.run()
     metrics = summarize(history, trainer)
@@ -375,6 +404,10 @@ def train(
     metrics["gradient_accumulation"] = trainer.accumulation
     metrics["micro_batch_size"] = trainer.micro
     metrics["compile"] = cfg.compile
+    if cfg.cuda_graph:  # only then: CPU runs' train.json stays byte-identical
+        graphs = getattr(engine, "graphs", None)
+        metrics["cuda_graph"] = graphs is not None and graphs.captured
+        metrics["cuda_graph_fallback"] = graph_why or (graphs.disabled if graphs is not None else None)
     metrics["resumed_from_step"] = resumed_from
     metrics["threads"] = torch.get_num_threads()
     metrics["expert_backends"] = engine.module.expert_backends() or None
