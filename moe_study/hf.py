@@ -8,13 +8,19 @@ The family is the closest standard one that computes *exactly* the project's fun
 equal to <= 1e-4, tests/test_export.py); an option no standard class expresses is refused with the
 reason (`ExportError`) instead of exporting a different model:
 
-| project model | family | why |
-|---|---|---|
-| dense | Llama (`qkv_bias`: Qwen2, whose q/k/v have biases and o has none; `qk_norm: head`: Qwen3) | pre-norm RMSNorm, rotate-half RoPE, SwiGLU, GQA: the same blocks |
-| MoE, softmax top-k renormalised, every layer MoE, no shared experts / q-k norm / qkv bias | Mixtral | exactly this and nothing more; the most widely supported MoE format |
-| any other softmax MoE without q/k norm (top-k renormalised or not, shared experts with or without gate, first dense layers, `moe_every`, qkv bias) | Qwen2-MoE | `norm_topk_prob`, a shared expert with a sigmoid gate, `mlp_only_layers` + `decoder_sparse_step` (the same layer rule as `first_dense_layers` + `moe_every`), `qkv_bias` |
-| softmax MoE, `qk_norm: head`, no shared experts | Qwen3-MoE | per-head q/k RMSNorm before RoPE, `norm_topk_prob`, `mlp_only_layers`, `decoder_sparse_step` |
-| softmax MoE, `qk_norm: layer`, every layer MoE, no shared experts | OLMoE | q/k RMSNorm over all q (k) features, `norm_topk_prob` |
+- dense -> Llama (pre-norm RMSNorm, rotate-half RoPE, SwiGLU, GQA: the same blocks); with `qkv_bias`
+  -> Qwen2 (q/k/v biased, o not: Llama's attention_bias would bias o too); with `qk_norm: head` -> Qwen3.
+- MoE with softmax top-k renormalised, every layer MoE, no shared experts, q/k norm or qkv bias
+  -> Mixtral: exactly this and nothing more, and the most widely supported MoE format.
+- any other softmax MoE without q/k norms (top-k renormalised or not, shared experts with or without a
+  gate, first dense layers, `moe_every`, qkv bias) -> Qwen2-MoE: `norm_topk_prob`, a shared expert with
+  a sigmoid gate, `mlp_only_layers` + `decoder_sparse_step` (the same layer rule as
+  `first_dense_layers` + `moe_every`: layer i is sparse iff i is not in the first k and (i+1) % n == 0),
+  optional `qkv_bias`. DeepSeek-V2/V3 have the same MoE options (n_shared_experts,
+  first_k_dense_replace, norm_topk_prob) but only with multi-head latent attention.
+- softmax MoE with `qk_norm: head`, no shared experts -> Qwen3-MoE (per-head q/k RMSNorm before RoPE).
+- softmax MoE with `qk_norm: layer`, every layer MoE, no shared experts -> OLMoE (q/k RMSNorm over
+  all q (k) features).
 
 Shared experts: the project's S shared experts are one SwiGLU of width S*f_s (their sum), Qwen2-MoE's
 `shared_expert` of that width. Without the project's gate the export sets `shared_expert_gate` to zero
