@@ -341,6 +341,10 @@ def import_config(cfg: dict[str, Any] | Path | str) -> dict[str, Any]:
     a, vocab = from_hf_config(cfg)
     arch = a.to_dict()
     arch["first_dense_layers"] = first_dense or arch.get("first_dense_layers", 0)
+    if not a.mla and arch.get("head_dim") == a.d_model // a.n_heads:  # the defaults, as the project writes them
+        arch["head_dim"] = None
+    if arch.get("n_kv_heads") == a.n_heads:
+        arch["n_kv_heads"] = None
     if o_bias:
         arch["qkv_bias"] = True
     if mt == "qwen2_moe":  # transformers 5 makes Qwen2-MoE's q/k/v biases optional
@@ -391,3 +395,75 @@ def import_model(src: Path | str, weights: bool = True, device: str = "meta") ->
     if missing or unexpected:
         raise ModelConfigError(f"{src}: weights do not match (missing {missing}, unexpected {unexpected})")
     return model, imported
+
+
+# --------------------------------------------------------------------------------------- stage
+MAX_LOGIT_DIFF = 1e-4
+
+
+def run_export(p: Any, run: str, work: Path | str = "work", out: Path | str | None = None) -> dict[str, Any]:
+    """export@run: work/runs/<run>/model -> `out` (default work/runs/<run>/hf/) as a transformers
+    checkpoint with the study's tokenizer. In the DAG (`out` None) with `export.enabled: false` it writes
+    only the record {"enabled": false}, so the default study pays nothing but a process start; an
+    explicit `out` always exports. Refuses (ExportError) an option no standard class computes, or a
+    reloaded checkpoint whose logits differ by more than MAX_LOGIT_DIFF."""
+    from moe_study.io import atomic_path
+
+    p.run(run)
+    work = Path(work)
+    model_dir, tokens = work / "runs" / run / "model", work / "tokens"
+    dest = Path(out) if out is not None else work / "runs" / run / "hf"
+    if out is None and not p.export.enabled:
+        with atomic_path(dest) as tmp:
+            tmp.mkdir()
+            record = {"run": run, "enabled": False}
+            (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
+        return record
+    with atomic_path(dest) as tmp:
+        record = export_model(model_dir, tmp, tokens / "tokenizer.json", p.tokenizer.eos, p.export.check_tokens)
+        record.update(run=run, enabled=True)
+        if record.get("max_abs_logit_diff", 0.0) > MAX_LOGIT_DIFF:
+            raise ExportError(f"{run}: the exported {record['family']} model's logits differ from the run's by "
+                              f"{record['max_abs_logit_diff']:.3g} > {MAX_LOGIT_DIFF}")
+        (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m moe_study.hf import SRC --out DIR [--no-weights]`: a HF checkpoint (or config.json) as a
+    project model directory: config.json (the arch `build_model` and `plan count` read) and, when SRC
+    has weights of a family this module exports, model.safetensors (then `load_model` reads it)."""
+    import argparse
+
+    from moe_study.model.lm import save_model
+
+    ap = argparse.ArgumentParser(prog="python -m moe_study.hf", description=main.__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="a Hugging Face checkpoint or config.json -> a project model directory")
+    imp.add_argument("src")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--no-weights", action="store_true", help="shape only: config.json, no weights")
+    a = ap.parse_args(argv)
+    try:
+        src = Path(a.src)
+        weights = not a.no_weights and (src.is_dir() and any(src.glob("*.safetensors")))
+        model, imported = import_model(src, weights=weights, device="meta")  # meta: the shape, no storage
+    except (ExportError, ConfigError, ModelConfigError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=__import__("sys").stderr)
+        return 2
+    config = {"arch": imported["arch"], "vocab_size": imported["vocab_size"], "imported_from": str(src),
+              "imported_weights": weights, **({"router": imported["router"]} if imported["router"] else {}),
+              **({"eos_id": imported["eos_id"]} if imported["eos_id"] is not None else {})}
+    if weights:
+        save_model(model, Path(a.out), config)
+    else:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for note in imported["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {a.out} ({imported['family']} -> {imported['arch']['kind']}, weights: {weights})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
