@@ -419,9 +419,14 @@ def run_export(p: Any, run: str, work: Path | str = "work", out: Path | str | No
             record = {"run": run, "enabled": False}
             (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
         return record
+    from moe_study.hashing import sha256_file, sha256_tree
+    from moe_study.provenance import provenance
+
     with atomic_path(dest) as tmp:
         record = export_model(model_dir, tmp, tokens / "tokenizer.json", p.tokenizer.eos, p.export.check_tokens)
-        record.update(run=run, enabled=True)
+        inputs = {"model": sha256_tree(model_dir), "tokenizer": sha256_file(tokens / "tokenizer.json")}
+        record.update(run=run, enabled=True, provenance=provenance(
+            "export", inputs, {"export": p.export.model_dump(), "eos": p.tokenizer.eos, "run": run}))
         if record.get("max_abs_logit_diff", 0.0) > MAX_LOGIT_DIFF:
             raise ExportError(f"{run}: the exported {record['family']} model's logits differ from the run's by "
                               f"{record['max_abs_logit_diff']:.3g} > {MAX_LOGIT_DIFF}")
