@@ -90,7 +90,13 @@ for _s in STAGES:
         shell: "{params.cmd} 2> >(tee {log} >&2)"
 
 
+_READ = {d.pattern if isinstance(d, AllRuns) else d for s in STAGES for d in s.deps}
+
 rule all:
     default_target: True
-    # every study-level output committed under results/ (the aggregate's and the plan table)
-    input: [_out(o) for s in STAGES if s.uncached for o in s.all_outs]
+    # every study-level output committed under results/ (the aggregate's and the plan table), and the
+    # per-run outputs no stage reads (export@run's), so both engines run the same DAG
+    input:
+        [_out(o) for s in STAGES if s.uncached for o in s.all_outs]
+        + [_path(o).replace("{run}", r) for s in STAGES if s.per_run and not set(s.all_outs) & _READ
+           for o in s.all_outs for r in RUNS]

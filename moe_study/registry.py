@@ -200,6 +200,16 @@ STAGES: tuple[Stage, ...] = (
         resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120, gpu_shareable=True),
     ),
     Stage(
+        name="export",
+        doc="One trained run as a Hugging Face checkpoint (Llama / Mixtral / Qwen2-MoE ...) with its tokenizer, "
+            "if export.enabled.",
+        deps=("work/runs/{run}/model/", "work/tokens/"),
+        outs=("work/runs/{run}/hf/",),  # always holds moe_study_export.json; the checkpoint when enabled
+        params=("export", "tokenizer"),
+        per_run=True,
+        resources=Resources(cpus=1, mem_mb=4000, time_min=30),
+    ),
+    Stage(
         name="collect",
         doc="One run's plan, training record (audit, curve, expert load) and evaluation as Parquet rows.",
         deps=("work/runs/{run}/plan.json", "work/runs/{run}/train.json", "work/runs/{run}/steps.parquet",

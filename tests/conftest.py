@@ -33,6 +33,7 @@ TINY = {
     "router": {"score": "softmax", "bias_balancing": False},
     "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5, "threads": 1},
     "eval": {"batch_size": 16, "bootstrap": 100, "task_items": 64, "choice_words": 3},
+    "export": {"enabled": False},  # export@run: a one-line record per run (tests/test_export.py exports)
 }
 
 

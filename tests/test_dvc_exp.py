@@ -39,7 +39,8 @@ def param(row: dict[str, str], key: str) -> str | None:
 def test_dvc_exp_run_set_param_shows_every_runs_metrics(exp_project: Path) -> None:
     out = run(["dvc", "exp", "run", "-S", "++runs.dense.lr=0.002"], exp_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@dense", "train@dense", "evaluate@dense", "collect@dense", "plan_table", "aggregate"}, ran
+    assert ran == {"plan@dense", "train@dense", "evaluate@dense", "collect@dense", "export@dense", "plan_table",
+                   "aggregate"}, ran
     rows = exp_show(exp_project)
     base = next(r for r in rows if r["rev"] not in ("workspace",) and r["typ"] == "baseline")
     exp = next(r for r in rows if r["typ"].startswith("branch") and param(r, "runs.dense.lr") == "0.002")
@@ -57,8 +58,8 @@ def test_dvc_exp_queue_and_run_all(exp_project: Path) -> None:
     out = run(["dvc", "exp", "run", "--run-all"], exp_project)
     # its temporary workspace restores the unchanged stages from the DVC cache: only the edited run re-runs
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "plan_table",
-                   "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "export@moe_r50",
+                   "plan_table", "aggregate"}, ran
     rows = exp_show(exp_project)
     queued = [r for r in rows if param(r, "runs.moe_r50.lr") == "0.005"]
     assert len(queued) == 1 and queued[0]["State"] == "Success", rows

@@ -129,8 +129,8 @@ def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     assert set(status) == {"plan@moe_r50", "train@moe_r50", "collect@moe_r50", "plan_table", "aggregate"}, status
     out = run(["dvc", "repro"], dvc_project)
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
-    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "plan_table",
-                   "aggregate"}, ran
+    assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "export@moe_r50",
+                   "plan_table", "aggregate"}, ran
 
 
 def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None:
@@ -143,7 +143,7 @@ def test_dvc_adding_a_run_leaves_the_other_runs_alone(dvc_project: Path) -> None
         status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)
     finally:
         (dvc_project / "params.yaml").write_text(before)
-    assert set(status) == {f"{s}@dense_b" for s in ("plan", "replay", "train", "evaluate", "collect")} | {
+    assert set(status) == {f"{s}@dense_b" for s in ("plan", "replay", "train", "evaluate", "collect", "export")} | {
         "plan_table", "aggregate"}, status
 
 
@@ -162,7 +162,7 @@ def test_snakemake_lr_edit_reruns_only_that_run(smk_project: Path) -> None:
     jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
     cmds = set(re.findall(r"python -m stages\.(\w+(?: --run \w+)?)", jobs))
     assert cmds == {"plan --run dense", "replay --run dense", "train --run dense", "evaluate --run dense",
-                    "collect --run dense", "plan_table", "aggregate"}, jobs
+                    "collect --run dense", "export --run dense", "plan_table", "aggregate"}, jobs
 
 
 def test_engines_build_identical_artefacts(dvc_project: Path, smk_project: Path) -> None:

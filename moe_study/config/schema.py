@@ -343,6 +343,15 @@ class EvalConfig(Strict):
                                    description="words of context that precede every task item at least")
 
 
+class ExportConfig(Strict):
+    """The export@run stage (stages/export.py, moe_study/hf.py): each trained run as a Hugging Face
+    checkpoint in work/runs/<run>/hf/. Off by default: the stage then writes only a one-line record."""
+
+    enabled: bool = Field(default=False, description="write the transformers checkpoint of every run")
+    check_tokens: int = Field(default=64, ge=0, le=4096, description="tokens on which the reloaded checkpoint's "
+                              "logits must equal the run's (max |diff| <= 1e-4); 0 = no check")
+
+
 # ------------------------------------------------------------------------------------------ root
 class Params(Strict):
     study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="results go to results/<study>/")
@@ -357,6 +366,7 @@ class Params(Strict):
     router: RouterConfig = RouterConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("runs")
     @classmethod

@@ -171,6 +171,23 @@ def run_harness(lm: ProjectLM, tasks: list[str], include_path: str | Path, limit
     return res["results"]
 
 
+def run_harness_hf(hf_dir: str | Path, tasks: list[str], include_path: str | Path, limit: int | None = None,
+                   batch_size: int = 16, device: str = "cpu", bootstrap_iters: int = 0) -> dict[str, Any]:
+    """The harness's own `hf` backend (transformers, no project code) on a checkpoint written by
+    `python -m stages.export` (moe_study/hf.py), on local tasks; returns results. Its tokenizer prepends
+    EOS as the project's scoring does, so the accuracies equal ProjectLM's (tests/test_export.py)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={Path(hf_dir).resolve()},dtype=float32",
+                                  tasks=tasks, task_manager=tm, limit=limit, log_samples=False, device=device,
+                                  batch_size=batch_size, bootstrap_iters=bootstrap_iters)
+    return res["results"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a run name (its model is work/runs/<run>/model)")
@@ -181,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", help="write the results JSON here")
+    ap.add_argument("--hf", metavar="DIR", help="evaluate the exported checkpoint in DIR (python -m stages.export) "
+                    "with the harness's own hf backend instead of the project's model")
     a = ap.parse_args(argv)
     work = Path(a.work)
     if a.export_study_tasks:
@@ -190,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if not (a.tasks and (a.include_path or a.export_study_tasks)):
         ap.error("--tasks and --include-path (or --export-study-tasks) are needed to evaluate")
-    lm = ProjectLM(work / "runs" / a.run / "model", work / "tokens", batch_size=a.batch_size)
-    results = run_harness(lm, a.tasks.split(","), a.include_path or a.export_study_tasks, a.limit)
+    include = a.include_path or a.export_study_tasks
+    if a.hf:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        results = run_harness_hf(a.hf, a.tasks.split(","), include, a.limit, a.batch_size, device)
+    else:
+        lm = ProjectLM(work / "runs" / a.run / "model", work / "tokens", batch_size=a.batch_size)
+        results = run_harness(lm, a.tasks.split(","), include, a.limit)
     if a.out:
         write_json(a.out, results)
     print(json.dumps(results, indent=2, sort_keys=True, default=str))
