@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from moe_study.accounting import Architecture, ConfigError, from_hf_config
+from moe_study.config.schema import RouterConfig
 from moe_study.model.layers import ModelConfigError
 from moe_study.model.lm import LM, build_model, load_model
 
@@ -68,9 +69,9 @@ class ExportError(ValueError):
 
 # ------------------------------------------------------------------------------- family choice
 def normalize_topk(router: Any) -> bool:
-    """Whether the router renormalises its top-k weights (RouterConfig.normalize_topk; routers that
-    predate the option always renormalise)."""
-    return bool(getattr(router, "normalize_topk", True))
+    """Whether the router renormalises its top-k weights: RouterConfig.normalize_topk, the schema's
+    default when no router config is given (what moe_study.model.lm.LM builds then)."""
+    return bool((router if router is not None else RouterConfig()).normalize_topk)
 
 
 def choose_family(a: Architecture, router: Any) -> str:

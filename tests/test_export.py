@@ -55,8 +55,8 @@ VARIANTS = {
     "dense_untied_gqa": (dense(tie_embeddings=False), {}, "llama"),
     "dense_qkv_bias": (dense(qkv_bias=True), {}, "qwen2"),
     "dense_qk_norm_head": (dense(qk_norm="head", qkv_bias=True), {}, "qwen3"),
-    "moe_top1": (moe(top_k=1), {}, "mixtral"),
-    "moe_top2": (moe(), {}, "mixtral"),
+    "moe_top1": (moe(top_k=1), {"normalize_topk": True}, "mixtral"),
+    "moe_top2": (moe(), {"normalize_topk": True}, "mixtral"),
     "moe_shared": (moe(shared_experts=2), {}, "qwen2_moe"),
     "moe_shared_gate": (moe(shared_experts=1, shared_gate=True, shared_ffn_hidden=12), {}, "qwen2_moe"),
     "moe_first_dense": (moe(first_dense_layers=1, dense_ffn_hidden=20), {}, "qwen2_moe"),
@@ -82,8 +82,9 @@ def trained_like(a: Architecture, router: dict, seed: int = 0) -> torch.nn.Modul
 
 
 def save_run(model: torch.nn.Module, directory: Path, router: dict) -> Path:
+    """As the train stage saves a run: config.json records the router config the model was built with."""
     save_model(model, directory, {"arch": model.arch.to_dict(), "vocab_size": VOCAB, "eos_id": EOS,
-                                  **({"router": model.router_config.model_dump()} if router else {})})
+                                  "router": model.router_config.model_dump()})
     return directory
 
 
@@ -109,7 +110,7 @@ def test_export_loads_in_transformers_with_the_same_logits(name: str, tmp_path: 
     assert (ours - theirs).abs().max() <= 1e-4
     assert info["max_abs_logit_diff"] <= 1e-4
     if a.kind == "moe":  # the routing matters: the experts disagree, so a wrong router shows
-        assert cfg.get("norm_topk_prob", True) == bool(router.get("normalize_topk", True))
+        assert cfg.get("norm_topk_prob", True) == RouterConfig(**router).normalize_topk
     back, imported = import_model(tmp_path / "hf")  # and back into the project's model: exact
     ids = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
@@ -128,8 +129,8 @@ def test_the_logit_check_catches_a_different_router(tmp_path: Path) -> None:
     export_model(save_run(model, tmp_path / "model", {}), tmp_path / "hf")
     cfg_path = tmp_path / "hf" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    assert cfg["model_type"] == "qwen2_moe" and cfg["norm_topk_prob"] is True
-    cfg_path.write_text(json.dumps({**cfg, "norm_topk_prob": False}))
+    assert cfg["model_type"] == "qwen2_moe" and cfg["norm_topk_prob"] is RouterConfig().normalize_topk
+    cfg_path.write_text(json.dumps({**cfg, "norm_topk_prob": not cfg["norm_topk_prob"]}))
     ours, theirs = logits_both(model, tmp_path / "hf")
     assert (ours - theirs).abs().max() > 1e-3
 
