@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import CKPT_EVERY, ckpt_step, raw_params, straight  # noqa: F401  (straight: a fixture)
+from test_resume import ckpt_step, raw_params, straight  # noqa: F401  (straight: a fixture)
 
 from moe_study import codebase
 from moe_study.io import ROOT
@@ -120,7 +120,7 @@ def test_a_kernels_edit_never_resumes_a_checkpoint_of_the_old_code(straight: Pat
     shutil.copytree(straight, run / "work")
     (run / "params.yaml").write_text(yaml.safe_dump(raw_params()))
     final = ckpt_step(straight, "dense")
-    assert final is not None and final > CKPT_EVERY
+    assert final is not None  # the final checkpoint of the uninterrupted run
 
     same = _train_stage(src, run)
     assert same["resumed_from_step"] == final  # control: the copied code has the same identity
