@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,7 +39,7 @@ RAW: dict[str, Any] = {
         "dense_s0": {"kind": "dense", "seed": 0, "group": "dense"},
         "dense_s1": {"kind": "dense", "seed": 1, "group": "dense"},
         "moe_s0": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 0, "group": "moe"},
-        "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 1, "group": "moe", "lr": 1e-3},
+        "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 1, "group": "moe"},
         "moe_r25": {"kind": "moe", "activation_rate": 0.3, "top_k": 1},
     },
 }
@@ -46,6 +47,11 @@ ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "ac
                  "shared_experts", "train_flops", "tokens_seen", "unique_tokens", "epochs", "val_loss", "val_bpb",
                  "cloze_acc", "choice_acc", "audit_params_dev", "audit_active_dev", "audit_tokens_dev",
                  "audit_flops_dev", "audit_max_dev", "audit_ok", "params_sha256"]
+
+
+DOC_TOKENS = np.random.default_rng(9).integers(20, 200, size=60)
+DOC_BYTES = (DOC_TOKENS * 1.7).astype(np.int64) + 1
+DOC_EFFECT = np.random.default_rng(10).normal(0, 0.5, size=60)  # document difficulty, shared by every run
 
 
 def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
@@ -84,13 +90,20 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
     if partial_steps:  # a trainer that logs fewer columns
         pq.write_table(pq.read_table(rdir / "steps.parquet").drop_columns(["mfu", "load_entropy"]),
                        rdir / "steps.parquet")
-    loss = float(rng.uniform(4, 5))
-    bpb = loss / 1.7
+    # per-document scores: the same documents for every run (DOC_TOKENS), nats around the run's loss
+    level = float(rng.uniform(4, 5))
+    nats = DOC_TOKENS * (level + DOC_EFFECT + rng.normal(0, 0.05, size=len(DOC_TOKENS)))
+    loss = float(nats.sum() / DOC_TOKENS.sum())
+    bpb = float(nats.sum() / np.log(2) / DOC_BYTES.sum())
+    (work / "eval").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"split": ["heldout"] * len(nats), "doc": np.arange(len(nats)) * 3, "nats": nats,
+                             "tokens": DOC_TOKENS, "bytes": DOC_BYTES}), work / "eval" / f"{run}.docs.parquet")
     n_cloze, n_choice = 500, 400
     cloze, choice = int(rng.integers(0, 100)), int(rng.integers(100, 300))
     e = {"run": run, "kind": arch["kind"], "plan": {k: plan[k] for k in ("nonvocab_params", "nonvocab_active")},
          "loss": loss, "bpb": bpb, "perplexity": float(np.exp(loss)), "loss_ci": [loss - 0.1, loss + 0.1],
-         "bpb_ci": [bpb - 0.05, bpb + 0.05], "tokens": 1000, "bytes": 1700,
+         "bpb_ci": [bpb - 0.05, bpb + 0.05], "tokens": int(DOC_TOKENS.sum()), "bytes": int(DOC_BYTES.sum()),
+         "validation": {"loss": level + float(rng.normal(0, 0.01)), "bpb": 0.0, "tokens": 1, "bytes": 1, "docs": 1},
          "tasks": {"cloze": {"items": n_cloze, "correct": cloze, "acc": cloze / n_cloze, "acc_ci": [0.0, 1.0]},
                    "choice": {"items": n_choice, "correct": choice, "acc": choice / n_choice, "acc_ci": [0.1, 0.9]}},
          "provenance": {"params_sha256": f"eval-{run}"}}
