@@ -373,29 +373,7 @@ class Params(Strict):
     @model_validator(mode="before")
     @classmethod
     def _expand_lr_grids(cls, data: object) -> object:
-        """Expand `runs.<name>.lr_grid` (or `train.lr_grid` for runs without lr / lr_grid) into runs."""
-        if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-            return data
-        train = data.get("train") if isinstance(data.get("train"), dict) else {}
-        study_grid = train.get("lr_grid")
-        runs: dict[str, object] = {}
-        for name, r in data["runs"].items():
-            if not isinstance(r, dict) or (r.get("lr_grid") is None and (study_grid is None or "lr" in r)):
-                runs[name] = r
-                continue
-            grid = r.get("lr_grid") if r.get("lr_grid") is not None else study_grid
-            ok = (isinstance(grid, list) and grid and "lr" not in r and len(set(map(str, grid))) == len(grid)
-                  and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in grid))
-            if not ok:
-                runs[name] = r  # the field validators name what is wrong
-                continue
-            for lr in grid:
-                derived = f"{name}_lr{lr_tag(lr)}"
-                if derived in data["runs"] or derived in runs:
-                    raise ValueError(f"runs.{name}.lr_grid: the derived run name {derived!r} is taken")
-                runs[derived] = {**{k: v for k, v in r.items() if k != "lr_grid"}, "lr": float(lr),
-                                 "group": r.get("group") or name}
-        return {**data, "runs": runs}
+        return expand_lr_grids(data)
 
     @field_validator("runs")
     @classmethod
@@ -416,6 +394,34 @@ class Params(Strict):
     def run_seed(self, name: str) -> int:
         r = self.run(name)
         return self.train.seed if r.seed is None else r.seed
+
+
+def expand_lr_grids(data: object) -> object:
+    """A raw params mapping with `runs.<name>.lr_grid` (or `train.lr_grid`, for runs that set neither lr nor
+    lr_grid) expanded: one run per value, named <name>_lr<lr_tag(value)>, with that lr and the group of the
+    run (default <name>). Anything malformed is left in place for the field validators to name."""
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        return data
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    study_grid = train.get("lr_grid")
+    runs: dict[str, object] = {}
+    for name, r in data["runs"].items():
+        if not isinstance(r, dict) or (r.get("lr_grid") is None and (study_grid is None or "lr" in r)):
+            runs[name] = r
+            continue
+        grid = r.get("lr_grid") if r.get("lr_grid") is not None else study_grid
+        ok = (isinstance(grid, list) and grid and "lr" not in r and len(set(map(str, grid))) == len(grid)
+              and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in grid))
+        if not ok:
+            runs[name] = r  # the field validators name what is wrong
+            continue
+        for lr in grid:
+            derived = f"{name}_lr{lr_tag(lr)}"
+            if derived in data["runs"] or derived in runs:
+                raise ValueError(f"runs.{name}.lr_grid: the derived run name {derived!r} is taken")
+            runs[derived] = {**{k: v for k, v in r.items() if k != "lr_grid"}, "lr": float(lr),
+                             "group": r.get("group") or name}
+    return {**data, "runs": runs}
 
 
 def lr_tag(lr: object) -> str:
