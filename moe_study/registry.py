@@ -114,7 +114,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="split",
-        doc="Train / held-out split by duplicate cluster, so no near duplicate crosses it.",
+        doc="Train / validation / held-out split by duplicate cluster, so no near duplicate crosses it.",
         deps=("work/tokens/", "work/dedupe/"),
         outs=("work/split/",),
         params=("split",),
