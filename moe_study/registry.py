@@ -134,8 +134,9 @@ STAGES: tuple[Stage, ...] = (
         doc="Equal-resource configuration of one run: architecture, N, N_active, tokens, steps, epochs.",
         deps=("work/split/",),
         outs=("work/runs/{run}/plan.json",),
-        params=("seed", "budget", "model", "tokenizer.vocab_size", "train.batch_size", "train.vary_data_order",
-                "runs.{run}"),
+        # `train` whole (batch_size, vary_data_order): DVC wants listed keys present in params.yaml, and
+        # the section is (train reads it); an edit re-plans, and an unchanged plan.json re-runs nothing
+        params=("seed", "budget", "model", "tokenizer.vocab_size", "train", "runs.{run}"),
         per_run=True,
         resources=Resources(cpus=1, mem_mb=1000, time_min=5),
     ),
