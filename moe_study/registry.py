@@ -130,7 +130,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="split",
-        doc="Train / held-out split by duplicate cluster, so no near duplicate crosses it.",
+        doc="Train / validation / held-out split by duplicate cluster, so no near duplicate crosses it.",
         deps=("work/tokens/", "work/dedupe/"),
         outs=("work/split/",),
         params=("split",),
@@ -150,7 +150,9 @@ STAGES: tuple[Stage, ...] = (
         doc="Equal-resource configuration of one run: architecture, N, N_active, tokens, steps, epochs.",
         deps=("work/split/",),
         outs=("work/runs/{run}/plan.json",),
-        params=("seed", "budget", "model", "tokenizer.vocab_size", "train.batch_size", "runs.{run}"),
+        # `train` whole (batch_size, vary_data_order): DVC wants listed keys present in params.yaml, and
+        # the section is (train reads it); an edit re-plans, and an unchanged plan.json re-runs nothing
+        params=("seed", "budget", "model", "tokenizer.vocab_size", "train", "runs.{run}"),
         per_run=True,
         resources=Resources(cpus=1, mem_mb=1000, time_min=5),
     ),
@@ -193,7 +195,7 @@ STAGES: tuple[Stage, ...] = (
         name="evaluate",
         doc="Held-out loss, bits per byte and zero-shot task accuracy of one trained run, with 95% intervals.",
         deps=("work/runs/{run}/model/", "work/runs/{run}/plan.json", "work/tokens/", "work/split/", "work/tasks/"),
-        outs=(),
+        outs=("work/eval/{run}.docs.parquet",),  # per-document scores: the aggregate's paired intervals
         params=("eval",),
         metrics=("work/eval/{run}.json",),
         per_run=True,
@@ -213,7 +215,7 @@ STAGES: tuple[Stage, ...] = (
         name="collect",
         doc="One run's plan, training record (audit, curve, expert load) and evaluation as Parquet rows.",
         deps=("work/runs/{run}/plan.json", "work/runs/{run}/train.json", "work/runs/{run}/steps.parquet",
-              "work/eval/{run}.json"),
+              "work/eval/{run}.json", "work/eval/{run}.docs.parquet"),
         outs=("work/collect/{run}/",),
         params=("study", "runs.{run}"),
         per_run=True,

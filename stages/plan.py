@@ -31,6 +31,11 @@ def plan_path(run: str) -> Path:
     return WORK / "runs" / run / "plan.json"
 
 
+def order_seed(p: Params, run: str) -> int:
+    """The run's data-order seed: its seed when train.vary_data_order (seed 0 keeps the study's order), else 0."""
+    return p.run_seed(run) if p.train.vary_data_order else 0
+
+
 def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dict:
     plan = plan_run(p, run).to_dict()
     split = read_json(split_manifest)
@@ -41,13 +46,15 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
             f"after dedupe and split ({split_manifest}); lower it or add corpus sources"
         )
     plan["data_seed"] = p.seed
+    plan["order_seed"] = order_seed(p, run)
     plan["train_tokens_available"] = available
-    # Record only the run fields the plan uses: a learning-rate or seed edit then leaves plan.json
+    # Record only the run fields the plan uses: a learning-rate edit then leaves plan.json
     # byte-identical, so DVC re-runs no replay for it (Snakemake re-plans, then re-trains that run).
-    arch_fields = p.run(run).model_dump(exclude={"lr", "seed", "group"})
+    # The seed enters through order_seed only (seed 0, or train.vary_data_order off: 0).
+    arch_fields = p.run(run).model_dump(exclude={"lr", "lr_grid", "seed", "group"})
     section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
                "tokenizer.vocab_size": p.tokenizer.vocab_size, "train.batch_size": p.train.batch_size,
-               f"runs.{run}": arch_fields}
+               "order_seed": plan["order_seed"], f"runs.{run}": arch_fields}
     plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section)
     return plan
 

@@ -1,4 +1,4 @@
-"""split: train / held-out split by duplicate cluster, after dedupe (moe_study.data.split).
+"""split: train / validation / held-out split by duplicate cluster, after dedupe (moe_study.data.split).
 """
 
 from __future__ import annotations

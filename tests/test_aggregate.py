@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,7 +39,7 @@ RAW: dict[str, Any] = {
         "dense_s0": {"kind": "dense", "seed": 0, "group": "dense"},
         "dense_s1": {"kind": "dense", "seed": 1, "group": "dense"},
         "moe_s0": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 0, "group": "moe"},
-        "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 1, "group": "moe", "lr": 1e-3},
+        "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 1, "group": "moe"},
         "moe_r25": {"kind": "moe", "activation_rate": 0.3, "top_k": 1},
     },
 }
@@ -46,6 +47,11 @@ ISSUE_COLUMNS = ["run_id", "study", "kind", "total_params", "active_params", "ac
                  "shared_experts", "train_flops", "tokens_seen", "unique_tokens", "epochs", "val_loss", "val_bpb",
                  "cloze_acc", "choice_acc", "audit_params_dev", "audit_active_dev", "audit_tokens_dev",
                  "audit_flops_dev", "audit_max_dev", "audit_ok", "params_sha256"]
+
+
+DOC_TOKENS = np.random.default_rng(9).integers(20, 200, size=60)
+DOC_BYTES = (DOC_TOKENS * 1.7).astype(np.int64) + 1
+DOC_EFFECT = np.random.default_rng(10).normal(0, 0.5, size=60)  # document difficulty, shared by every run
 
 
 def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_dev: float | None = None,
@@ -84,13 +90,20 @@ def fabricate(work: Path, p: Params, run: str, rng: np.random.Generator, audit_d
     if partial_steps:  # a trainer that logs fewer columns
         pq.write_table(pq.read_table(rdir / "steps.parquet").drop_columns(["mfu", "load_entropy"]),
                        rdir / "steps.parquet")
-    loss = float(rng.uniform(4, 5))
-    bpb = loss / 1.7
+    # per-document scores: the same documents for every run (DOC_TOKENS), nats around the run's loss
+    level = float(rng.uniform(4, 5))
+    nats = DOC_TOKENS * (level + DOC_EFFECT + rng.normal(0, 0.05, size=len(DOC_TOKENS)))
+    loss = float(nats.sum() / DOC_TOKENS.sum())
+    bpb = float(nats.sum() / np.log(2) / DOC_BYTES.sum())
+    (work / "eval").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"split": ["heldout"] * len(nats), "doc": np.arange(len(nats)) * 3, "nats": nats,
+                             "tokens": DOC_TOKENS, "bytes": DOC_BYTES}), work / "eval" / f"{run}.docs.parquet")
     n_cloze, n_choice = 500, 400
     cloze, choice = int(rng.integers(0, 100)), int(rng.integers(100, 300))
     e = {"run": run, "kind": arch["kind"], "plan": {k: plan[k] for k in ("nonvocab_params", "nonvocab_active")},
          "loss": loss, "bpb": bpb, "perplexity": float(np.exp(loss)), "loss_ci": [loss - 0.1, loss + 0.1],
-         "bpb_ci": [bpb - 0.05, bpb + 0.05], "tokens": 1000, "bytes": 1700,
+         "bpb_ci": [bpb - 0.05, bpb + 0.05], "tokens": int(DOC_TOKENS.sum()), "bytes": int(DOC_BYTES.sum()),
+         "validation": {"loss": level + float(rng.normal(0, 0.01)), "bpb": 0.0, "tokens": 1, "bytes": 1, "docs": 1},
          "tasks": {"cloze": {"items": n_cloze, "correct": cloze, "acc": cloze / n_cloze, "acc_ci": [0.0, 1.0]},
                    "choice": {"items": n_choice, "correct": choice, "acc": choice / n_choice, "acc_ci": [0.1, 0.9]}},
          "provenance": {"params_sha256": f"eval-{run}"}}
@@ -350,3 +363,83 @@ def test_accuracy_interval_over_seeds_keeps_the_item_sampling() -> None:
 @pytest.mark.parametrize(("n", "t"), [(2, 12.706), (5, 2.776), (11, 2.228), (16, 2.131), (31, 2.042), (121, 1.980)])
 def test_t_quantiles(n: int, t: float) -> None:
     assert t95(n) == pytest.approx(t, abs=5e-4)  # the printed tables round to 3 decimals
+
+
+# ------------------------------------------------------------------------- issue 14: intervals, lr grid
+def test_every_delta_has_a_95_interval_paired_for_one_seed_welch_over_seeds(study) -> None:
+    from scipy import stats
+
+    p, runs, results, summary = study
+    db = results / "metrics.duckdb"
+    dense = ("dense_s0", "dense_s1")
+    docs = {r: pq.read_table(Path(results).parent.parent / "work/eval" / f"{r}.docs.parquet") for r in runs}
+    view = {r["run_id"]: r for r in rows(db, "SELECT * FROM moe_vs_dense")}
+    for run, v in view.items():  # one run = one seed: paired bootstrap over the held-out documents
+        assert v["ci_method"] == "paired_bootstrap" and v["at_best_lr"]
+        diff = docs[run].column("nats").to_numpy() - np.mean([docs[d].column("nats").to_numpy() for d in dense], 0)
+        rng = np.random.default_rng(p.eval.seed)
+        draws = []
+        for s in range(0, p.eval.bootstrap, 64):  # the same draws as the code: blocks of 64 resamples
+            idx = rng.integers(0, len(diff), size=(min(64, p.eval.bootstrap - s), len(diff)))
+            draws += (diff[idx].sum(1) / DOC_TOKENS[idx].sum(1)).tolist()
+        assert (v["d_val_loss_lo"], v["d_val_loss_hi"]) == pytest.approx(
+            (np.percentile(draws, 2.5), np.percentile(draws, 97.5)))
+        assert v["d_val_loss_lo"] < v["d_val_loss"] < v["d_val_loss_hi"]
+        assert v["d_val_bpb_lo"] < v["d_val_bpb"] < v["d_val_bpb_hi"]
+        assert v["d_val_bpb_excludes_zero"] == (v["d_val_bpb_lo"] > 0 or v["d_val_bpb_hi"] < 0)
+    groups = {g["grp"]: g for g in rows(db, "SELECT * FROM group_vs_dense")}
+    assert groups["moe_r25"]["ci_method"] == "paired_bootstrap"  # one seed against two
+    g = groups["moe"]
+    assert g["ci_method"] == "welch" and g["seeds"] == 2 and g["dense_runs"] == 2
+    a = [runs[r]["eval"]["bpb"] for r in ("moe_s0", "moe_s1")]
+    b = [runs[r]["eval"]["bpb"] for r in dense]
+    va, vb = np.var(a, ddof=1) / 2, np.var(b, ddof=1) / 2
+    df = (va + vb) ** 2 / (va**2 + vb**2)
+    half = stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    d = np.mean(a) - np.mean(b)
+    assert (g["d_val_bpb"], g["d_val_bpb_lo"], g["d_val_bpb_hi"]) == pytest.approx((d, d - half, d + half))
+    assert "## MoE vs dense, per group" in summary and "| moe | " in summary and "welch" in summary
+
+
+def test_lr_grid_runs_expand_and_each_group_is_compared_at_its_best_validation_lr(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["runs"] = {"dense_s0": {"kind": "dense", "seed": 0, "group": "dense", "lr_grid": [1e-3, 3e-3]},
+                   "moe_s0": {"kind": "moe", "activation_rate": 0.5, "top_k": 1, "seed": 0, "group": "moe",
+                              "lr_grid": [1e-3, 3e-3, 1e-2]}}
+    p, runs, results, summary = build(tmp_path, raw)
+    assert sorted(p.runs) == ["dense_s0_lr1e-3", "dense_s0_lr3e-3", "moe_s0_lr1e-2", "moe_s0_lr1e-3", "moe_s0_lr3e-3"]
+    db = results / "metrics.duckdb"
+    choice = rows(db, "SELECT * FROM lr_choice ORDER BY grp, lr")
+    assert len(choice) == 5 and all(c["grid"] == (2 if c["grp"] == "dense" else 3) for c in choice)
+    best = {}
+    for grp in ("dense", "moe"):
+        mine = {r: f for r, f in runs.items() if r.startswith(f"{grp}_s0_")}
+        best[grp] = min(mine, key=lambda r: mine[r]["eval"]["validation"]["loss"])
+        [c] = [c for c in choice if c["grp"] == grp and c["best"]]
+        assert c["run_ids"] == best[grp]
+    [b] = rows(db, "SELECT * FROM dense_baseline")
+    assert b["dense_run_ids"] == best["dense"]  # the dense arm at its own best lr, not pooled over the grid
+    [g] = rows(db, "SELECT * FROM group_vs_dense")
+    assert g["run_ids"] == best["moe"]
+    assert g["d_val_bpb"] == pytest.approx(runs[best["moe"]]["eval"]["bpb"] - runs[best["dense"]]["eval"]["bpb"])
+    assert "## Learning-rate grid" in summary and summary.count("**best**") == 2
+
+
+def test_lr_grid_without_validation_scores_is_an_error_naming_the_group(tmp_path: Path) -> None:
+    from moe_study.report.aggregate import AggregateError, choose_lr
+
+    rs = [{"study": "s", "grp": "moe", "run_id": f"m{i}", "lr": lr, "validation_loss": None, "validation_bpb": None,
+           "val_loss": 1.0, "val_bpb": 1.0} for i, lr in enumerate((1e-3, 3e-3))]
+    with pytest.raises(AggregateError, match="group 'moe': 2 learning rates but no validation scores"):
+        choose_lr(rs)
+
+
+def test_group_metadata_must_agree_across_seeds() -> None:
+    from moe_study.report.aggregate import AggregateError
+
+    base = {"grp": "moe", "kind": "moe", "size": 1.0, "activation_rate": 0.5, "tokens_seen": 10, "epochs": 1.0,
+            "val_loss": 1.0, "val_bpb": 1.0, "cloze_items": 0, "choice_items": 0, "cloze_acc": None,
+            "choice_acc": None, "total_params": 100}
+    group_rows([base | {"run_id": "a"}, base | {"run_id": "b"}])
+    with pytest.raises(AggregateError, match=r"group 'moe': total_params differs across its runs \(a: 100, b: 101\)"):
+        group_rows([base | {"run_id": "a"}, base | {"run_id": "b", "total_params": 101}])

@@ -247,6 +247,23 @@ def test_pipeline_stage(tmp_path, planted):
     tokens_manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
     assert manifest["provenance"]["inputs"]["tokens"] == tokens_manifest["sha256"]
     assert manifest["clusters"]["sha256"] == manifest["sha256"]
+    rec = metrics["planted_recall"]  # issue 14: recall by Jaccard bucket in the stage's metrics
+    assert set(rec["by_jaccard"]) == {"0.7-0.8", "0.8-0.9", ">=0.9"} and (rec["bands"], rec["rows"]) == (16, 8)
+
+
+def test_default_banding_finds_near_duplicates_at_the_threshold():
+    """Issue 14: the default S-curve's midpoint lies well below the 0.7 threshold, and on planted pairs
+    the recall just above the threshold beats the old 16 x 8 banding (P(candidate | 0.7) ~ 0.61)."""
+    cfg = DedupeConfig()
+    assert (1 / cfg.bands) ** (1 / cfg.rows) <= 0.6 and cfg.bands * cfg.rows <= cfg.num_perm
+    assert D.candidate_probability(cfg.threshold, cfg.bands, cfg.rows) >= 0.95
+    assert D.candidate_probability(0.7, 16, 8) == pytest.approx(0.613, abs=1e-3)
+    new = D.planted_recall(cfg, pairs=800)
+    old = D.planted_recall(DedupeConfig(bands=16, rows=8), pairs=800)
+    assert all(b["pairs"] >= 100 for b in new["by_jaccard"].values())
+    assert new["by_jaccard"]["0.7-0.8"]["recall"] >= 0.8
+    assert new["by_jaccard"]["0.7-0.8"]["recall"] >= old["by_jaccard"]["0.7-0.8"]["recall"] + 0.1
+    assert new["by_jaccard"]["0.8-0.9"]["recall"] >= 0.99 and new["by_jaccard"][">=0.9"]["recall"] == 1.0
 
 
 def test_pipeline_errors(tmp_path, monkeypatch, capsys):

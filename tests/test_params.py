@@ -36,6 +36,12 @@ CASES = {
     "bad run name": (lambda p: p["runs"].__setitem__("a/b", {"kind": "dense"}), "runs", "becomes a path"),
     "moe without rate": (lambda p: p["runs"]["moe_r50"].pop("activation_rate"), "runs.moe_r50", "activation_rate"),
     "bands exceed perms": (lambda p: p["dedupe"].__setitem__("bands", 64), "dedupe", "exceeds num_perm"),
+    "lr and lr_grid": (lambda p: p["runs"]["moe_r50"].update(lr=1e-3, lr_grid=[1e-3, 3e-3]), "runs.moe_r50",
+                       "give lr or lr_grid, not both"),
+    "negative lr in grid": (lambda p: p["runs"]["moe_r50"].__setitem__("lr_grid", [1e-3, -1]),
+                            "runs.moe_r50.lr_grid.1", "greater than 0"),
+    "repeated lr in grid": (lambda p: p["runs"]["moe_r50"].__setitem__("lr_grid", [1e-3, 0.001]),
+                            "runs.moe_r50", "repeats a value"),
 }
 
 
@@ -66,3 +72,32 @@ def test_engines_refuse_bad_params_and_write_nothing(tmp_path: Path, case: str, 
     assert r.returncode != 0
     assert field in r.stdout + r.stderr
     assert not (d / "work").exists() and not (d / "results").exists() and not (d / "dvc.lock").exists()
+
+
+def test_lr_grid_expands_into_named_runs_of_one_group(tmp_path: Path) -> None:
+    """Issue 14: runs.<name>.lr_grid (or train.lr_grid) becomes one run per lr, names derived, one group."""
+    raw = copy.deepcopy(TINY)
+    raw["runs"]["moe_r50"]["lr_grid"] = [1e-3, 3e-3, 1.5e-2]
+    p = parse_params(raw)
+    grid = {n: r for n, r in p.runs.items() if n.startswith("moe_r50_")}
+    assert sorted(grid) == ["moe_r50_lr1e-3", "moe_r50_lr1p5e-2", "moe_r50_lr3e-3"] and "moe_r50" not in p.runs
+    assert {r.lr for r in grid.values()} == {1e-3, 3e-3, 1.5e-2} and {r.group for r in grid.values()} == {"moe_r50"}
+    assert all(r.lr_grid is None and r.activation_rate == raw["runs"]["moe_r50"]["activation_rate"]
+               for r in grid.values())
+    raw = copy.deepcopy(TINY)
+    raw["train"]["lr_grid"] = [1e-3, 2e-3]
+    raw["runs"]["dense"]["lr"] = 5e-3  # a run with its own lr stays one run
+    p = parse_params(raw)
+    assert "dense" in p.runs and {n for n in p.runs if n.startswith("moe_r50")} == {"moe_r50_lr1e-3", "moe_r50_lr2e-3"}
+    raw["runs"]["moe_r50_lr1e-3"] = {"kind": "dense"}
+    with pytest.raises(ParamsError, match="derived run name 'moe_r50_lr1e-3' is taken"):
+        parse_params(raw)
+    raw.pop("runs")["moe_r50_lr1e-3"]
+    path = tmp_path / "grid.yaml"
+    raw["runs"] = copy.deepcopy(TINY)["runs"]
+    path.write_text(yaml.safe_dump(raw))
+    from moe_study.config.load import expanded_text
+
+    flat = yaml.safe_load(expanded_text(path))
+    assert "lr_grid" not in flat["train"] and sorted(flat["runs"]) == sorted(load_params(path).runs)
+    assert parse_params(flat).runs == load_params(path).runs  # DVC's foreach sees the same runs

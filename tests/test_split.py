@@ -19,12 +19,12 @@ from stages import dedupe as dedupe_stage
 from stages import split as split_stage
 
 
-def params(fraction: float = 0.2, seed: int = 7) -> object:
+def params(fraction: float = 0.2, seed: int = 7, validation: float = 0.02) -> object:
     return parse_params({
         "study": "t",
         "corpus": {"sources": [{"kind": "synthetic"}]},
         "dedupe": {"ngram": 5, "num_perm": 64, "bands": 16, "rows": 4, "threshold": 0.7},
-        "split": {"heldout_fraction": fraction, "seed": seed},
+        "split": {"heldout_fraction": fraction, "seed": seed, "validation_fraction": validation},
         "budget": {"params": 30000, "compute": 1e10, "unique_tokens": 5000},
         "runs": {"dense": {"kind": "dense"}},
     })
@@ -51,8 +51,9 @@ def test_split_by_cluster_no_crossing(work):
     split = pq.read_table(root / "split" / "split.parquet")
     check = S.check_no_crossing(clusters, split)
     keep = clusters.column("keep").to_numpy(zero_copy_only=False)
-    assert split.num_rows == keep.sum() == man["train_docs"] + man["heldout_docs"]
-    assert check["train_docs_incl_removed"] + check["heldout_docs_incl_removed"] == len(c)
+    assert split.num_rows == keep.sum() == man["train_docs"] + man["heldout_docs"] + man["validation_docs"]
+    assert (check["train_docs_incl_removed"] + check["heldout_docs_incl_removed"]
+            + check["validation_docs_incl_removed"]) == len(c)
     # the planted copies really were clustered (so the check covers real clusters) ...
     assert (~keep).sum() >= 400
     # ... and every planted copy lands with its original, on the original's side
@@ -66,7 +67,7 @@ def test_split_by_cluster_no_crossing(work):
     # token totals agree with the token shards
     toks = pa.concat_tables([pq.read_table(f) for f in sorted((root / "tokens").glob("tokens-*.parquet"))])
     n_tokens = pc.sum(pc.list_value_length(toks.column("tokens"))).as_py()
-    assert man["train_tokens"] + man["heldout_tokens"] + man["removed_tokens"] == n_tokens
+    assert man["train_tokens"] + man["heldout_tokens"] + man["validation_tokens"] + man["removed_tokens"] == n_tokens
     assert man["heldout_bytes"] > 0 and man["provenance"]["inputs"]["dedupe_clusters"] == man_sha(root)
     metrics = json.loads((root / "split.json").read_text())
     assert metrics["train_tokens"] == man["train_tokens"]
@@ -87,6 +88,27 @@ def test_split_deterministic_and_seeded(work):
     a = pq.read_table(root / "s1" / "split.parquet").column("split").to_pylist()
     b = pq.read_table(root / "s3" / "split.parquet").column("split").to_pylist()
     assert a != b
+
+
+def test_validation_split_comes_from_train_and_leaves_heldout_unchanged(work):
+    """Issue 14: train / validation / held-out by cluster; the held-out (test) docs do not move."""
+    root, c = work
+    run(root, "v0", params(validation=0.0))
+    man = run(root, "v1", params(validation=0.1))
+    a = pq.read_table(root / "v0" / "split.parquet").to_pydict()
+    b = pq.read_table(root / "v1" / "split.parquet").to_pydict()
+    sa, sb = dict(zip(a["doc"], a["split"], strict=True)), dict(zip(b["doc"], b["split"], strict=True))
+    assert "validation" not in sa.values() and sa.keys() == sb.keys()
+    assert {d for d, s in sa.items() if s == "heldout"} == {d for d, s in sb.items() if s == "heldout"}
+    val = {d for d, s in sb.items() if s == "validation"}
+    assert val and all(sa[d] == "train" for d in val)
+    assert 0.06 < len(val) / len(sb) < 0.14 and man["validation_docs"] == len(val) and man["validation_tokens"] > 0
+    S.check_no_crossing(pq.read_table(root / "dedupe" / "clusters.parquet"), pq.read_table(root / "v1/split.parquet"))
+    from moe_study.data.heldout import load_heldout
+    from moe_study.data.shards import train_docs
+
+    assert not set(train_docs(root / "v1" / "split.parquet").tolist()) & val
+    assert {d.doc for d in load_heldout(root / "tokens", root / "v1" / "split.parquet", side="validation")} == val
 
 
 def test_check_rejects_crossing_and_leaks(work):

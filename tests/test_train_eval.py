@@ -310,7 +310,9 @@ def test_evaluate_matches_hand_computation(trained: Path, params: Params, tmp_pa
     nats, n, nbytes = 0.0, 0, 0
     for d in docs:
         a, b = hand_nats(model, doc_tokens(d), 16)
-        nats, n, nbytes = nats + a, n + b, nbytes + 3 * len(doc_tokens(d)) + 1
+        # the doc's UTF-8 bytes (3 len + 1 in make_work) and one byte for the closing EOS, whose
+        # prediction is in the nats (issue 14: both count it)
+        nats, n, nbytes = nats + a, n + b, nbytes + (3 * len(doc_tokens(d)) + 1) + 1
     assert res["docs"] == len(docs) and res["tokens"] == n == sum(len(doc_tokens(d)) + 1 for d in docs)
     assert res["bytes"] == nbytes
     assert res["loss"] == pytest.approx(nats / n, rel=1e-5)
@@ -318,6 +320,9 @@ def test_evaluate_matches_hand_computation(trained: Path, params: Params, tmp_pa
     assert res["perplexity"] == pytest.approx(math.exp(nats / n), rel=1e-5)
     lo, hi = res["bpb_ci"]
     assert lo < res["bpb"] < hi and res["loss_ci"][0] < res["loss"] < res["loss_ci"][1]
+    per_doc = pq.read_table(tmp_path / "moe.docs.parquet").to_pydict()
+    assert per_doc["doc"] == docs and set(per_doc["split"]) == {"heldout"} and res["validation"] is None
+    assert sum(per_doc["nats"]) == pytest.approx(nats, rel=1e-5) and sum(per_doc["bytes"]) == nbytes
     plan = read_json(trained / "runs/moe/plan.json")
     assert res["plan"]["arch"] == plan["arch"] and res["plan"]["epochs"] == plan["epochs"]
     assert res["kind"] == "moe" and res["provenance"]["inputs"]["model"]
@@ -329,6 +334,49 @@ def test_evaluate_is_deterministic(trained: Path, params: Params, tmp_path: Path
     run_evaluate(params, "dense", work=trained, out_dir=tmp_path / "a")
     run_evaluate(params, "dense", work=trained, out_dir=tmp_path / "b")
     assert (tmp_path / "a/dense.json").read_bytes() == (tmp_path / "b/dense.json").read_bytes()
+
+
+def test_evaluate_scores_the_validation_split_apart(trained: Path, params: Params, tmp_path: Path) -> None:
+    """Issue 14: validation docs (lr choice) are scored under `validation`, never mixed into the test figures."""
+    work = tmp_path / "work"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("store", "ckpt"))
+    split = {d: "heldout" if heldout(d) else "validation" if d % 8 == 5 else "train" for d in range(N_DOCS)}
+    pq.write_table(pa.table({"doc": pa.array(range(N_DOCS), pa.int64()), "split": [split[d] for d in range(N_DOCS)]}),
+                   work / "split" / "split.parquet")
+    res = run_evaluate(params, "dense", work=work, out_dir=tmp_path / "eval")
+    base = run_evaluate(params, "dense", work=trained, out_dir=tmp_path / "base")
+    assert res["loss"] == base["loss"] and res["docs"] == base["docs"]  # held-out unchanged
+    val = [d for d in range(N_DOCS) if split[d] == "validation"]
+    assert res["validation"]["docs"] == len(val) and res["validation"]["loss"] > 0
+    t = pq.read_table(tmp_path / "eval" / "dense.docs.parquet").to_pydict()
+    assert [d for d, s in zip(t["doc"], t["split"], strict=True) if s == "validation"] == val
+    vn = sum(x for x, s in zip(t["nats"], t["split"], strict=True) if s == "validation")
+    assert res["validation"]["loss"] == pytest.approx(vn / res["validation"]["tokens"])
+
+
+def test_seeds_vary_the_data_order_seed_0_keeps_it(params: Params, tmp_path: Path) -> None:
+    """Issue 14: seed > 0 reads the same unique set in another epoch order; seed 0 keeps today's order."""
+    from moe_study.data.replay import build_replay
+    from stages.plan import order_seed
+
+    raw = copy.deepcopy(PARAMS)
+    raw["runs"] = {"a": {"kind": "dense", "seed": 0}, "b": {"kind": "dense", "seed": 3}}
+    p = parse_params(raw)
+    assert (order_seed(p, "a"), order_seed(p, "b")) == (0, 3)
+    raw["train"]["vary_data_order"] = False
+    assert order_seed(parse_params(raw), "b") == 0
+    work = make_work(tmp_path, params, ["dense"])
+    plan = read_json(work / "runs/dense/plan.json")
+    out = {}
+    for seed in (0, 3):
+        path = work / "runs" / f"o{seed}" / "plan.json"
+        write_json(path, plan | {"order_seed": seed})
+        out[seed] = build_replay(f"o{seed}", path, work / "tokens", work / "split", work / "store" / "replay")
+    old = read_json(work / "runs/dense/replay.json")  # a plan without order_seed: the order of before
+    assert out[0]["epochs"] == old["epochs"] and out[0]["store"] == old["store"]
+    assert out[0]["epochs"][0]["seed"] == [p.seed, 0] and out[3]["epochs"][0]["seed"] == [p.seed, 0, 3]
+    assert out[3]["unique"]["sha256"] == out[0]["unique"]["sha256"]  # the same unique data U
+    assert out[3]["epochs"][0]["sha256"] != out[0]["epochs"][0]["sha256"]
 
 
 def test_windows_cover_every_prediction_once() -> None:

@@ -81,8 +81,12 @@ class DedupeConfig(Strict):
     near: bool = True
     ngram: int = Field(default=5, ge=1, le=32, description="token n-gram size of the shingles")
     num_perm: int = Field(default=128, ge=8, le=1024)
-    bands: int = Field(default=16, ge=1)
-    rows: int = Field(default=8, ge=1)
+    # LSH banding: a pair of Jaccard s is a candidate with probability 1 - (1 - s^rows)^bands. 25 x 5
+    # puts the S-curve's midpoint, (1/bands)^(1/rows) ~ 0.53, well below the 0.7 threshold (P(0.7) ~ 0.99;
+    # 16 x 8 gave 0.61); the estimated Jaccard over all num_perm slots then keeps the precision.
+    # The dedupe metrics report the recall by Jaccard bucket on planted pairs (`planted_recall`).
+    bands: int = Field(default=25, ge=1)
+    rows: int = Field(default=5, ge=1)
     threshold: float = Field(default=0.7, gt=0, le=1, description="estimated Jaccard to accept a candidate")
     seed: int = 42
     ignore_whitespace_tokens: bool = Field(
@@ -99,8 +103,21 @@ class DedupeConfig(Strict):
 
 
 class SplitConfig(Strict):
+    """Train / validation / held-out by duplicate cluster (moe_study/data/split.py). The held-out split is
+    the reported test set; the validation split only picks each group's learning rate (aggregate)."""
+
     heldout_fraction: float = Field(default=0.02, gt=0, lt=0.5)
+    validation_fraction: float = Field(
+        default=0.02, ge=0, lt=0.5, description="clusters for the validation split (lr selection), taken from "
+        "train; the held-out clusters do not move when it changes. 0 = none (then no lr grid can be picked)")
     seed: int = 7
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.heldout_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(f"heldout_fraction + validation_fraction = "
+                             f"{self.heldout_fraction + self.validation_fraction:g} leaves too little to train on")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- budget
@@ -200,11 +217,21 @@ class RunConfig(Strict):
         default=None, description="dims the planner may choose; null = expert_width and experts (expert_width "
         "and top_k when experts is given)")
     lr: float | None = Field(default=None, gt=0)
+    lr_grid: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, min_length=1, description="learning rates to try: the run expands into one run per value, "
+        "named <name>_lr<value> (e.g. dense_s0_lr3e-3), grouped under its group (default: <name>); the aggregate "
+        "picks each group's best lr on the validation split")
     seed: int | None = None
-    group: str | None = Field(default=None, description="runs of one group are seeds of one point")
+    group: str | None = Field(default=None, description="runs of one group are seeds of one point (and, with a "
+                              "learning-rate grid, the lrs tried for it)")
 
     @model_validator(mode="after")
     def _moe_needs_rate(self) -> RunConfig:
+        if self.lr_grid is not None:
+            if self.lr is not None:
+                raise ValueError("give lr or lr_grid, not both")
+            if len(set(self.lr_grid)) != len(self.lr_grid):
+                raise ValueError(f"lr_grid {self.lr_grid} repeats a value")
         if self.kind == "moe" and self.activation_rate is None and self.experts is None:
             raise ValueError("an moe run needs activation_rate (or experts)")
         if self.kind == "dense" and (self.activation_rate not in (None, 1.0) or self.experts is not None
@@ -297,6 +324,12 @@ class TrainConfig(Strict):
     cuda_graph: bool = Field(default=False, description="torch engine on CUDA: each training step as two CUDA graphs "
                              "(forward+backward+norm, clip+AdamW; moe_study/train/cudagraph.py); ignored on CPU")
     lr: float = Field(default=3e-3, gt=0)
+    lr_grid: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, min_length=1, description="study-level learning-rate grid: every run that sets neither lr "
+        "nor lr_grid expands over it (see runs.<name>.lr_grid)")
+    vary_data_order: bool = Field(
+        default=True, description="a run of seed > 0 also reads its epochs in a seed-dependent order (the unique "
+        "set U stays the same); seed 0 keeps the study's order (params `seed`)")
     schedule: Literal["cosine", "wsd"] = Field(
         default="cosine", description="after warmup: cosine to min_lr_ratio*lr, or warmup-stable-decay (constant, "
         "then linear to min_lr_ratio*lr over the last decay_fraction of the steps)")
@@ -368,6 +401,11 @@ class Params(Strict):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_lr_grids(cls, data: object) -> object:
+        return expand_lr_grids(data)
+
     @field_validator("runs")
     @classmethod
     def _run_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
@@ -387,6 +425,43 @@ class Params(Strict):
     def run_seed(self, name: str) -> int:
         r = self.run(name)
         return self.train.seed if r.seed is None else r.seed
+
+
+def expand_lr_grids(data: object) -> object:
+    """A raw params mapping with `runs.<name>.lr_grid` (or `train.lr_grid`, for runs that set neither lr nor
+    lr_grid) expanded: one run per value, named <name>_lr<lr_tag(value)>, with that lr and the group of the
+    run (default <name>). Anything malformed is left in place for the field validators to name."""
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        return data
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    study_grid = train.get("lr_grid")
+    runs: dict[str, object] = {}
+    for name, r in data["runs"].items():
+        if not isinstance(r, dict) or (r.get("lr_grid") is None and (study_grid is None or "lr" in r)):
+            runs[name] = r
+            continue
+        grid = r.get("lr_grid") if r.get("lr_grid") is not None else study_grid
+        ok = (isinstance(grid, list) and grid and "lr" not in r and len(set(map(str, grid))) == len(grid)
+              and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in grid))
+        if not ok:
+            runs[name] = r  # the field validators name what is wrong
+            continue
+        for lr in grid:
+            derived = f"{name}_lr{lr_tag(lr)}"
+            if derived in data["runs"] or derived in runs:
+                raise ValueError(f"runs.{name}.lr_grid: the derived run name {derived!r} is taken")
+            runs[derived] = {**{k: v for k, v in r.items() if k != "lr_grid"}, "lr": float(lr),
+                             "group": r.get("group") or name}
+    return {**data, "runs": runs}
+
+
+def lr_tag(lr: object) -> str:
+    """A learning rate as a run-name suffix: 3e-3 -> '3e-3', 1.5e-3 -> '1p5e-3' (no dots in names)."""
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
+        raise ValueError(f"lr_grid value {lr!r} must be a positive number")
+    mant, exp = f"{float(lr):.6e}".split("e")
+    mant = mant.rstrip("0").rstrip(".").replace(".", "p")
+    return f"{mant}e{int(exp)}"
 
 
 class ParamsError(ValueError):

@@ -2,7 +2,8 @@
 
 Shared by evaluate@run (loss, bits per byte) and the tasks stage (zero-shot items), so both score
 exactly the same documents: the rows of work/split/split.parquet with split == "heldout", their
-tokens streamed from the token shards.
+tokens streamed from the token shards. `side="validation"` reads the validation split the same way
+(evaluate@run scores it for the learning-rate choice; it is never the reported test figure).
 """
 
 from __future__ import annotations
@@ -29,23 +30,23 @@ class HeldoutDoc:
 
 
 # ------------------------------------------------------------------------------------------- data
-def heldout_ids(split_path: Path) -> np.ndarray:
+def heldout_ids(split_path: Path, side: str = "heldout") -> np.ndarray:
     if not split_path.exists():
         raise HeldoutError(f"{split_path}: missing (run the split stage first)")
     try:
         t = pq.read_table(split_path, columns=["doc", "split"])
     except Exception as err:  # pyarrow raises several types for a bad file
         raise HeldoutError(f"{split_path}: unreadable or lacks columns doc/split ({err})") from None
-    mask = pc.equal(t.column("split"), "heldout").to_numpy(zero_copy_only=False)
+    mask = pc.equal(t.column("split"), side).to_numpy(zero_copy_only=False)
     ids = np.sort(t.column("doc").to_numpy().astype(np.int64)[mask])
     if len(ids) == 0:
-        raise HeldoutError(f"{split_path}: no document has split == 'heldout'")
+        raise HeldoutError(f"{split_path}: no document has split == {side!r}")
     return ids
 
 
-def load_heldout(tokens_dir: Path, split_path: Path) -> list[HeldoutDoc]:
-    """Held-out docs with their tokens and byte counts, sorted by doc id (streamed shard by shard)."""
-    ids = heldout_ids(split_path)
+def load_heldout(tokens_dir: Path, split_path: Path, side: str = "heldout") -> list[HeldoutDoc]:
+    """Held-out (or `side`) docs with their tokens and byte counts, sorted by doc id (streamed shard by shard)."""
+    ids = heldout_ids(split_path, side)
     wanted = set(ids.tolist())
     docs: list[HeldoutDoc] = []
     for b in iter_shards(tokens_dir, columns=["doc", "n_bytes", "tokens"]):

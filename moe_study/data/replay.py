@@ -51,11 +51,12 @@ def _plan_fields(plan_path: Path) -> dict[str, int]:
             "batch_size": plan["batch_size"],
             "steps": plan["steps"],
             "data_seed": plan["data_seed"],
+            "order_seed": plan.get("order_seed", 0),  # plans before train.vary_data_order: today's order
         }
     except (KeyError, TypeError) as err:
         raise ReplayError(f"{plan_path}: missing key {err} (re-run the plan stage)") from None
     for k, v in out.items():
-        if not isinstance(v, int) or isinstance(v, bool) or (k != "data_seed" and v <= 0):
+        if not isinstance(v, int) or isinstance(v, bool) or (k not in ("data_seed", "order_seed") and v <= 0):
             raise ReplayError(f"{plan_path}: {k}={v!r} must be a positive integer")
     return out
 
@@ -75,7 +76,8 @@ def build_replay(
     if not split_manifest.exists():
         raise ReplayError(f"{split_manifest}: missing (run the split stage first)")
     tm = tokens_meta(tokens_dir)
-    spec = UniqueSpec.from_inputs(tokens_dir, split_path, plan["unique_tokens"], plan["data_seed"])
+    spec = UniqueSpec.from_inputs(tokens_dir, split_path, plan["unique_tokens"], plan["data_seed"],
+                                  plan["order_seed"])
     u = ensure_unique_set(store_root, spec)
 
     seq_len = plan["seq_len"]
@@ -115,6 +117,7 @@ def build_replay(
         "eos_id": spec.eos_id,
         "vocab_size": tm["vocab_size"],
         "data_seed": plan["data_seed"],
+        "order_seed": plan["order_seed"],
         "layout": "per epoch: EOS d0 EOS d1 ... ; sequence i = stream[i*seq_len : i*seq_len + seq_len + 1]",
         "stream_tokens_per_epoch": u.stream_tokens,
         "sequences_per_epoch": per_epoch,

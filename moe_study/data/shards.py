@@ -19,7 +19,10 @@ Documents with no tokens are skipped and counted. `last_doc` in unique.json reco
 taken, its length and how many of its tokens were kept. Because the set is a prefix of one seeded order,
 the set for a larger U contains the set for a smaller one.
 
-Epoch stream. Epoch e is a permutation of the unique docs seeded by (data_seed, e), packed as
+Epoch stream. Epoch e is a permutation of the unique docs seeded by (data_seed, e), or by
+(data_seed, e, order_seed) for a run whose seed varies the data order (`train.vary_data_order`, runs of
+seed > 0: the unique set is the same, only the epoch order differs; order_seed 0 is today's order and
+today's store key), packed as
 `EOS d0 EOS d1 ... EOS dn` (an EOS *before* every doc, so every doc token, the first included, is
 a prediction target after a document boundary). Its length is U + n_docs whatever the order, and
 it does not depend on seq_len: runs with different context lengths share it too.
@@ -119,9 +122,10 @@ def train_docs(split_path: Path | str) -> np.ndarray:
         split = t.column("split").cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise ReplayError(f"{split_path}: doc must be integers and split strings ({err})") from None
-    bad = pc.unique(pc.filter(split, pc.invert(pc.is_in(split, pa.array(["train", "heldout"]))))).to_pylist()
+    sides = pa.array(["train", "heldout", "validation"])
+    bad = pc.unique(pc.filter(split, pc.invert(pc.is_in(split, sides)))).to_pylist()
     if bad:
-        raise ReplayError(f"{split_path}: column split holds values other than train/heldout: {bad[:5]}")
+        raise ReplayError(f"{split_path}: column split holds values other than train/heldout/validation: {bad[:5]}")
     if len(np.unique(doc)) != len(doc):
         raise ReplayError(f"{split_path}: a doc id appears more than once")
     is_train = pc.equal(split, "train").to_numpy(zero_copy_only=False)
@@ -145,11 +149,14 @@ class UniqueSpec:
     data_seed: int
     eos_id: int
     dtype: str
+    order_seed: int = 0  # 0: the epoch order of data_seed alone; else also seeded by this (the run's seed)
 
     @property
     def key(self) -> str:
         d = asdict(self)
         del d["tokens_dir"], d["split_path"]  # where the inputs live does not change the bytes
+        if not d["order_seed"]:
+            del d["order_seed"]  # order seed 0 keeps the key (and the store) of before the option
         return sha256_json({"format": FORMAT, "perm": PERM, **d})
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +164,7 @@ class UniqueSpec:
 
     @classmethod
     def from_inputs(cls, tokens_dir: Path | str, split_path: Path | str, unique_tokens: int,
-                    data_seed: int) -> UniqueSpec:
+                    data_seed: int, order_seed: int = 0) -> UniqueSpec:
         if unique_tokens <= 0:
             raise ReplayError(f"budget.unique_tokens={unique_tokens} must be positive")
         tm = tokens_meta(tokens_dir)
@@ -165,7 +172,7 @@ class UniqueSpec:
             raise ReplayError(f"{split_path}: missing (run the split stage first)")
         return cls(tokens_dir=str(tokens_dir), split_path=str(split_path), tokens_sha256=tm["sha256"],
                    train_sha256=train_docs_sha256(train_docs(split_path)), unique_tokens=int(unique_tokens),
-                   data_seed=int(data_seed), eos_id=tm["eos_id"], dtype=tm["dtype"])
+                   data_seed=int(data_seed), eos_id=tm["eos_id"], dtype=tm["dtype"], order_seed=int(order_seed))
 
     def check_inputs(self) -> None:
         """Refuse to rebuild from inputs that differ from the ones this spec was made from."""
@@ -371,7 +378,8 @@ def ensure_unique_set(store_root: Path | str, spec: UniqueSpec, verify: bool = T
 
 # ------------------------------------------------------------------------------------------- epochs
 def epoch_seed(spec: UniqueSpec, epoch: int) -> list[int]:
-    return [spec.data_seed, epoch]
+    """The seed words of epoch `epoch`'s permutation; order_seed 0 keeps the words (and order) of before."""
+    return [spec.data_seed, epoch] + ([spec.order_seed] if spec.order_seed else [])
 
 
 def epoch_paths(directory: Path, epoch: int) -> tuple[Path, Path]:

@@ -1,4 +1,4 @@
-"""The train / held-out split by duplicate cluster, after dedupe.
+"""The train / validation / held-out split by duplicate cluster, after dedupe.
 
 Why by cluster: a held-out document whose near duplicate is in training measures memorisation,
 not generalisation. Only the dedupe survivors (keep == True) enter the split, and the side is a
@@ -8,9 +8,12 @@ the outputs, counting removed members with their cluster.
 
 The hash is splitmix64 of (cluster id, split.seed) mapped to [0, 1) and compared with
 `split.heldout_fraction`: stable across machines and numpy versions (no RNG stream), and a
-document keeps its side when other documents are added or removed.
+document keeps its side when other documents are added or removed. The validation split (learning-rate
+selection, never reported as the test figure) is the next `split.validation_fraction` of that unit
+interval, [heldout_fraction, heldout_fraction + validation_fraction): adding it moves clusters only
+from train, so the held-out (test) documents are the same with or without it.
 
-Outputs: work/split/split.parquet (doc int64, split in {train, heldout}; survivors in doc order),
+Outputs: work/split/split.parquet (doc int64, split in {train, validation, heldout}; survivors in doc order),
 work/split/manifest.json (docs, tokens and bytes per side, provenance) and work/metrics/split.json.
 Token counts are the stored document tokens (the token shards hold no EOS; packers add it).
 """
@@ -36,7 +39,7 @@ TOKENS_DIR = WORK / "tokens"
 DEDUPE_DIR = WORK / "dedupe"
 OUT_DIR = WORK / "split"
 METRICS = WORK / "metrics" / "split.json"
-SIDES = ("train", "heldout")
+SIDES = ("train", "heldout", "validation")
 SPLIT_SCHEMA = pa.schema([("doc", pa.int64()), ("split", pa.string())])
 U64 = np.uint64
 BATCH_ROWS = 4096  # token-shard rows decoded at a time: the tokens column is read only for its list lengths
@@ -46,11 +49,22 @@ class SplitError(ValueError):
     """Bad or inconsistent split inputs/outputs; the message names the file."""
 
 
-def heldout_mask(cluster: np.ndarray, cfg: SplitConfig) -> np.ndarray:
-    """True where the cluster goes to held-out: splitmix64(cluster ^ splitmix64(seed)) / 2^64 < fraction."""
+def _unit(cluster: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """splitmix64(cluster ^ splitmix64(seed)) / 2^64: each cluster's point of [0, 1)."""
     key = mix64(np.array([cfg.seed & ((1 << 64) - 1)], dtype=U64))[0]
     u = (mix64(np.asarray(cluster, dtype=np.int64).astype(U64) ^ key) >> U64(11)).astype(np.float64)
-    return u * (1.0 / (1 << 53)) < cfg.heldout_fraction
+    return u * (1.0 / (1 << 53))
+
+
+def heldout_mask(cluster: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """True where the cluster goes to held-out: its point of [0, 1) < heldout_fraction."""
+    return _unit(cluster, cfg) < cfg.heldout_fraction
+
+
+def validation_mask(cluster: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """True where the cluster goes to validation: heldout_fraction <= point < heldout + validation fraction."""
+    u = _unit(cluster, cfg)
+    return (u >= cfg.heldout_fraction) & (u < cfg.heldout_fraction + cfg.validation_fraction)
 
 
 def read_clusters(dedupe_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -106,8 +120,9 @@ def make_split(clusters: pa.Table, cfg: SplitConfig) -> pa.Table:
     keep = clusters.column("keep").to_numpy(zero_copy_only=False)
     doc = clusters.column("doc").to_numpy()[keep]
     held = heldout_mask(clusters.column("cluster").to_numpy()[keep], cfg)
+    val = validation_mask(clusters.column("cluster").to_numpy()[keep], cfg)
     order = np.argsort(doc, kind="stable")
-    side = np.where(held[order], SIDES[1], SIDES[0])
+    side = np.where(held[order], SIDES[1], np.where(val[order], SIDES[2], SIDES[0]))
     return pa.table({"doc": pa.array(doc[order], pa.int64()), "split": pa.array(side.tolist(), pa.string())},
                     schema=SPLIT_SCHEMA)
 
@@ -142,24 +157,27 @@ def check_no_crossing(clusters: pa.Table, split: pa.Table) -> dict[str, int]:
         raise SplitError(f"removed duplicate(s) in the split, e.g. doc {int(s_doc[~c_keep[rows]][0])}")
     if len(rows) != int(c_keep.sum()):
         raise SplitError(f"{int(c_keep.sum()) - len(rows)} surviving doc(s) are in no split")
-    held = pc.equal(s_side, SIDES[1]).to_numpy(zero_copy_only=False)
-    # side of each cluster from its split members: all train or all held-out
+    code = np.zeros(len(s_doc), dtype=np.int8)  # 0 train, 1 held-out, 2 validation
+    for k, name in enumerate(SIDES):
+        code[pc.equal(s_side, name).to_numpy(zero_copy_only=False)] = k
+    # side of each cluster from its split members: all on one side
     ids, inv = np.unique(c_cluster, return_inverse=True)
-    lo = np.full(len(ids), 2, dtype=np.int8)
+    lo = np.full(len(ids), 3, dtype=np.int8)
     hi = np.full(len(ids), -1, dtype=np.int8)
-    np.minimum.at(lo, inv[rows], held.astype(np.int8))
-    np.maximum.at(hi, inv[rows], held.astype(np.int8))
+    np.minimum.at(lo, inv[rows], code)
+    np.maximum.at(hi, inv[rows], code)
     crossing = ids[(hi >= 0) & (lo != hi)]
     if len(crossing):
         raise SplitError(f"{len(crossing)} cluster(s) cross the split, e.g. cluster {int(crossing[0])}")
     orphan = ids[hi < 0]
     if len(orphan):
         raise SplitError(f"{len(orphan)} cluster(s) have no survivor in the split, e.g. {int(orphan[0])}")
-    member_held = hi[inv] == 1
+    member = hi[inv]
     return {
         "clusters": len(ids),
-        "train_docs_incl_removed": int((~member_held).sum()),
-        "heldout_docs_incl_removed": int(member_held.sum()),
+        "train_docs_incl_removed": int((member == 0).sum()),
+        "heldout_docs_incl_removed": int((member == 1).sum()),
+        "validation_docs_incl_removed": int((member == 2).sum()),
     }
 
 
@@ -185,7 +203,9 @@ def run_split(
     keep = clusters.column("keep").to_numpy(zero_copy_only=False)
     held = np.zeros(len(doc), dtype=bool)
     held[keep] = heldout_mask(clusters.column("cluster").to_numpy()[keep], p.split)
-    train = keep & ~held
+    val = np.zeros(len(doc), dtype=bool)
+    val[keep] = validation_mask(clusters.column("cluster").to_numpy()[keep], p.split)
+    train = keep & ~held & ~val
     stats = {
         "train_docs": int(train.sum()),
         "train_tokens": int(ntok[train].sum()),
@@ -193,11 +213,18 @@ def run_split(
         "heldout_docs": int(held.sum()),
         "heldout_tokens": int(ntok[held].sum()),
         "heldout_bytes": int(nbytes[held].sum()),
+        "validation_docs": int(val.sum()),
+        "validation_tokens": int(ntok[val].sum()),
+        "validation_bytes": int(nbytes[val].sum()),
         "removed_docs": int((~keep).sum()),
         "removed_tokens": int(ntok[~keep].sum()),
         "heldout_fraction_docs": round(int(held.sum()) / max(1, int(keep.sum())), 6),
         **check,
     }
+    if p.split.validation_fraction > 0 and stats["validation_docs"] == 0:
+        raise SplitError(
+            f"split.validation_fraction={p.split.validation_fraction} over {int(keep.sum())} surviving docs leaves "
+            "no validation doc (raise it, or set it to 0 for no validation split)")
     if stats["heldout_docs"] == 0 or stats["train_docs"] == 0:
         raise SplitError(
             f"split.heldout_fraction={p.split.heldout_fraction} over {int(keep.sum())} surviving docs leaves "
@@ -218,7 +245,8 @@ def run_split(
                     "sha256": sha, "provenance": prov}
         write_json(tmp / "manifest.json", manifest)
     write_json(metrics_path, {**stats, "provenance": prov})
-    log.info("train %d docs / %d tokens, held-out %d docs / %d tokens / %d bytes (%d removed duplicates)",
-             stats["train_docs"], stats["train_tokens"], stats["heldout_docs"], stats["heldout_tokens"],
-             stats["heldout_bytes"], stats["removed_docs"])
+    log.info("train %d docs / %d tokens, validation %d docs / %d tokens, held-out %d docs / %d tokens / %d bytes "
+             "(%d removed duplicates)", stats["train_docs"], stats["train_tokens"], stats["validation_docs"],
+             stats["validation_tokens"], stats["heldout_docs"], stats["heldout_tokens"], stats["heldout_bytes"],
+             stats["removed_docs"])
     return manifest

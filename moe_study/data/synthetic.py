@@ -280,3 +280,40 @@ def score_dedupe(dup_of: list[int], kind: list[str], keep: np.ndarray, cluster: 
         "precision": float(correct.mean()) if len(removed) else 1.0,
         "false_removal": float((~keep[originals]).mean()) if originals.any() else 0.0,
     }
+
+
+# ------------------------------------------------------------------------------ planted token pairs
+def shingle_jaccard(a: np.ndarray, b: np.ndarray, ngram: int) -> float:
+    """Exact Jaccard of the n-gram sets of two integer sequences (a sequence shorter than ngram is one shingle)."""
+    def grams(x: np.ndarray) -> set[tuple[int, ...]]:
+        x = x.tolist()
+        return {tuple(x)} if len(x) < ngram else {tuple(x[i:i + ngram]) for i in range(len(x) - ngram + 1)}
+
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb) if ga or gb else 1.0
+
+
+def planted_token_pairs(pairs: int, seed: int, ngram: int = 5, length: tuple[int, int] = (100, 400),
+                        vocab: int = 1 << 20, max_edit: float = 0.06) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Originals and near copies as token sequences, with the exact shingle Jaccard of each pair spread
+    over about 0.5-1.0: copy = original with a random 0-`max_edit` fraction of its tokens substituted.
+
+    Returns (values, offsets, jaccard): documents 2i (original) and 2i+1 (its copy), in the layout the
+    dedupe core reads, and the pairs' exact Jaccard of token n-gram sets (what MinHash estimates).
+    Originals draw from a large vocabulary, so two originals share no shingle.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    docs: list[np.ndarray] = []
+    jac = np.empty(pairs)
+    for i in range(pairs):
+        n = int(rng.integers(length[0], length[1] + 1))
+        a = rng.integers(1, vocab, size=n, dtype=np.int64)
+        b = a.copy()
+        k = int(rng.integers(1, max(2, round(max_edit * n)) + 1))
+        pos = rng.choice(n, size=k, replace=False)
+        b[pos] = rng.integers(1, vocab, size=k, dtype=np.int64)
+        docs += [a, b]
+        jac[i] = shingle_jaccard(a, b, ngram)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    return np.concatenate(docs), offsets, jac

@@ -9,8 +9,10 @@ a window starts with no context from the previous one (a slight pessimism on lon
 same for every run).
 
 Metrics: mean loss per predicted token (nats), perplexity exp(loss), and bits per byte
-bpb = total nats / ln 2 / total UTF-8 bytes of the scored documents, which compares models
-whatever their tokenizer. The 95% intervals resample documents with replacement
+bpb = total nats / ln 2 / total bytes of the scored documents, which compares models
+whatever their tokenizer. The closing EOS is counted on both sides: its prediction is in the nats,
+and it counts as one byte (the document separator) beside each document's UTF-8 bytes, so `bytes`
+= UTF-8 bytes + docs (EOS_BYTES). The 95% intervals resample documents with replacement
 (`eval.bootstrap` times, seeded by `eval.seed`): documents, not tokens, are the independent units.
 With `eval.max_tokens`, a seeded random subset of whole documents is scored (the same subset for
 every run, since it depends only on the held-out set and the seed), stopping before the cap.
@@ -18,6 +20,12 @@ every run, since it depends only on the held-out set and the seed), stopping bef
 Zero-shot tasks (stages/tasks.py: sentence-final-word cloze and 4-way continuation choice, built
 once from the same held-out documents by the tasks stage) are scored under `tasks` with Wilson 95%
 intervals; `eval.task_items: 0` turns them off (`tasks` is then null).
+
+The validation split (work/split/split.parquet rows with split == "validation"; the learning-rate choice of
+the aggregate, never reported as the test figure) is scored the same way under `validation` (loss, bpb,
+tokens, bytes, docs; null when the split has none). Per-document scores of both splits go to
+work/eval/<run>.docs.parquet (split, doc, nats, tokens, bytes): every run scores the same documents,
+so the aggregate can pair them (a paired bootstrap of a difference between runs).
 
 The output work/eval/<run>.json holds `loss`, `bpb`, `perplexity`, their 95% intervals `loss_ci`
 and `bpb_ci` (null when eval.bootstrap is 0), `tasks`, the scored `tokens`/`bytes`/`docs`, and under `plan`
@@ -53,10 +61,23 @@ PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "t
              "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
 
 log = logging.getLogger("stages.evaluate")
+EOS_BYTES = 1  # the closing EOS of each document counts as one byte, as its prediction counts in the nats
+DOC_COLUMNS = ("split", "doc", "nats", "tokens", "bytes")
 
 
 class EvalError(ValueError):
     """Inputs that cannot be evaluated (the message names the file or field)."""
+
+
+def load_validation(tokens_dir: Path, split_path: Path) -> list[HeldoutDoc]:
+    """The validation split's docs; none when the split has no validation side (split.validation_fraction 0)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    side = pq.read_table(split_path, columns=["split"]).column("split")
+    if not pc.any(pc.equal(side, "validation")).as_py():
+        return []
+    return load_heldout(tokens_dir, split_path, side="validation")
 
 
 def select_docs(docs: list[HeldoutDoc], max_tokens: int | None, seed: int) -> tuple[list[HeldoutDoc], int]:
@@ -156,7 +177,7 @@ def evaluate_model(model: LM, docs: list[HeldoutDoc], eos_id: int, cfg: EvalConf
                    device: torch.device) -> dict[str, Any]:
     """Score the selected docs and return the metrics (no files)."""
     nats, count = score_docs(model, docs, eos_id, cfg.batch_size, device)
-    n_bytes = np.array([d.n_bytes for d in docs], dtype=np.int64)
+    n_bytes = np.array([d.n_bytes + EOS_BYTES for d in docs], dtype=np.int64)
     if n_bytes.sum() <= 0:
         raise EvalError("the scored held-out documents have 0 bytes in total (n_bytes column)")
     out = summary(nats, count, n_bytes)
@@ -165,7 +186,28 @@ def evaluate_model(model: LM, docs: list[HeldoutDoc], eos_id: int, cfg: EvalConf
     out["bootstrap"] = ci
     out["loss_ci"] = ci["loss"] if ci else None  # null when eval.bootstrap = 0
     out["bpb_ci"] = ci["bpb"] if ci else None
+    out["per_doc"] = {"doc": np.array([d.doc for d in docs], dtype=np.int64), "nats": nats, "tokens": count,
+                      "bytes": n_bytes}  # not in the JSON: run_evaluate writes it to <run>.docs.parquet
     return out
+
+
+def write_doc_scores(path: Path, per_split: dict[str, dict[str, np.ndarray]]) -> None:
+    """<run>.docs.parquet: one row per scored document and split (DOC_COLUMNS), split then doc order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe_study.io import atomic_path
+
+    cols: dict[str, list] = {c: [] for c in DOC_COLUMNS}
+    for side, d in per_split.items():
+        cols["split"] += [side] * len(d["doc"])
+        for c in DOC_COLUMNS[1:]:
+            cols[c] += d[c].tolist()
+    table = pa.table({"split": pa.array(cols["split"], pa.string()), "doc": pa.array(cols["doc"], pa.int64()),
+                      "nats": pa.array(cols["nats"], pa.float64()), "tokens": pa.array(cols["tokens"], pa.int64()),
+                      "bytes": pa.array(cols["bytes"], pa.int64())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -198,6 +240,15 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
     log.info("%s: scoring %d of %d held-out docs (%d empty skipped) on %s", run, len(docs), len(all_docs),
              empty, device)
     metrics = evaluate_model(model, docs, eos_id, cfg, device)
+    per_split = {"heldout": metrics.pop("per_doc")}
+    val_docs = [d for d in load_validation(tokens_dir, split_path) if len(d.tokens) > 0]
+    if val_docs:
+        v = evaluate_model(model, val_docs, eos_id, EvalConfig(**{**cfg.model_dump(), "bootstrap": 0}), device)
+        per_split["validation"] = v.pop("per_doc")
+        metrics["validation"] = {k: v[k] for k in ("loss", "bpb", "tokens", "bytes", "docs")}
+        log.info("%s: validation loss %.4f, bpb %.4f over %d docs", run, v["loss"], v["bpb"], v["docs"])
+    else:
+        metrics["validation"] = None
     inputs = {"model": sha256_tree(model_dir), "plan": sha256_file(plan_path), "tokens": manifest["sha256"],
               "split": sha256_file(split_path)}
     if cfg.task_items > 0:
@@ -219,10 +270,12 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
         "heldout_docs": len(all_docs),
         "heldout_docs_empty_skipped": empty,
         "max_tokens": cfg.max_tokens,
-        "scoring": "each doc alone as EOS+doc+EOS, windows of seq_len without cross-window context",
+        "scoring": "each doc alone as EOS+doc+EOS, windows of seq_len without cross-window context; "
+                   "bytes = UTF-8 bytes + 1 per doc for the closing EOS",
         "device": str(device),
         "provenance": provenance("evaluate", inputs, {"eval": cfg.model_dump(), "run": run}),
     }
+    write_doc_scores((out_dir or work / "eval") / f"{run}.docs.parquet", per_split)
     write_json((out_dir or work / "eval") / f"{run}.json", result)
     ci = metrics["bootstrap"]
     log.info("%s: loss %.4f nats/token, bpb %.4f%s over %d tokens / %d bytes", run, metrics["loss"],

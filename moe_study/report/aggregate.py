@@ -13,8 +13,19 @@ the views and writes the exports, so adding a run re-collects that run alone.
 - table `steps`: every run's training curve; table `expert_load`: routed fraction per layer/expert;
 - table `study`: one row, `status` 'failed' when a run's audit is not ok (`audit_ok`, decided by
   moe_study/train/audit.py against accounting.AUDIT_TOLERANCE; not re-judged here);
+- table `doc_scores`: every run's per-document held-out and validation scores (split, doc, nats, tokens,
+  bytes; collect's docs.parquet), the input of the paired intervals;
+- table `lr_choice`: per group and learning rate, the mean validation loss / bpb over its seeds (and
+  the held-out test figures, to show the whole grid); `best` marks the group's lr of lowest validation
+  loss (a group of one lr: that lr). Every comparison below uses each group at its own best lr. A group
+  with several lrs needs validation scores (split.validation_fraction > 0), else the stage fails;
 - view `dense_baseline`: THE dense baseline of every "vs dense" figure (see DENSE_BASELINE);
-- view `moe_vs_dense`: each MoE run beside its dense baseline: Δloss, Δbpb, Δaccuracy;
+- view `moe_vs_dense`: each MoE run beside its dense baseline: Δloss, Δbpb, Δaccuracy, with 95%
+  intervals `d_val_loss_lo/hi`, `d_val_bpb_lo/hi` (paired bootstrap over the held-out documents: one
+  run is one seed), `ci_method`, `d_val_loss_excludes_zero` / `d_val_bpb_excludes_zero`, `at_best_lr`;
+- table `group_vs_dense`: each MoE group at its best lr vs the dense baseline: Δ and its 95% interval,
+  Welch over seeds when both arms have >= 2 seeds, else the paired document bootstrap of the arms'
+  per-document means (`ci_method`), and whether it excludes zero (moe_study/report/intervals.py);
 - view `by_activation_rate`: runs grouped by study, size, kind and activation rate.
 Exports (moe_study/report/summary.py): summary.md, results.csv, metrics.json (`dvc exp show`) and the plots.
 
@@ -23,7 +34,9 @@ one point): its mean with a 95% interval, the run's own interval (bootstrap for 
 accuracies) for a single seed, a Student-t interval over seeds when a group has several (for an
 accuracy, the wider of that and the Wilson interval of all the seeds' items pooled, clipped to [0, 1]).
 A group's "Δ bpb vs dense" is its mean minus the `dense_baseline` view's value, read from the database,
-so the summary and the views cannot disagree about what "dense" means.
+so the summary and the views cannot disagree about what "dense" means. The runs of a group must agree
+on its configuration (GROUP_FIELDS: N, N_active, r_a, experts, tokens, ...): a mismatch is an error
+naming the group and the field, never a silent first-seed value.
 """
 
 from __future__ import annotations
@@ -35,10 +48,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moe_study.accounting import AUDIT_TOLERANCE
 from moe_study.config.schema import Params
 from moe_study.evaluation.stats import t95, wilson
 from moe_study.io import WORK, atomic_path, write_bytes, write_json
+from moe_study.report.intervals import excludes_zero, paired_bootstrap, welch
 from moe_study.report.summary import (
     csv_text,
     plot_expert_load,
@@ -50,7 +66,13 @@ from moe_study.report.summary import (
 COLLECT_DIR = WORK / "collect"
 METRIC_KEYS = ("val_loss", "val_bpb", "val_bpb_lo", "val_bpb_hi", "cloze_acc", "choice_acc", "final_train_loss",
                "activation_rate", "tokens_seen", "epochs", "audit_max_dev")  # per run, for `dvc exp show`
-TABLES = ("runs", "steps", "expert_load")
+TABLES = ("runs", "steps", "expert_load", "doc_scores")
+TABLE_FILE = {"runs": "run.parquet", "doc_scores": "docs.parquet"}  # others: <table>.parquet
+# what the runs of one group (its seeds, and the lrs of its grid) must share
+GROUP_FIELDS = ("study", "kind", "size", "total_params", "active_params", "activation_rate", "experts", "top_k",
+                "shared_experts", "ffn_hidden", "compute_budget", "compute_convention", "unique_tokens",
+                "tokens_seen", "steps")
+CI_COLUMNS = ("d_val_loss_lo", "d_val_loss_hi", "d_val_bpb_lo", "d_val_bpb_hi")
 ACCURACIES = {"cloze_acc": "cloze_items", "choice_acc": "choice_items"}
 INTERVALS = (("val_loss", "val_loss_lo", "val_loss_hi"), ("val_bpb", "val_bpb_lo", "val_bpb_hi"),
              ("cloze_acc", "cloze_lo", "cloze_hi"), ("choice_acc", "choice_lo", "choice_hi"))
@@ -61,7 +83,8 @@ log = logging.getLogger("stages.aggregate")
 # equal N (budget `size`), C (`compute_budget`) and U (`unique_tokens`), and the seeds of a point are
 # replicates, so the baseline of a run is the mean over the dense *runs* (every seed counts once) that
 # share its study, N, C and U. Several dense groups at one (N, C, U), e.g. a learning-rate sweep, are
-# pooled run by run, not group by group (`dense_groups` and `dense_run_ids` name what was pooled).
+# pooled run by run, not group by group (`dense_groups` and `dense_run_ids` name what was pooled). A dense
+# group enters at its best learning rate only (table `lr_choice`).
 BASELINE_KEY = ("study", "size", "compute_budget", "unique_tokens")
 DENSE_BASELINE = f"""
         SELECT {", ".join(BASELINE_KEY)}, count(*) AS dense_runs,
@@ -71,7 +94,8 @@ DENSE_BASELINE = f"""
                avg(val_loss) AS dense_val_loss, avg(val_bpb) AS dense_val_bpb,
                avg(cloze_acc) AS dense_cloze_acc, avg(choice_acc) AS dense_choice_acc,
                avg(train_flops_exact) AS dense_train_flops_exact
-        FROM runs WHERE kind = 'dense' GROUP BY {", ".join(BASELINE_KEY)}
+        FROM runs WHERE kind = 'dense' AND (study, grp, lr) IN (SELECT (study, grp, lr) FROM lr_choice WHERE best)
+        GROUP BY {", ".join(BASELINE_KEY)}
         ORDER BY {", ".join(BASELINE_KEY)}"""
 
 VIEWS = {  # created in this order: moe_vs_dense reads dense_baseline
@@ -85,8 +109,11 @@ VIEWS = {  # created in this order: moe_vs_dense reads dense_baseline
                m.cloze_acc, d.dense_cloze_acc, m.cloze_acc - d.dense_cloze_acc AS d_cloze_acc,
                m.choice_acc, d.dense_choice_acc, m.choice_acc - d.dense_choice_acc AS d_choice_acc,
                m.train_flops_exact, d.dense_train_flops_exact,
-               m.train_flops_exact / d.dense_train_flops_exact AS flops_exact_vs_dense
+               m.train_flops_exact / d.dense_train_flops_exact AS flops_exact_vs_dense,
+               c.d_val_loss_lo, c.d_val_loss_hi, c.d_val_bpb_lo, c.d_val_bpb_hi, c.ci_method,
+               c.d_val_loss_excludes_zero, c.d_val_bpb_excludes_zero, m.lr, l.best AS at_best_lr
         FROM runs m JOIN dense_baseline d USING ({", ".join(BASELINE_KEY)})
+        LEFT JOIN run_delta_ci c USING (run_id) JOIN lr_choice l ON l.study = m.study AND l.grp = m.grp AND l.lr = m.lr
         WHERE m.kind = 'moe' ORDER BY m.study, m.size, m.activation_rate DESC, m.run_id""",
     "by_activation_rate": """
         SELECT study, size, kind, round(activation_rate, 4) AS activation_rate, count(*) AS runs,
@@ -113,6 +140,7 @@ def group_rows(rows: list[dict[str, Any]], baselines: Sequence[dict[str, Any]] =
     minus the baseline of its (study, N, C, U), null without one. The baseline is read, not recomputed
     here, so that it has one definition (DENSE_BASELINE).
     """
+    check_group_metadata(rows)
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["grp"], []).append(r)
@@ -142,6 +170,149 @@ def group_rows(rows: list[dict[str, Any]], baselines: Sequence[dict[str, Any]] =
     return sorted(out, key=lambda g: (g["size"], -g["activation_rate"], g["grp"]))
 
 
+def check_group_metadata(rows: Sequence[dict[str, Any]]) -> None:
+    """Raise AggregateError naming the group and field when the runs of a group disagree on GROUP_FIELDS."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["grp"], []).append(r)
+    for name, rs in groups.items():
+        for f in GROUP_FIELDS:
+            vals = {str(r.get("run_id", i)): r.get(f) for i, r in enumerate(rs)}
+            if len({repr(v) for v in vals.values()}) > 1:
+                detail = ", ".join(f"{k}: {v!r}" for k, v in vals.items())
+                raise AggregateError(f"group {name!r}: {f} differs across its runs ({detail}); the seeds (and "
+                                     "learning rates) of a group must share its configuration")
+
+
+def choose_lr(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (study, group, lr): seeds, mean validation and test figures; `best` = lowest validation loss.
+
+    A group of one learning rate keeps it (no validation needed); a group of several needs the
+    validation scores of every run, else AggregateError naming the group.
+    """
+    by: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for r in rows:
+        by.setdefault((r["study"], r["grp"]), {}).setdefault(r["lr"], []).append(r)
+    out = []
+
+    def mean(rs: list[dict], k: str) -> float | None:
+        vals = [r[k] for r in rs]
+        return None if any(v is None for v in vals) else statistics.fmean(vals)
+
+    for (study, grp), lrs in sorted(by.items()):
+        if len(lrs) > 1:
+            missing = sorted(r["run_id"] for rs in lrs.values() for r in rs if r.get("validation_loss") is None)
+            if missing:
+                raise AggregateError(f"group {grp!r}: {len(lrs)} learning rates but no validation scores for runs "
+                                     f"{missing} (set split.validation_fraction > 0, re-run split and evaluate)")
+        best = min(lrs, key=lambda lr: (mean(lrs[lr], "validation_loss") or 0.0, lr)) if len(lrs) > 1 else \
+            next(iter(lrs))
+        for lr, rs in sorted(lrs.items()):
+            out.append({"study": study, "grp": grp, "lr": lr, "runs": len(rs),
+                        "run_ids": ",".join(sorted(r["run_id"] for r in rs)),
+                        "validation_loss": mean(rs, "validation_loss"), "validation_bpb": mean(rs, "validation_bpb"),
+                        "val_loss": mean(rs, "val_loss"), "val_bpb": mean(rs, "val_bpb"), "best": lr == best,
+                        "grid": len(lrs)})
+    return out
+
+
+def _doc_arrays(con: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Per run: the held-out per-document arrays (doc, nats, tokens, bytes), doc order."""
+    t = con.execute("SELECT run_id, doc, nats, tokens, bytes FROM doc_scores WHERE split = 'heldout' "
+                    "ORDER BY run_id, doc").fetchnumpy()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    run_ids = np.asarray(t["run_id"], dtype=object)
+    for run in dict.fromkeys(run_ids.tolist()):
+        m = run_ids == run
+        out[run] = {k: np.asarray(t[k])[m] for k in ("doc", "nats", "tokens", "bytes")}
+    return out
+
+
+def _paired(docs: dict[str, dict[str, np.ndarray]], a: list[str], b: list[str], resamples: int,
+            seed: int) -> dict[str, Any] | None:
+    """The paired bootstrap of arm a minus arm b; None when a run has no per-document scores."""
+    if any(r not in docs for r in a + b):
+        return None
+    ref = docs[b[0]]
+    for r in a + b:
+        d = docs[r]
+        if not (np.array_equal(d["doc"], ref["doc"]) and np.array_equal(d["tokens"], ref["tokens"])
+                and np.array_equal(d["bytes"], ref["bytes"])):
+            raise AggregateError(f"runs {r} and {b[0]} scored different held-out documents (re-run evaluate)")
+    return paired_bootstrap([docs[r]["nats"] for r in a], [docs[r]["nats"] for r in b], ref["tokens"],
+                            ref["bytes"], resamples, seed) | {"ci_method": "paired_bootstrap"}
+
+
+def _flags(row: dict[str, Any]) -> dict[str, Any]:
+    return {"d_val_loss_excludes_zero": excludes_zero(row.get("d_val_loss_lo"), row.get("d_val_loss_hi")),
+            "d_val_bpb_excludes_zero": excludes_zero(row.get("d_val_bpb_lo"), row.get("d_val_bpb_hi"))}
+
+
+def delta_intervals(con: Any, resamples: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per MoE run, per MoE group at its best lr): Δ vs the dense baseline with 95% intervals."""
+    cur = con.execute("SELECT * FROM dense_baseline")
+    cols = [c[0] for c in cur.description]
+    base = {tuple(r[:len(BASELINE_KEY)]): dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
+    cur = con.execute("SELECT r.*, l.best FROM runs r JOIN lr_choice l USING (study, grp, lr) ORDER BY run_id")
+    cols = [c[0] for c in cur.description]
+    rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    docs = _doc_arrays(con)
+    per_run, groups = [], {}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in BASELINE_KEY))
+        if r["kind"] != "moe" or b is None:
+            continue
+        dense = b["dense_run_ids"].split(",")
+        ci = _paired(docs, [r["run_id"]], dense, resamples, seed) or {"ci_method": None}
+        row = {"run_id": r["run_id"], **{k: ci.get(k) for k in CI_COLUMNS}, "ci_method": ci["ci_method"]}
+        per_run.append(row | _flags(row))
+        if r["best"]:
+            groups.setdefault((r["study"], r["grp"]), []).append(r)
+    by_id = {r["run_id"]: r for r in rows}
+    out = []
+    for (study, grp), rs in sorted(groups.items()):
+        b = base[tuple(rs[0][k] for k in BASELINE_KEY)]
+        dense = b["dense_run_ids"].split(",")
+        g: dict[str, Any] = {"study": study, "grp": grp, "size": rs[0]["size"],
+                             "activation_rate": rs[0]["activation_rate"], "lr": rs[0]["lr"], "seeds": len(rs),
+                             "run_ids": ",".join(r["run_id"] for r in rs), "dense_runs": len(dense),
+                             "dense_run_ids": b["dense_run_ids"],
+                             "val_loss": statistics.fmean(r["val_loss"] for r in rs),
+                             "dense_val_loss": b["dense_val_loss"],
+                             "val_bpb": statistics.fmean(r["val_bpb"] for r in rs), "dense_val_bpb": b["dense_val_bpb"]}
+        g["d_val_loss"], g["d_val_bpb"] = g["val_loss"] - g["dense_val_loss"], g["val_bpb"] - g["dense_val_bpb"]
+        if len(rs) >= 2 and len(dense) >= 2:
+            for m in ("val_loss", "val_bpb"):
+                _, g[f"d_{m}_lo"], g[f"d_{m}_hi"] = welch([r[m] for r in rs], [by_id[d][m] for d in dense])
+            g["ci_method"] = "welch"
+        else:
+            ci = _paired(docs, [r["run_id"] for r in rs], dense, resamples, seed) or {"ci_method": None}
+            g.update({k: ci.get(k) for k in CI_COLUMNS}, ci_method=ci["ci_method"])
+        out.append(g | _flags(g))
+    return per_run, out
+
+
+def _create_table(con: Any, name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    con.execute(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in columns)})")
+    if rows:
+        con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})",
+                        [[r.get(c) for c, _ in columns] for r in rows])
+
+
+LR_CHOICE_COLUMNS = [("study", "VARCHAR"), ("grp", "VARCHAR"), ("lr", "DOUBLE"), ("runs", "BIGINT"),
+                     ("run_ids", "VARCHAR"), ("validation_loss", "DOUBLE"), ("validation_bpb", "DOUBLE"),
+                     ("val_loss", "DOUBLE"), ("val_bpb", "DOUBLE"), ("best", "BOOLEAN"), ("grid", "BIGINT")]
+FLAG_COLUMNS = [("ci_method", "VARCHAR"), ("d_val_loss_excludes_zero", "BOOLEAN"),
+                ("d_val_bpb_excludes_zero", "BOOLEAN")]
+RUN_CI_COLUMNS = [("run_id", "VARCHAR"), *[(c, "DOUBLE") for c in CI_COLUMNS], *FLAG_COLUMNS]
+GROUP_CI_COLUMNS = [("study", "VARCHAR"), ("grp", "VARCHAR"), ("size", "DOUBLE"), ("activation_rate", "DOUBLE"),
+                    ("lr", "DOUBLE"), ("seeds", "BIGINT"), ("run_ids", "VARCHAR"), ("dense_runs", "BIGINT"),
+                    ("dense_run_ids", "VARCHAR"), ("val_loss", "DOUBLE"), ("dense_val_loss", "DOUBLE"),
+                    ("d_val_loss", "DOUBLE"), ("d_val_loss_lo", "DOUBLE"), ("d_val_loss_hi", "DOUBLE"),
+                    ("val_bpb", "DOUBLE"), ("dense_val_bpb", "DOUBLE"), ("d_val_bpb", "DOUBLE"),
+                    ("d_val_bpb_lo", "DOUBLE"), ("d_val_bpb_hi", "DOUBLE"), *FLAG_COLUMNS]
+
+
 # --------------------------------------------------------------------------------------- database
 def _files(collect_dir: Path, runs: list[str], name: str) -> list[str]:
     missing = [r for r in runs if not (collect_dir / r / name).exists()]
@@ -150,19 +321,30 @@ def _files(collect_dir: Path, runs: list[str], name: str) -> list[str]:
     return [str(collect_dir / r / name) for r in runs]
 
 
-def build_database(dest: Path, collect_dir: Path, runs: list[str]) -> None:
-    """runs/steps/expert_load unioned from the per-run Parquet files, the views, the study status."""
+def build_database(dest: Path, collect_dir: Path, runs: list[str], resamples: int = 1000, seed: int = 0) -> None:
+    """runs/steps/expert_load/doc_scores unioned from the per-run Parquet files, the lr choice, the views
+    and the Δ intervals (`resamples` paired-bootstrap draws seeded by `seed`), the study status."""
     import duckdb
 
+    orders = {"steps": ", step", "expert_load": ", layer, expert", "doc_scores": ", split, doc"}
     with atomic_path(dest) as tmp:
         con = duckdb.connect(str(tmp))
         for table in TABLES:
-            files = ", ".join(f"'{f}'" for f in _files(collect_dir, runs, f"{'run' if table == 'runs' else table}"
-                                                                          ".parquet"))
-            order = "run_id" + (", step" if table == "steps" else ", layer, expert" if table == "expert_load" else "")
-            con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{files}]) ORDER BY {order}")
+            files = ", ".join(f"'{f}'" for f in _files(collect_dir, runs, TABLE_FILE.get(table, f"{table}.parquet")))
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{files}]) "
+                        f"ORDER BY run_id{orders.get(table, '')}")
+        cur = con.execute("SELECT * FROM runs ORDER BY run_id")
+        cols = [c[0] for c in cur.description]
+        run_rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        check_group_metadata(run_rows)
+        _create_table(con, "lr_choice", choose_lr(run_rows), LR_CHOICE_COLUMNS)
+        con.execute(f"CREATE VIEW dense_baseline AS {VIEWS['dense_baseline']}")
+        per_run, per_group = delta_intervals(con, resamples, seed)
+        _create_table(con, "run_delta_ci", per_run, RUN_CI_COLUMNS)
+        _create_table(con, "group_vs_dense", per_group, GROUP_CI_COLUMNS)
         for name, sql in VIEWS.items():
-            con.execute(f"CREATE VIEW {name} AS {sql}")
+            if name != "dense_baseline":
+                con.execute(f"CREATE VIEW {name} AS {sql}")
         con.execute("""
             CREATE TABLE study AS
             SELECT any_value(study) AS study, count(*) AS runs,
@@ -192,15 +374,18 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     results = results or Path("results") / p.study
     runs = sorted(p.runs)
     db = results / "metrics.duckdb"
-    build_database(db, collect_dir, runs)
+    build_database(db, collect_dir, runs, p.eval.bootstrap, p.eval.seed)
     rows = query(db, "SELECT * FROM runs ORDER BY run_id")
+    lr_choice = query(db, "SELECT * FROM lr_choice ORDER BY study, grp, lr")
+    best = {(c["grp"], c["lr"]) for c in lr_choice if c["best"]}
+    group_deltas = query(db, "SELECT * FROM group_vs_dense ORDER BY size, activation_rate DESC, grp")
     study = query(db, "SELECT * FROM study")[0]
     moe_vs_dense = query(db, "SELECT * FROM moe_vs_dense")
     baselines = query(db, "SELECT * FROM dense_baseline")
     steps = query(db, "SELECT run_id, step, tokens, loss FROM steps ORDER BY run_id, step")
     load = query(db, "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
-    groups = group_rows(rows, baselines)
-    summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows)
+    groups = group_rows([r for r in rows if (r["grp"], r["lr"]) in best], baselines)
+    summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows, group_deltas, lr_choice)
     write_bytes(results / "summary.md", summary.encode())
     write_bytes(results / "results.csv", csv_text(rows).encode())
     metrics: dict[str, Any] = {r["run_id"]: {k: r[k] for k in METRIC_KEYS} for r in rows}

@@ -12,7 +12,13 @@ work/collect/<run>/:
 - `run.parquet`: one row of the `runs` table (RUN_COLUMNS);
 - `steps.parquet`: the training curve (STEPS_TABLE_COLUMNS: run_id, study and the trainer's STEP_COLUMNS;
   a column the trainer did not log is null);
-- `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training.
+- `expert_load.parquet`: MoE only, the fraction of routed slots per layer and expert over training;
+- `docs.parquet`: the per-document scores of evaluate (work/eval/<run>.docs.parquet: split, doc, nats,
+  tokens, bytes) with the run id (DOC_COLUMNS), for the aggregate's paired bootstrap; empty, with a
+  warning, for an evaluation that predates them (its differences then get no paired interval).
+
+`validation_loss` / `validation_bpb` are the validation split's scores (learning-rate choice only; null
+without a validation split); `val_loss` / `val_bpb` stay the held-out test figures.
 
 `train_flops` is the plan's training FLOPs per token (in the budget's `compute_convention`; 6 N_active
 for plans that predate conventions) times the tokens the loader served (train.json): what the study
@@ -53,7 +59,8 @@ RUN_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("final_train_loss", pa.float64()),
     ("val_loss", pa.float64()), ("val_loss_lo", pa.float64()), ("val_loss_hi", pa.float64()),
     ("val_ppl", pa.float64()), ("val_bpb", pa.float64()), ("val_bpb_lo", pa.float64()), ("val_bpb_hi", pa.float64()),
-    ("eval_tokens", pa.int64()), ("eval_bytes", pa.int64()),
+    ("eval_tokens", pa.int64()), ("eval_bytes", pa.int64()), ("eval_docs", pa.int64()),
+    ("validation_loss", pa.float64()), ("validation_bpb", pa.float64()),
     ("cloze_acc", pa.float64()), ("cloze_lo", pa.float64()), ("cloze_hi", pa.float64()), ("cloze_items", pa.int64()),
     ("choice_acc", pa.float64()), ("choice_lo", pa.float64()), ("choice_hi", pa.float64()),
     ("choice_items", pa.int64()),
@@ -67,6 +74,10 @@ STEPS_TABLE_COLUMNS: list[tuple[str, pa.DataType]] = [("run_id", pa.string()), (
 LOAD_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("study", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
     ("fraction", pa.float64()), ("over_uniform", pa.float64()),
+]
+DOC_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("run_id", pa.string()), ("split", pa.string()), ("doc", pa.int64()), ("nats", pa.float64()),
+    ("tokens", pa.int64()), ("bytes", pa.int64()),
 ]
 AUDIT_KEYS = {"audit_params_dev": "nonvocab_params", "audit_active_dev": "nonvocab_active",
               "audit_tokens_dev": "tokens", "audit_flops_dev": "flops_per_token"}
@@ -160,7 +171,9 @@ def run_row(p: Params, run: str, plan: dict[str, Any], train: dict[str, Any], e:
         "val_loss": e["loss"], "val_loss_lo": loss_ci[0], "val_loss_hi": loss_ci[1],
         "val_ppl": e["perplexity"],
         "val_bpb": e["bpb"], "val_bpb_lo": bpb_ci[0], "val_bpb_hi": bpb_ci[1],
-        "eval_tokens": e["tokens"], "eval_bytes": e["bytes"],
+        "eval_tokens": e["tokens"], "eval_bytes": e["bytes"], "eval_docs": e.get("docs"),
+        "validation_loss": (e.get("validation") or {}).get("loss"),
+        "validation_bpb": (e.get("validation") or {}).get("bpb"),
         "cloze_acc": cloze[0], "cloze_lo": cloze[1], "cloze_hi": cloze[2], "cloze_items": cloze[3],
         "choice_acc": choice[0], "choice_lo": choice[1], "choice_hi": choice[2], "choice_items": choice[3],
         **audit_columns(train, paths["train"]),
@@ -193,6 +206,19 @@ def load_rows(run: str, study: str, train: dict[str, Any]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema(LOAD_COLUMNS))
 
 
+def doc_rows(run: str, path: Path) -> pa.Table:
+    """The run's per-document scores (evaluate's <run>.docs.parquet) with its run id; empty without the file."""
+    if not path.exists():
+        log.warning("%s: missing (an evaluation before per-document scores): no paired intervals for %s", path, run)
+        return pa.Table.from_pylist([], schema=schema(DOC_COLUMNS))
+    try:
+        t = pq.read_table(path, columns=[c for c, _ in DOC_COLUMNS[1:]])
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise CollectError(f"{path}: unreadable or lacks columns split/doc/nats/tokens/bytes ({err})") from None
+    t = t.add_column(0, "run_id", pa.array([run] * t.num_rows, pa.string()))
+    return t.cast(schema(DOC_COLUMNS))
+
+
 def run_collect(p: Params, run: str, work: Path = WORK) -> dict[str, Any]:
     p.run(run)
     rdir = work / "runs" / run
@@ -208,6 +234,8 @@ def run_collect(p: Params, run: str, work: Path = WORK) -> dict[str, Any]:
                        compression="zstd")
         pq.write_table(step_rows(run, p.study, rdir), tmp / "steps.parquet", compression="zstd")
         pq.write_table(load_rows(run, p.study, train), tmp / "expert_load.parquet", compression="zstd")
+        pq.write_table(doc_rows(run, work / "eval" / f"{run}.docs.parquet"), tmp / "docs.parquet",
+                       compression="zstd")
     if row["audit_ok"] is False:
         log.warning("%s: the audit deviates from the plan by %.2f%% (train.json audit)", run,
                     100 * row["audit_max_dev"])

@@ -53,8 +53,23 @@ def _exact_vs_dense(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def _verdict(d: dict[str, Any], m: str) -> str:
+    """Whether the Δ interval excludes 0, in words (Δ < 0: MoE lower loss, i.e. better)."""
+    ex = d.get(f"d_{m}_excludes_zero")
+    if ex is None:
+        return "no interval"
+    if not ex:
+        return "no (interval spans 0)"
+    return "yes: MoE better" if d[f"d_{m}"] < 0 else "yes: dense better"
+
+
+def _dci(d: dict[str, Any], m: str) -> str:
+    return f"{_f(d.get(f'd_{m}'), '+.4f')} [{_f(d.get(f'd_{m}_lo'), '+.4f')}, {_f(d.get(f'd_{m}_hi'), '+.4f')}]"
+
+
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
-                     status: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+                     status: dict[str, Any], runs: list[dict[str, Any]],
+                     group_deltas: list[dict[str, Any]] = (), lr_choice: list[dict[str, Any]] = ()) -> str:  # type: ignore[assignment]
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
     conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     exact_ratio = _exact_vs_dense(runs)
@@ -72,7 +87,9 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
         lines.append(f"Status: **FAILED**: runs {status['audit_failed_runs']} deviate from their planned N, "
                      f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
                      f"(largest {100 * status['audit_max_dev']:.2f}%).")
-    lines += ["", *equalised, "", "## Groups (mean over seeds)", "",
+    grid = any(c["grid"] > 1 for c in lr_choice)
+    lines += ["", *equalised, "", "## Groups (mean over seeds" + (", each at its best learning rate on the validation "
+                                                                  "split)" if grid else ")"), "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
               "| choice acc [95% CI] |",
@@ -85,18 +102,36 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {_ci(g, 'val_loss', 'val_loss_lo', 'val_loss_hi')} | {_ci(g, 'val_bpb', 'val_bpb_lo', 'val_bpb_hi')} "
             f"| {_f(g['bpb_vs_dense'], '+.4f')} | {_ci(g, 'cloze_acc', 'cloze_lo', 'cloze_hi', '.3f')} "
             f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
+    if group_deltas:
+        lines += ["", "## MoE vs dense, per group (table `group_vs_dense`; Δ < 0: MoE lower loss)", "",
+                  "| group | r_a | lr | seeds | dense runs | Δ loss [95% CI] | Δ bpb [95% CI] | interval "
+                  "| Δ bpb excludes 0? |", "|" + "---|" * 9]
+        for d in group_deltas:
+            lines.append(
+                f"| {d['grp']} | {d['activation_rate']:.3f} | {d['lr']:.3g} | {d['seeds']} | {d['dense_run_ids']} "
+                f"| {_dci(d, 'val_loss')} | {_dci(d, 'val_bpb')} | {d['ci_method'] or '-'} "
+                f"| {_verdict(d, 'val_bpb')} |")
     if moe_vs_dense:
-        lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`)", "",
-                  "| run | r_a | experts/top-k | tokens vs dense | exact FLOPs vs dense | Δ loss | Δ bpb | Δ cloze acc "
-                  "| Δ choice acc | dense runs |", "|" + "---|" * 10]
+        lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`; paired bootstrap over held-out "
+                  "documents)", "",
+                  "| run | r_a | experts/top-k | lr | tokens vs dense | exact FLOPs vs dense | Δ loss [95% CI] "
+                  "| Δ bpb [95% CI] | Δ bpb excludes 0? | Δ cloze acc | Δ choice acc | dense runs |", "|" + "---|" * 12]
         for m in moe_vs_dense:
             lines.append(
                 f"| {m['run_id']} | {m['activation_rate']:.3f} | {m['experts']}/{m['top_k']} "
-                f"| ×{m['tokens_seen'] / m['dense_tokens_seen']:.2f} "
-                f"| {_ratio(m.get('flops_exact_vs_dense'))} "
-                f"| {_f(m['d_val_loss'], '+.4f')} "
-                f"| {_f(m['d_val_bpb'], '+.4f')} | {_f(m['d_cloze_acc'], '+.3f')} | {_f(m['d_choice_acc'], '+.3f')} "
-                f"| {m['dense_run_ids']} |")
+                f"| {m['lr']:.3g}{'' if m['at_best_lr'] else ' (not best)'} "
+                f"| ×{m['tokens_seen'] / m['dense_tokens_seen']:.2f} | {_ratio(m.get('flops_exact_vs_dense'))} "
+                f"| {_dci(m, 'val_loss')} "
+                f"| {_dci(m, 'val_bpb')} | {_verdict(m, 'val_bpb')} | {_f(m['d_cloze_acc'], '+.3f')} "
+                f"| {_f(m['d_choice_acc'], '+.3f')} | {m['dense_run_ids']} |")
+    if grid:
+        lines += ["", "## Learning-rate grid (table `lr_choice`: picked on the validation split, reported on held-out)",
+                  "", "| group | lr | runs | validation loss | validation bpb | held-out loss | held-out bpb | best |",
+                  "|" + "---|" * 8]
+        for c in lr_choice:
+            lines.append(f"| {c['grp']} | {c['lr']:.3g} | {c['runs']} | {_f(c['validation_loss'])} "
+                         f"| {_f(c['validation_bpb'])} | {_f(c['val_loss'])} | {_f(c['val_bpb'])} "
+                         f"| {'**best**' if c['best'] else ''} |")
     lines += ["", "## Runs", "",
               "| run | group | seed | lr | train FLOPs | exact FLOPs (× dense) | tokens | val loss | bits/byte "
               "| cloze | choice | audit max dev | params sha256 |", "|" + "---|" * 13]
@@ -116,7 +151,12 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
               "convention, with its ratio to the dense baseline's. MoE runs read U for more epochs. Loss "
               "intervals: bootstrap over held-out documents for one seed, "
               "Student-t over seeds otherwise. Δ vs dense: minus the dense baseline (view `dense_baseline`), the mean "
-              "over every dense run (each seed once) of the same N, C and U. Task accuracies (stages/tasks.py): "
+              "over every dense run (each seed once) of the same N, C and U, each group at its best learning rate "
+              "(lowest validation loss; the validation split is not the held-out test split). Δ intervals (95%): "
+              "Welch over seeds when both arms have >= 2 seeds, else a paired bootstrap over the held-out documents "
+              "that every run scores (document sampling only); seeds > 0 vary the data order as well as the init "
+              "(train.vary_data_order). Bits per byte count each document's closing EOS in the nats and as one "
+              "byte. Task accuracies (stages/tasks.py): "
               "cloze = greedy sentence-final word, choice = 4-way continuation by log-likelihood per byte "
               "(chance 0.25); Wilson intervals for one seed.",
               "",
