@@ -36,7 +36,8 @@ PARAMS: dict[str, Any] = {
     "seed": 5,
     "corpus": {"sources": [{"kind": "synthetic", "docs": 10}]},
     # params_tol 2%: 4 experts of d=16 move N in steps of 192 = 6% of 3000 per unit of expert width
-    "budget": {"params": 3000, "compute": 6 * 3000 * 64 * 60, "unique_tokens": 1500, "params_tol": 0.02},
+    "budget": {"params": 3000, "compute": 6 * 3000 * 64 * 60, "unique_tokens": 1500, "params_tol": 0.02,
+               "compute_convention": "6n"},  # C = 6 N T: 60 steps of 64 tokens
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 16, "multiple_of": 2},
     "runs": {
         "dense": {"kind": "dense"},
