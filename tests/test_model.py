@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from kernels.experts import combine, dispatch
 from moe_study.accounting import Architecture, plan_run
 from moe_study.config.load import load_params
+from moe_study.config.schema import RouterConfig
 from moe_study.model.layers import ModelConfigError
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, load_model, save_model
 from moe_study.model.moe import MoE
@@ -140,23 +141,26 @@ def test_rotary_attention_depends_on_relative_position() -> None:
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Token by token: softmax, top-k, renormalise, run each chosen expert as a plain SwiGLU."""
+    """Token by token: softmax, top-k, renormalise (when the router does), run each chosen expert as a plain
+    SwiGLU."""
     out = torch.zeros_like(x)
     e = moe.experts
     for t in range(x.shape[0]):
         p = (x[t] @ moe.router.gate.weight.T).softmax(-1)
         w, i = p.topk(moe.top_k)
-        w = w / w.sum()
+        if moe.router.normalize_topk:
+            w = w / w.sum()
         for wj, ij in zip(w, i, strict=True):
             h = F.silu(x[t] @ e.w1[ij]) * (x[t] @ e.w3[ij])
             out[t] += wj * (h @ e.w2[ij])
     return out
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("experts, top_k", [(4, 1), (6, 2), (5, 3)])
-def test_moe_equals_naive_per_token_loop(experts: int, top_k: int) -> None:
+def test_moe_equals_naive_per_token_loop(experts: int, top_k: int, normalize: bool) -> None:
     torch.manual_seed(1)
-    moe = MoE(d=8, f=12, experts=experts, top_k=top_k).double()
+    moe = MoE(d=8, f=12, experts=experts, top_k=top_k, router=RouterConfig(normalize_topk=normalize)).double()
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 7, 8, dtype=torch.float64)

@@ -251,9 +251,14 @@ def state_dict_for_save(model: LM) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: LM, directory: Path, config: dict[str, Any]) -> None:
-    """Write model.safetensors and config.json into `directory` (the caller makes it atomic)."""
+    """Write model.safetensors and config.json into `directory` (the caller makes it atomic).
+
+    config.json always records the router config the model routes with (the caller's "router", else the
+    model's own): a file without it is read as a run that predates `normalize_topk` (renormalised)."""
     from safetensors.torch import save_file
 
+    if model.arch.kind == "moe" and "router" not in config:
+        config = {**config, "router": model.router_config.model_dump()}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_for_save(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
