@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import socket
 from pathlib import Path
 from typing import Any
@@ -244,13 +245,22 @@ class TorchEngine(_InMemoryState):
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
+        from moe_study.train.checkpoint import to_safe
+
         if dist_env()[0] == 0:
-            torch.save({**self.state_dict(), "client": client}, directory / "torch_state.pt")
+            torch.save({**self.state_dict(), "client": to_safe(client)}, directory / "torch_state.pt")
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / "torch_state.pt", map_location=self.device, weights_only=False)
+        """weights_only=True: tensors and plain containers, never code (see checkpoint.to_safe)."""
+        from moe_study.train.checkpoint import CheckpointError, from_safe
+
+        path = directory / "torch_state.pt"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({str(err)[:200]})") from None
         self.load_state_dict(state)
-        return state["client"]
+        return from_safe(state["client"])
 
 
 class DeepSpeedEngine(_InMemoryState):

@@ -48,7 +48,7 @@ import torch
 
 from moe_study.cli import n_workers
 from moe_study.config.schema import Params, TrainConfig, batch_split
-from moe_study.hashing import sha256_file
+from moe_study.hashing import sha256_file, write_file_list
 from moe_study.io import WORK, atomic_path, read_json, write_bytes, write_json
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, save_model
 from moe_study.provenance import provenance
@@ -285,7 +285,10 @@ class Trainer:
         target = checkpoint.latest(self.ckpt_dir, self.engine.name) if self.ckpt_dir is not None else None
         if target is None:
             return False
-        self.load_client_state(checkpoint.load(target, self.engine))
+        client = checkpoint.load(target, self.engine)
+        if client is None:  # unreadable: checkpoint.load warned; start fresh
+            return False
+        self.load_client_state(client)
         self.last_checkpoint = target
         return True
 
@@ -473,6 +476,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
+        write_file_list(tmp)  # sha256 of the weights and config, checked by load_model
     write_bytes(rdir / "train_log.csv", log_csv(trainer.history))
     kind = plan["arch"]["kind"]
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
