@@ -96,10 +96,35 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
+DEEPSPEED_HINT = "pip install deepspeed (the version in requirements.txt)"
+
+
+def deepspeed_missing() -> str | None:
+    """Why DeepSpeed cannot be imported (None when it can): an optional dependency on a GPU box."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return f"DeepSpeed is not installed ({DEEPSPEED_HINT})"
+    return None
+
+
+def engine_choice(cfg: TrainConfig, device: torch.device) -> tuple[str, str | None]:
+    """(engine, why it is not the one asked for). `auto` means DeepSpeed on CUDA; without DeepSpeed it
+    falls back to the torch engine (same numbers on one process, see test_engines) and says why, in
+    the log and in train.json (`engine_fallback`), instead of dying with a ModuleNotFoundError."""
     if cfg.engine != "auto":
-        return cfg.engine
-    return "deepspeed" if device.type == "cuda" else "torch"
+        return cfg.engine, None
+    if device.type != "cuda":
+        return "torch", None
+    missing = deepspeed_missing()
+    if missing is not None:
+        log.warning("train.engine=auto: %s; training with the torch engine instead", missing)
+        return "torch", f"train.engine=auto chose torch on CUDA: {missing}"
+    return "deepspeed", None
+
+
+def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
+    return engine_choice(cfg, device)[0]
 
 
 def _free_port() -> int:
@@ -281,6 +306,9 @@ class DeepSpeedEngine(_InMemoryState):
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        missing = deepspeed_missing()
+        if missing is not None:
+            raise EngineError(f"train.engine=deepspeed: {missing}; or set train.engine: torch (or auto)")
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 

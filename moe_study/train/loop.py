@@ -56,6 +56,7 @@ from moe_study.train import checkpoint
 from moe_study.train.audit import audit_run
 from moe_study.train.engine import (
     EngineError,
+    engine_choice,
     init_distributed,
     make_engine,
     resolve_device,
@@ -383,6 +384,9 @@ def train(
     metrics["peak_flops"] = peak
     metrics["peak_flops_source"] = peak_source
     metrics["engine"] = engine.name
+    fallback = engine_choice(cfg, device)[1]
+    if fallback is not None:  # only then: train.json of every other run stays byte-identical
+        metrics["engine_fallback"] = fallback
     metrics["dtype"] = cfg.dtype
     metrics["processes"] = trainer.world
     metrics["gradient_accumulation"] = trainer.accumulation
