@@ -318,6 +318,15 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
 
 SIZE_LIMIT = 1 << 40  # any count or width beyond this is a typo or an overflow, not a model
 _POSITIVE = ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k", "moe_every")
+# the config.json keys of the Hugging Face families, so an error names the key the user can fix
+HF_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "seq_len": "max_position_embeddings",
+           "ffn_hidden": "intermediate_size / moe_intermediate_size", "top_k": "num_experts_per_tok",
+           "experts": "num_local_experts / num_experts / n_routed_experts"}
+
+
+def _field(name: str) -> str:
+    return f"{name} ({HF_KEYS[name]})" if name in HF_KEYS else name
 
 
 def check_numbers(cfg: Any, where: str = "") -> None:
@@ -341,15 +350,15 @@ def check_architecture(a: Architecture, vocab_size: int) -> None:
         v = getattr(a, f.name)
         if isinstance(v, int | float) and not isinstance(v, bool):
             if not isinstance(v, int):
-                raise ConfigError(f"{f.name}={v!r}: must be a whole number")
+                raise ConfigError(f"{_field(f.name)}={v!r}: must be a whole number")
             if v < (1 if f.name in _POSITIVE else 0):
-                raise ConfigError(f"{f.name}={v}: must be {'positive' if f.name in _POSITIVE else '>= 0'}")
+                raise ConfigError(f"{_field(f.name)}={v}: must be {'positive' if f.name in _POSITIVE else '>= 0'}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= SIZE_LIMIT:
         raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive whole number")
     if a.kind not in ("dense", "moe"):
         raise ConfigError(f"kind={a.kind!r}: must be dense or moe")
     if a.top_k > a.experts:
-        raise ConfigError(f"top_k={a.top_k} (experts per token) exceeds experts={a.experts}")
+        raise ConfigError(f"{_field('top_k')}={a.top_k} exceeds {_field('experts')}={a.experts}")
     if a.n_kv_heads is not None and (a.n_kv_heads < 1 or a.n_heads % a.n_kv_heads):
         raise ConfigError(f"n_kv_heads={a.n_kv_heads} must divide n_heads={a.n_heads}")
     if a.head_dim is None and a.d_model % a.n_heads:

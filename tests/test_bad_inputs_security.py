@@ -379,9 +379,9 @@ DELETE = object()
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"num_experts_per_tok": 8}, "top_k=8 (experts per token) exceeds experts=4"),
-    ({"num_hidden_layers": -2}, "n_layers=-2: must be positive"),
-    ({"num_attention_heads": 0}, "n_heads=0: must be positive"),
+    ({"num_experts_per_tok": 8}, "top_k (num_experts_per_tok)=8 exceeds experts"),
+    ({"num_hidden_layers": -2}, "n_layers (num_hidden_layers)=-2: must be positive"),
+    ({"num_attention_heads": 0}, "n_heads (num_attention_heads)=0: must be positive"),
     ({"hidden_size": 10 ** 30}, "hidden_size=1000000000000000000000000000000: larger than any model"),
     ({"hidden_size": float("inf")}, "hidden_size=inf: must be a finite number"),
     ({"num_hidden_layers": DELETE}, "missing key 'num_hidden_layers'"),
