@@ -165,6 +165,17 @@ def test_a_checkpoint_cannot_run_code(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "not a readable weights-only checkpoint" in caplog.text
 
 
+def test_a_deepspeed_checkpoint_cannot_run_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("deepspeed")
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "ds" / "mp_rank_00_model_states.pt"
+    hostile.parent.mkdir()
+    hostile.write_bytes(pickle.dumps({"module": {}, "client": _Payload()}, protocol=2))
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable weights-only checkpoint"):
+        engine.ds_weights_only_load(hostile)
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_the_torch_state_round_trips_through_weights_only(tmp_path: Path) -> None:
     import numpy as np
 

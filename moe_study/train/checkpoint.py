@@ -18,9 +18,9 @@ directory is ignored and removed by the next save.
 Trust: `latest.json` also records the sha256 of every file of the step directory, checked before
 anything is loaded; a damaged (truncated, flipped) checkpoint is skipped with a warning and the run
 starts fresh (the previous steps were deleted when it was written), never a traceback on every retry.
-The torch engine's state is loaded with `weights_only=True` (tensors and plain containers only: the
-loop's numpy RNG state is stored as tensors, see `to_safe`), so a checkpoint file cannot run code.
-DeepSpeed's own checkpoint loader still unpickles (see README, Security note).
+Both engines load with `weights_only=True` (tensors and plain containers only: the loop's numpy RNG
+state is stored as tensors, see `to_safe`; DeepSpeed's reader is swapped for a weights-only one that
+allows three named DeepSpeed record classes), so a checkpoint file cannot run code.
 """
 
 from __future__ import annotations

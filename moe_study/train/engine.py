@@ -339,11 +339,42 @@ class DeepSpeedEngine(_InMemoryState):
         return ds_grad_norm(self.engine.get_global_grad_norm())
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": client}, save_latest=False)
+        from moe_study.train.checkpoint import to_safe
+
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": to_safe(client)},
+                                    save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:
+        """Every file is first read weights-only (nothing applied yet, so a refusal is a clean fresh
+        start); then DeepSpeed loads through the same weights-only reader instead of its pickle one."""
+        from moe_study.train.checkpoint import from_safe
+
+        for path in sorted(directory.rglob("*.pt")):
+            ds_weights_only_load(path)
+        self.engine.checkpoint_engine.load = ds_weights_only_load
         _, client = self.engine.load_checkpoint(str(directory), tag="ds")
-        return client["client"]
+        return from_safe(client["client"])
+
+
+def ds_safe_globals() -> list[Any]:
+    """The DeepSpeed classes its ZeRO optimizer state pickles (plain data: a loss-scaler record, an
+    enum, a named tuple); allowed by name, so nothing else in a checkpoint can be called."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def ds_weights_only_load(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True) with ds_safe_globals; a refused or damaged file: CheckpointError."""
+    from moe_study.train.checkpoint import CheckpointError
+
+    try:
+        with torch.serialization.safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({str(err)[:300]})") from None
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
