@@ -202,6 +202,17 @@ def fail(msg: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def run_from_dvc_stage() -> str | None:
+    """The run of a DVC foreach stage, from the address DVC exports (`[dvc.yaml:]plan@<run>`).
+
+    Why not `--run ${key}` in dvc.yaml: DVC would put the params.yaml key on a shell command line
+    before anything validates it; from the environment it is only ever a Python string.
+    """
+    address = os.environ.get("DVC_STAGE", "")
+    name = address.rsplit(":", 1)[-1]
+    return name.split("@", 1)[1] if "@" in name else None
+
+
 def per_run_main(
     stage: str,
     doc: str | None,
@@ -221,9 +232,12 @@ def per_run_main(
     from moe_study.config.schema import ParamsError
 
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=(doc or "").splitlines()[0])
-    ap.add_argument("--run", required=True, help="a run name from params.yaml runs")
+    ap.add_argument("--run", default=None, help="a run name from params.yaml runs (under DVC: from DVC_STAGE)")
     ap.add_argument("--params", default="params.yaml")
     a = ap.parse_args(argv)
+    a.run = a.run or run_from_dvc_stage()
+    if a.run is None:
+        ap.error("--run NAME is required (outside DVC)")
     setup_logging(stage)
     try:
         p = load_params(a.params)

@@ -101,14 +101,27 @@ def test_a_study_name_with_a_trailing_newline_is_refused() -> None:
         parse_params({**copy.deepcopy(TINY), "study": "ci\n"})
 
 
-def test_only_validated_run_names_reach_a_command_line() -> None:
-    """dvc.yaml interpolates nothing from params.yaml into a `cmd` except the run name (`${key}`)."""
+def test_no_params_value_reaches_a_dvc_command_line() -> None:
+    """DVC interpolates `${...}` into `cmd` before any validation: dvc.yaml's commands hold none
+    (a per-run stage reads its run from DVC_STAGE)."""
     import re
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, s in stages.items():
         cmd = s.get("do", s)["cmd"]
-        assert re.fullmatch(r"python -m stages\.\w+( --run \$\{key\})?", cmd), (name, cmd)
+        assert re.fullmatch(r"python -m stages\.\w+", cmd), (name, cmd)
+
+
+def test_dvc_never_runs_a_hostile_run_name(project: Path) -> None:
+    """Upstream cached, a run named like a shell command: DVC runs plan@<it>; nothing executes and
+    the stage refuses the name."""
+    p = copy.deepcopy(TINY)
+    p["runs"] = {"x;touch PWNED;": {"kind": "dense"}}
+    write_params(project, p)
+    r = run(["dvc", "repro", "--single-item", "plan@x;touch PWNED;"], project, check=False)
+    assert r.returncode != 0
+    assert "run name 'x;touch PWNED;' must match" in r.stdout + r.stderr, r.stdout + r.stderr  # our stage ran
+    assert not (project / "PWNED").exists() and not list(project.rglob("PWNED"))
 
 
 def test_the_engines_never_start_a_command_for_a_hostile_run_name(bare: Path) -> None:
