@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from moe_study.config.schema import ModelConfig, Params, PlannerConfig, RunConfig
@@ -329,6 +329,73 @@ def from_hf_config(cfg: dict) -> tuple[Architecture, int]:
         if int(cfg.get("moe_layer_freq", 1)) != 1:
             raise ConfigError("moe_layer_freq != 1 (DeepSeek's layer_idx % freq rule) is not modelled")
     return Architecture(**base, **moe), int(cfg["vocab_size"])
+
+
+SIZE_LIMIT = 1 << 40  # any count or width beyond this is a typo or an overflow, not a model
+_POSITIVE = ("d_model", "n_layers", "n_heads", "seq_len", "ffn_hidden", "experts", "top_k", "moe_every")
+# the config.json keys of the Hugging Face families, so an error names the key the user can fix
+HF_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "seq_len": "max_position_embeddings",
+           "ffn_hidden": "intermediate_size / moe_intermediate_size", "top_k": "num_experts_per_tok",
+           "experts": "num_local_experts / num_experts / n_routed_experts"}
+
+
+def _field(name: str) -> str:
+    return f"{name} ({HF_KEYS[name]})" if name in HF_KEYS else name
+
+
+def check_numbers(cfg: Any, where: str = "") -> None:
+    """Every number in a config.json finite and within SIZE_LIMIT (names the key): JSON allows 1e400
+    (inf) and 10**30, which would otherwise surface as an OverflowError or an absurd count."""
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    for k, v in items:
+        key = f"{where}.{k}" if where else str(k)
+        if isinstance(v, dict | list):
+            check_numbers(v, key)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={v}: must be a finite number")
+        elif isinstance(v, int | float) and not isinstance(v, bool) and abs(v) > SIZE_LIMIT:
+            raise ConfigError(f"{key}={v}: larger than any model ({SIZE_LIMIT}); a typo or an overflow?")
+
+
+def check_architecture(a: Architecture, vocab_size: int) -> None:
+    """The rules params.yaml's schema applies, for an architecture read from a config.json: whole
+    numbers in range, top_k within experts, heads that divide; one ConfigError naming the field."""
+    for f in fields(a):
+        v = getattr(a, f.name)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            if not isinstance(v, int):
+                raise ConfigError(f"{_field(f.name)}={v!r}: must be a whole number")
+            if v < (1 if f.name in _POSITIVE else 0):
+                raise ConfigError(f"{_field(f.name)}={v}: must be {'positive' if f.name in _POSITIVE else '>= 0'}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= SIZE_LIMIT:
+        raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive whole number")
+    if a.kind not in ("dense", "moe"):
+        raise ConfigError(f"kind={a.kind!r}: must be dense or moe")
+    if a.top_k > a.experts:
+        raise ConfigError(f"{_field('top_k')}={a.top_k} exceeds {_field('experts')}={a.experts}")
+    if a.n_kv_heads is not None and (a.n_kv_heads < 1 or a.n_heads % a.n_kv_heads):
+        raise ConfigError(f"n_kv_heads={a.n_kv_heads} must divide n_heads={a.n_heads}")
+    if a.head_dim is None and a.d_model % a.n_heads:
+        raise ConfigError(f"d_model={a.d_model} is not divisible by n_heads={a.n_heads}")
+    if a.kind == "moe" and a.first_dense_layers >= a.n_layers:
+        raise ConfigError(f"first_dense_layers={a.first_dense_layers} leaves no MoE layer of {a.n_layers}")
+
+
+def read_count_config(cfg: Any) -> tuple[Architecture, int]:
+    """`stages.plan count`'s reader: a JSON object, numbers in range, an architecture that can exist."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"must be a JSON object (a config.json), not a {type(cfg).__name__}")
+    check_numbers(cfg)
+    try:
+        arch, vocab = from_hf_config(cfg)
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ConfigError(f"not a config this accounting can read ({what})") from None
+    check_architecture(arch, vocab)
+    return arch, vocab
 
 
 def count_summary(a: Architecture, vocab_size: int) -> dict[str, Any]:

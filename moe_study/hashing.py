@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_study.io import ClearError
+
 
 # ---------------------------------------------------------------------------------------- hashing
 def sha256_bytes(data: bytes) -> str:
@@ -71,3 +73,72 @@ def canonical_json(obj: Any) -> str:
 
 def sha256_json(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode())
+
+
+# ------------------------------------------------------------------------------ manifest checks
+MANIFEST = "manifest.json"
+
+
+class IntegrityError(ClearError, ValueError):
+    """A file that differs from the sha256 its manifest records (the message names both)."""
+
+
+def recorded_hashes(manifest: Any) -> dict[str, str]:
+    """{file name: sha256} of every `{"file": ..., "sha256": ...}` entry anywhere in a manifest.
+
+    Why one walker: the stages' manifests nest their file entries differently (shards, split,
+    tasks, model), and a reader should not need to know which shape it is holding.
+    """
+    found: dict[str, str] = {}
+    if isinstance(manifest, dict):
+        if isinstance(manifest.get("file"), str) and isinstance(manifest.get("sha256"), str):
+            found[manifest["file"]] = manifest["sha256"]
+        for v in manifest.values():
+            found.update(recorded_hashes(v))
+    elif isinstance(manifest, list):
+        for v in manifest:
+            found.update(recorded_hashes(v))
+    return found
+
+
+def _manifest_entries(directory: Path) -> tuple[Path, dict[str, str]]:
+    m = directory / MANIFEST
+    if not m.is_file():
+        return m, {}
+    try:
+        return m, recorded_hashes(json.loads(m.read_text()))
+    except ValueError:
+        raise IntegrityError(f"{m}: corrupt JSON (re-run the stage that makes it)") from None
+
+
+def verify_listed(path: Path | str) -> None:
+    """Check `path` against the sha256 that the manifest.json beside it records, if it records one.
+
+    Why before use: a stage run by hand (not through DVC, which would notice) must not silently
+    compute on a flipped byte; the error names the file so it can be rebuilt.
+    """
+    path = Path(path)
+    m, entries = _manifest_entries(path.parent)
+    if path.name in entries and sha256_file(path) != entries[path.name]:
+        raise IntegrityError(f"{path}: sha256 differs from {m} (corrupt or modified since it was written; "
+                             "re-run the stage that makes it)")
+
+
+def verify_dir(directory: Path | str) -> None:
+    """Check every file the directory's manifest.json lists (missing or changed: IntegrityError)."""
+    directory = Path(directory)
+    m, entries = _manifest_entries(directory)
+    for name in entries:
+        if not (directory / name).is_file():
+            raise IntegrityError(f"{directory / name}: listed in {m} but missing")
+        verify_listed(directory / name)
+
+
+def write_file_list(directory: Path | str) -> dict[str, Any]:
+    """Write manifest.json listing every file of `directory` with its sha256 (for verify_dir)."""
+    directory = Path(directory)
+    files = [{"file": p.name, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != MANIFEST]
+    manifest = {"files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -87,6 +87,13 @@ class Stage:
         return f"python -m {self.module}" + (" --run {run}" if self.per_run else "")
 
     @property
+    def dvc_command(self) -> str:
+        """DVC's `cmd`: no run name on it. DVC substitutes `${key}` into a shell line *before* any of
+        our validation runs (a run named `x;touch PWNED` would run `touch`); DVC also puts the stage
+        address (`plan@<run>`) in DVC_STAGE, which per_run_main reads as a plain string instead."""
+        return f"python -m {self.module}"
+
+    @property
     def code_files(self) -> tuple[str, ...]:
         """The source files that can change this stage's outputs: its entry point's import closure
         (moe_study.codebase), all of kernels/ as one directory where a kernel is reached."""
@@ -261,7 +268,7 @@ def render_dvc(stages: tuple[Stage, ...] = STAGES) -> dict:
     out: dict[str, dict] = {}
     for s in stages:
         deps = [_dvc_path(d.parent if isinstance(d, AllRuns) else d) for d in s.deps]
-        body: dict = {"cmd": s.command.replace("{run}", "${key}"), "deps": list(s.code_files) + deps}
+        body: dict = {"cmd": s.dvc_command, "deps": list(s.code_files) + deps}
         if s.params:
             body["params"] = _dvc_params(s.params)
         outs: list = [({_dvc_path(o): {"cache": False}} if s.uncached else _dvc_path(o)) for o in s.outs]

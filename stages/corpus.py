@@ -10,8 +10,9 @@ from pathlib import Path
 
 from moe_study.cli import Timer, fail, setup_logging
 from moe_study.config.load import load_params
-from moe_study.config.schema import ParamsError
+from moe_study.config.schema import FileSource, ParamsError
 from moe_study.data.corpus import METRICS, OUT, CorpusError, build_corpus, log
+from moe_study.io import check_output
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -21,10 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT), help="output directory (default work/corpus)")
     ap.add_argument("--metrics", default=str(METRICS))
     ap.add_argument("--cache", default=None, help="where .debs are kept (default data/cache)")
+    ap.add_argument("--force", action="store_true",
+                    help="allow an --out/--metrics that is an existing directory not made by this stage, or an input")
     a = ap.parse_args(argv)
     setup_logging("corpus")
     try:
         params = load_params(a.params)
+        inputs = [s.path for s in params.corpus.sources if isinstance(s, FileSource) and not set(s.path) & set("*?[")]
+        check_output(a.out, inputs, a.force, marker="manifest.json")
+        check_output(a.metrics, inputs, a.force)
         timer = Timer()
         cache = None if a.cache is None else Path(a.cache)
         m = build_corpus(params.corpus, Path(a.out), Path(a.metrics), cache=cache)

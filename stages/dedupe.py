@@ -17,6 +17,7 @@ from moe_study.config.load import load_params
 from moe_study.config.schema import DedupeConfig, ParamsError
 from moe_study.data.artefacts import ShardError
 from moe_study.data.dedupe import DedupeError, dedupe_file, run_pipeline
+from moe_study.io import check_output
 
 OPTION_FLAGS = ("ngram", "num_perm", "bands", "rows", "threshold", "seed")
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (results do not depend on it)")
+    ap.add_argument("--force", action="store_true",
+                    help="standalone mode: allow an --output that is an existing directory or the input")
     a = ap.parse_args(argv)
     standalone = a.input is not None or a.output is not None
     try:
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.input is None or a.output is None:
                 raise DedupeError("standalone mode needs both --input and --output")
             log = setup_logging("dedupe")
+            check_output(a.output, [a.input], a.force)
             timer = Timer()
             stats = dedupe_file(a.input, a.output, _config_from_args(a), a.threads)
             log.info(

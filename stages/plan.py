@@ -75,7 +75,7 @@ def count_main(argv: list[str]) -> int:
     import dataclasses
     import json
 
-    from moe_study.accounting import ConfigError, count_summary, from_hf_config
+    from moe_study.accounting import ConfigError, count_summary, read_count_config
 
     ap = argparse.ArgumentParser(prog="python -m stages.plan count", description="parameter and FLOP counts")
     ap.add_argument("config", help="a Hugging Face config.json, or work/runs/<run>/model/config.json")
@@ -84,9 +84,11 @@ def count_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     if not Path(a.config).is_file():
         fail(f"{a.config}: no such file (give a Hugging Face config.json)")
+    if a.seq_len is not None and not 0 < a.seq_len <= 1 << 24:
+        fail(f"--seq-len={a.seq_len}: must be between 1 and {1 << 24}")
     try:
-        arch, vocab = from_hf_config(read_json(a.config))
-    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        arch, vocab = read_count_config(read_json(a.config))
+    except (ConfigError, ValueError) as err:
         fail(f"{a.config}: {err}")
     if a.seq_len:
         arch = dataclasses.replace(arch, seq_len=a.seq_len)

@@ -14,11 +14,23 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \A...\Z, not ^...$: `$` also matches before a trailing newline, and a run name reaches DVC's and
+# Snakemake's shell command lines (`--run ${key}`) and paths, so it must be exactly these characters.
+RUN_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+STUDY_NAME = r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every section: unknown keys, coerced types and non-finite numbers are errors.
+
+    strict: `seed: true` must not become 1, nor `"3"` become 3 (a quoted value is a typo or an edit
+    gone wrong); ints still fill float fields. allow_inf_nan=False: `.inf` / `.nan` in a budget or a
+    rate would reach the planner's arithmetic as a traceback or an absurd plan. python-re: every
+    pattern is anchored with \\A...\\Z, which means the same in Python's `re` (the run-name check).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
+                              regex_engine="python-re")
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -26,7 +38,7 @@ class DebianSource(Strict):
     """Public-domain text shipped as a Debian package (`apt-get download` + `dpkg -x`, no root)."""
 
     kind: Literal["debian"]
-    package: str = Field(pattern=r"^[a-z0-9][a-z0-9.+-]+$")
+    package: str = Field(pattern=r"\A[a-z0-9][a-z0-9.+-]+\Z")
     max_docs: int | None = Field(default=None, gt=0)
 
 
@@ -387,7 +399,7 @@ class ExportConfig(Strict):
 
 # ------------------------------------------------------------------------------------------ root
 class Params(Strict):
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="results go to results/<study>/")
+    study: str = Field(pattern=STUDY_NAME, description="results go to results/<study>/")
     seed: int = 0
     corpus: CorpusConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -410,7 +422,7 @@ class Params(Strict):
     @classmethod
     def _run_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
         for name in runs:
-            if not RUN_NAME.match(name):
+            if not RUN_NAME.fullmatch(name):
                 raise ValueError(f"run name {name!r} must match {RUN_NAME.pattern} (it becomes a path)")
         return runs
 

@@ -8,7 +8,13 @@ and `work/metrics/corpus.json`. Only one shard's worth of documents is ever held
 Rules (each one counted per source, in the manifest and the metrics, never silent):
 - skipped: `not_text` (null / non-string text), `empty` (empty or whitespace only), `short`
   (fewer than `corpus.min_chars` characters); JSONL lines that are `blank_line`, `bad_json` or
-  `not_an_object`; plain-text files that are `binary_file` (contain NUL bytes).
+  `not_an_object`; plain-text files that are `binary_file` (a NUL byte, or mostly undecodable
+  bytes and control characters: not text, whatever the extension); `long_line` (a line of more than
+  MAX_LINE_CHARS characters: the BPE trainer would treat it as one word and exhaust memory);
+  `duplicate_path` (a file reached twice, e.g. through a symlink).
+- paths: `**` globs and directories never follow symlinked directories (a link loop cannot
+  multiply the corpus); a file that is unreadable (truncated .gz, corrupt Parquet page) or that
+  vanishes while being read is an error naming it, with nothing written.
 - `max_docs` caps the documents *kept* from a source; reading stops there (`truncated: true`).
 - text is normalised: `\r\n`/`\r` -> `\n`, a leading BOM and surrounding whitespace removed.
   Invalid UTF-8 in user files is replaced by U+FFFD and counted (`replaced_invalid_utf8`);
@@ -25,11 +31,13 @@ anything is written, with a message naming the field `corpus.sources[i]...` or t
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import gzip
 import json
 import logging
+import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +64,9 @@ GLOB_CHARS = set("*?[")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+MAX_LINE_CHARS = 1_000_000
+BINARY_FRACTION = 0.1  # more undecodable bytes / control characters than this: not a text file
+_NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 Source = DebianSource | FileSource | SyntheticSource
 
@@ -111,7 +122,7 @@ def resolve_files(src: FileSource, index: int, root: Path) -> list[Path]:
     where = f"corpus.sources[{index}].path"
     pattern = src.path if Path(src.path).is_absolute() else str(root / src.path)
     if GLOB_CHARS & set(src.path):
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        files = sorted(p for p in _glob(pattern) if p.is_file())
     elif Path(pattern).is_dir():
         files = sorted(
             p for p in Path(pattern).rglob("*")
@@ -128,6 +139,27 @@ def resolve_files(src: FileSource, index: int, root: Path) -> list[Path]:
     if not files:
         raise CorpusError(f"{where}: {src.path!r} matches no {src.kind} files")
     return files
+
+
+def _glob(pattern: str) -> list[Path]:
+    """pathlib's glob from the pattern's literal base: its `**` does not descend into symlinked
+    directories (glob.glob's does, so a link to `..` multiplied the corpus)."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    base = Path(*parts[:first]) if first else Path(".")
+    return list(base.glob(str(Path(*parts[first:]))))
+
+
+def unique_files(files: list[Path]) -> tuple[list[Path], int]:
+    """Each real file once (the first path that reaches it), and how many paths were dropped."""
+    seen: set[str] = set()
+    out = []
+    for p in files:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out, len(files) - len(out)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -216,9 +248,18 @@ def iter_jsonl(
                 yield f"{prefix}{lineno}", rec[src.text_field]
 
 
+def looks_binary(raw: bytes) -> bool:
+    """A NUL byte, or more than BINARY_FRACTION of the characters undecodable or control characters."""
+    if b"\0" in raw:
+        return True
+    text = raw.decode("utf-8", errors="replace")
+    return len(_NOT_TEXT.findall(text)) > BINARY_FRACTION * max(1, len(text))
+
+
 def iter_text(path: Path, src: FileSource, name: str, stats: SourceStats) -> Iterator[tuple[str, Any]]:
     raw = path.read_bytes()
-    if b"\0" in raw:
+    if looks_binary(raw):
+        log.warning("%s: skipped, not a text file (binary content)", path)
         stats.skipped["binary_file"] += 1
         return
     text = normalise(_decode(raw, stats.notes))
@@ -230,20 +271,39 @@ def iter_text(path: Path, src: FileSource, name: str, stats: SourceStats) -> Ite
 
 
 def iter_files(src: FileSource, index: int, root: Path, stats: SourceStats) -> Iterator[tuple[str, Any]]:
-    files = resolve_files(src, index, root)
+    files, dropped = unique_files(resolve_files(src, index, root))
+    if dropped:
+        log.warning("%s: %d path(s) reach a file already read (symlinks): counted, read once", src.path, dropped)
+        stats.skipped["duplicate_path"] += dropped
     stats.sha256 = files_digest(files, root)
     stats.origin = {"path": src.path, "files": len(files)}
     single = len(files) == 1
     for path in files:
         rel = _rel(path, root)
         prefix = "" if single else f"{rel}:"
-        if src.kind == "parquet":
-            check_parquet(path, src, index)
-            yield from iter_parquet(path, src, index, prefix)
-        elif src.kind == "jsonl":
-            yield from iter_jsonl(path, src, index, prefix, stats)
-        else:
-            yield from iter_text(path, src, "0" if single and src.split == "file" else rel, stats)
+        with _named_errors(path):
+            if src.kind == "parquet":
+                check_parquet(path, src, index)
+                yield from iter_parquet(path, src, index, prefix)
+            elif src.kind == "jsonl":
+                yield from iter_jsonl(path, src, index, prefix, stats)
+            else:
+                yield from iter_text(path, src, "0" if single and src.split == "file" else rel, stats)
+
+
+@contextlib.contextmanager
+def _named_errors(path: Path) -> Iterator[None]:
+    """Any failure to read `path` (gone, truncated, corrupt) is one CorpusError naming it.
+
+    Why one wrapper: gzip, zlib, pyarrow and the OS each raise their own types, and a traceback
+    from inside them does not say which of thousands of files to fix.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: vanished while the corpus was being read (moved or deleted?)") from None
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
+        raise CorpusError(f"{path}: unreadable ({type(err).__name__}: {err}); fix or remove the file") from None
 
 
 # ---------------------------------------------------------------------------------- other inputs
@@ -356,6 +416,11 @@ def add_source(
                 continue
             if len(text) < cfg.min_chars:
                 stats.skipped["short"] += 1
+                continue
+            if len(text) > MAX_LINE_CHARS and max(map(len, text.split("\n"))) > MAX_LINE_CHARS:
+                log.warning("%s: document %r skipped: a line longer than %d characters", label, local_id,
+                            MAX_LINE_CHARS)
+                stats.skipped["long_line"] += 1
                 continue
             if check_ids:
                 if local_id in seen:

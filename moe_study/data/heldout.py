@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moe_study.data.artefacts import iter_shards
+from moe_study.hashing import verify_listed
 
 
 class HeldoutError(ValueError):
@@ -33,6 +34,7 @@ class HeldoutDoc:
 def heldout_ids(split_path: Path, side: str = "heldout") -> np.ndarray:
     if not split_path.exists():
         raise HeldoutError(f"{split_path}: missing (run the split stage first)")
+    verify_listed(split_path)
     try:
         t = pq.read_table(split_path, columns=["doc", "split"])
     except Exception as err:  # pyarrow raises several types for a bad file

@@ -11,8 +11,11 @@ manifest, and can rebuild any store file from the inputs it records.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from moe_study.cli import setup_logging
 from moe_study.config.schema import Params
@@ -61,6 +64,25 @@ def _plan_fields(plan_path: Path) -> dict[str, int]:
     return out
 
 
+def check_fits(sequences: int, per_epoch: int, epoch_bytes: int, store: Path) -> None:
+    """Refuse a plan whose epoch files cannot fit on the store's disk, before building any of them.
+
+    Why: planning a paper-scale budget is fine (plan, plan_table), but replaying an absurd one
+    (`budget.compute` far above what `budget.unique_tokens` can feed) used to end in a MemoryError
+    deep in the epoch list, or a full disk hours later. Epochs already in the store count as free.
+    """
+    if per_epoch <= 0:
+        return  # epoch_usage says what is wrong
+    epochs = -(-sequences // per_epoch)
+    need = epochs * epoch_bytes - sum(p.stat().st_size for p in store.glob("*") if p.is_file())
+    free = shutil.disk_usage(store).free
+    if need > free:
+        raise ReplayError(
+            f"budget.compute: this run replays {epochs:,} epochs of budget.unique_tokens "
+            f"({epoch_bytes / 1e6:.1f} MB each, {need / 1e9:,.1f} GB to write) but {store} has {free / 1e9:,.1f} GB "
+            "free; lower budget.compute or raise budget.unique_tokens (planning alone: stages.plan_table)")
+
+
 def build_replay(
     run: str,
     plan_path: Path | str,
@@ -83,6 +105,7 @@ def build_replay(
     seq_len = plan["seq_len"]
     per_epoch = sequences_per_epoch(u.stream_tokens, seq_len)
     needed = math.ceil(plan["tokens"] / seq_len)
+    check_fits(needed, per_epoch, u.stream_tokens * np.dtype(spec.dtype).itemsize, Path(u.dir))
     usage = epoch_usage(needed, per_epoch)
     epochs = []
     for e, used in enumerate(usage):

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from moe_study.cli import progress
 from moe_study.data.artefacts import iter_shards, load_manifest
-from moe_study.hashing import sha256_file, sha256_json, splitmix64
+from moe_study.hashing import sha256_file, sha256_json, splitmix64, verify_listed
 from moe_study.io import read_json, recover_interrupted, temp_sibling, write_json
 
 log = logging.getLogger("moe_study.data.shards")
@@ -111,6 +111,7 @@ def train_docs(split_path: Path | str) -> np.ndarray:
     split_path = Path(split_path)
     if not split_path.exists():
         raise ReplayError(f"{split_path}: missing (run the split stage first)")
+    verify_listed(split_path)
     try:
         t = pq.read_table(split_path, columns=["doc", "split"])
     except (pa.ArrowInvalid, KeyError, OSError) as err:

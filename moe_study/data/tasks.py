@@ -37,7 +37,7 @@ import numpy as np
 
 from moe_study.config.schema import EvalConfig, Params
 from moe_study.data.heldout import load_heldout
-from moe_study.hashing import sha256_file
+from moe_study.hashing import sha256_file, verify_listed
 from moe_study.io import WORK, write_bytes, write_json
 from moe_study.provenance import provenance
 
@@ -144,6 +144,7 @@ def jsonl(items: list[dict[str, Any]]) -> bytes:
 def read_items(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise TaskError(f"{path}: missing (run the tasks stage)")
+    verify_listed(path)
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as err:

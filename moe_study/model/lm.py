@@ -35,6 +35,7 @@ from torch import nn
 
 from moe_study.accounting import Architecture
 from moe_study.config.schema import RouterConfig
+from moe_study.hashing import verify_dir
 from moe_study.model.layers import Attention, ModelConfigError, RMSNorm, SwiGLU
 from moe_study.model.moe import MoE, MoEOutput, SharedExperts
 from moe_study.model.router import Router
@@ -273,6 +274,7 @@ def load_model(directory: Path | str, expert_backend: str = "auto",
     cfg_path, weights = directory / CONFIG_FILE, directory / MODEL_FILE
     if not cfg_path.exists() or not weights.exists():
         raise FileNotFoundError(f"{directory}: needs {CONFIG_FILE} and {MODEL_FILE} (run the train stage)")
+    verify_dir(directory)  # manifest.json (written by the train stage): no flipped byte is scored
     config = json.loads(cfg_path.read_text())
     for key in ("arch", "vocab_size"):
         if key not in config:

@@ -14,6 +14,13 @@ step, loader position, RNG states, history). Only after all of it is on disk doe
 `latest.json` at it (an atomic rename) and delete the previous step directories. A kill at any
 moment leaves `latest.json` naming a complete checkpoint (or none), and a half-written step
 directory is ignored and removed by the next save.
+
+Trust: `latest.json` also records the sha256 of every file of the step directory, checked before
+anything is loaded; a damaged (truncated, flipped) checkpoint is skipped with a warning and the run
+starts fresh (the previous steps were deleted when it was written), never a traceback on every retry.
+Both engines load with `weights_only=True` (tensors and plain containers only: the loop's numpy RNG
+state is stored as tensors, see `to_safe`; DeepSpeed's reader is swapped for a weights-only one that
+allows three named DeepSpeed record classes), so a checkpoint file cannot run code.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_study.hashing import sha256_json
+from moe_study.hashing import sha256_file, sha256_json
 from moe_study.io import WORK, read_json, write_json
 from moe_study.train.launch import dist_env
 
@@ -75,6 +82,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely (damaged, or not in the weights-only format)."""
+
+
+def to_safe(obj: Any) -> Any:
+    """`obj` with numpy arrays and scalars as tensors, so `torch.load(weights_only=True)` reads it back.
+
+    Why: the loop's client state holds numpy's RNG state (an ndarray); pickling it would force
+    `weights_only=False`, and then any checkpoint file could run code when loaded.
+    """
+    if isinstance(obj, np.ndarray | np.generic):
+        arr = np.asarray(obj)
+        raw = torch.frombuffer(bytearray(arr.tobytes()), dtype=torch.uint8) if arr.nbytes else torch.empty(0)
+        return {"__ndarray__": raw, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "scalar": isinstance(obj, np.generic)}
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_safe(v) for v in obj)
+    return obj
+
+
+def from_safe(obj: Any) -> Any:
+    """Inverse of to_safe: the same numpy arrays and scalars, bit for bit."""
+    if isinstance(obj, dict) and "__ndarray__" in obj:
+        arr = np.frombuffer(obj["__ndarray__"].to(torch.uint8).numpy().tobytes(), dtype=np.dtype(obj["dtype"]))
+        arr = arr.reshape(obj["shape"]).copy()
+        return arr[()] if obj["scalar"] else arr
+    if isinstance(obj, dict):
+        return {k: from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_safe(v) for v in obj)
+    return obj
+
+
+def file_hashes(target: Path) -> dict[str, str]:
+    """sha256 of every file under a step directory, by relative path (recorded in latest.json)."""
+    return {p.relative_to(target).as_posix(): sha256_file(p) for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+def damage(target: Path, recorded: dict[str, str]) -> str | None:
+    """What differs from the recorded hashes (a file missing, or with other bytes), or None."""
+    for rel, sha in recorded.items():
+        path = target / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != sha:
+            return f"{path} differs from its recorded sha256 (truncated or corrupt)"
+    return None
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -93,7 +151,8 @@ def save(directory: Path, engine: Any, step: int, client: dict[str, Any]) -> Pat
     engine.save(target, client)
     _barrier()
     if dist_env()[0] == 0:
-        write_json(directory / LATEST, {"step": step, "dir": target.name, "engine": engine.name})
+        write_json(directory / LATEST, {"step": step, "dir": target.name, "engine": engine.name,
+                                        "files": file_hashes(target)})
         for old in directory.glob("step_*"):
             if old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -113,11 +172,22 @@ def latest(directory: Path, engine: str) -> Path | None:
                     info.get("engine"), engine)
         return None
     target = directory / info["dir"]
-    return target if target.is_dir() else None
+    if not target.is_dir():
+        return None
+    problem = damage(target, info.get("files") or {})
+    if problem is not None:
+        log.warning("not resuming from %s: %s; starting fresh", target, problem)
+        return None
+    return target
 
 
-def load(target: Path, engine: Any) -> dict[str, Any]:
-    """Restore the engine (model + optimizer) and return the loop's client state."""
-    client = engine.load(target)
+def load(target: Path, engine: Any) -> dict[str, Any] | None:
+    """Restore the engine (model + optimizer) and return the loop's client state; None (a warning, a
+    fresh start) when the checkpoint cannot be read safely."""
+    try:
+        client = engine.load(target)
+    except CheckpointError as err:
+        log.warning("not resuming from %s: %s; starting fresh", target, err)
+        return None
     log.info("resumed from %s (step %d)", target, client["step"])
     return client

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import socket
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,35 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
+DEEPSPEED_HINT = "pip install deepspeed (the version in requirements.txt)"
+
+
+def deepspeed_missing() -> str | None:
+    """Why DeepSpeed cannot be imported (None when it can): an optional dependency on a GPU box."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return f"DeepSpeed is not installed ({DEEPSPEED_HINT})"
+    return None
+
+
+def engine_choice(cfg: TrainConfig, device: torch.device) -> tuple[str, str | None]:
+    """(engine, why it is not the one asked for). `auto` means DeepSpeed on CUDA; without DeepSpeed it
+    falls back to the torch engine (same numbers on one process, see test_engines) and says why, in
+    the log and in train.json (`engine_fallback`), instead of dying with a ModuleNotFoundError."""
     if cfg.engine != "auto":
-        return cfg.engine
-    return "deepspeed" if device.type == "cuda" else "torch"
+        return cfg.engine, None
+    if device.type != "cuda":
+        return "torch", None
+    missing = deepspeed_missing()
+    if missing is not None:
+        log.warning("train.engine=auto: %s; training with the torch engine instead", missing)
+        return "torch", f"train.engine=auto chose torch on CUDA: {missing}"
+    return "deepspeed", None
+
+
+def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
+    return engine_choice(cfg, device)[0]
 
 
 def _free_port() -> int:
@@ -260,13 +286,22 @@ class TorchEngine(_InMemoryState):
         self.optimizer.step()
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
+        from moe_study.train.checkpoint import to_safe
+
         if dist_env()[0] == 0:
-            torch.save({**self.state_dict(), "client": client}, directory / "torch_state.pt")
+            torch.save({**self.state_dict(), "client": to_safe(client)}, directory / "torch_state.pt")
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / "torch_state.pt", map_location=self.device, weights_only=False)
+        """weights_only=True: tensors and plain containers, never code (see checkpoint.to_safe)."""
+        from moe_study.train.checkpoint import CheckpointError, from_safe
+
+        path = directory / "torch_state.pt"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({str(err)[:200]})") from None
         self.load_state_dict(state)
-        return state["client"]
+        return from_safe(state["client"])
 
 
 class DeepSpeedEngine(_InMemoryState):
@@ -287,6 +322,9 @@ class DeepSpeedEngine(_InMemoryState):
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        missing = deepspeed_missing()
+        if missing is not None:
+            raise EngineError(f"train.engine=deepspeed: {missing}; or set train.engine: torch (or auto)")
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -317,11 +355,42 @@ class DeepSpeedEngine(_InMemoryState):
         return ds_grad_norm(self.engine.get_global_grad_norm())
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": client}, save_latest=False)
+        from moe_study.train.checkpoint import to_safe
+
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state={"client": to_safe(client)},
+                                    save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:
+        """Every file is first read weights-only (nothing applied yet, so a refusal is a clean fresh
+        start); then DeepSpeed loads through the same weights-only reader instead of its pickle one."""
+        from moe_study.train.checkpoint import from_safe
+
+        for path in sorted(directory.rglob("*.pt")):
+            ds_weights_only_load(path)
+        self.engine.checkpoint_engine.load = ds_weights_only_load
         _, client = self.engine.load_checkpoint(str(directory), tag="ds")
-        return client["client"]
+        return from_safe(client["client"])
+
+
+def ds_safe_globals() -> list[Any]:
+    """The DeepSpeed classes its ZeRO optimizer state pickles (plain data: a loss-scaler record, an
+    enum, a named tuple); allowed by name, so nothing else in a checkpoint can be called."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def ds_weights_only_load(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True) with ds_safe_globals; a refused or damaged file: CheckpointError."""
+    from moe_study.train.checkpoint import CheckpointError
+
+    try:
+        with torch.serialization.safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({str(err)[:300]})") from None
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:

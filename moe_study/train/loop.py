@@ -47,7 +47,7 @@ import torch
 from moe_study.accounting import exact_train_flops
 from moe_study.cli import n_workers
 from moe_study.config.schema import Params, TrainConfig, batch_split
-from moe_study.hashing import sha256_file
+from moe_study.hashing import sha256_file, write_file_list
 from moe_study.io import WORK, atomic_path, read_json, write_json
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, save_model
 from moe_study.provenance import provenance
@@ -55,6 +55,7 @@ from moe_study.train import checkpoint
 from moe_study.train.audit import audit_run
 from moe_study.train.engine import (
     EngineError,
+    engine_choice,
     init_distributed,
     make_engine,
     resolve_device,
@@ -298,7 +299,10 @@ class Trainer:
         target = checkpoint.latest(self.ckpt_dir, self.engine.name) if self.ckpt_dir is not None else None
         if target is None:
             return False
-        self.load_client_state(checkpoint.load(target, self.engine))
+        client = checkpoint.load(target, self.engine)
+        if client is None:  # unreadable: checkpoint.load warned; start fresh
+            return False
+        self.load_client_state(client)
         self.last_checkpoint = target
         return True
 
@@ -399,6 +403,9 @@ def train(
     metrics["peak_flops"] = peak
     metrics["peak_flops_source"] = peak_source
     metrics["engine"] = engine.name
+    fallback = engine_choice(cfg, device)[1]
+    if fallback is not None:  # only then: train.json of every other run stays byte-identical
+        metrics["engine_fallback"] = fallback
     metrics["dtype"] = cfg.dtype
     metrics["processes"] = trainer.world
     metrics["gradient_accumulation"] = trainer.accumulation
@@ -496,6 +503,7 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     engine = trainer.engine
     with atomic_path(rdir / "model") as tmp:
         save_model(engine.module, tmp, config)
+        write_file_list(tmp)  # sha256 of the weights and config, checked by load_model
     kind = plan["arch"]["kind"]
     write_steps_parquet(rdir / "steps.parquet", trainer.history, kind)
     result = {"run": run, "kind": kind, "nonvocab_params": total, "nonvocab_active": active,
