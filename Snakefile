@@ -149,5 +149,6 @@ for _s in STAGES:
 
 rule all:
     default_target: True
-    # every study-level output committed under results/ (the aggregate's and the plan table)
-    input: [_out(o) for s in STAGES if s.uncached for o in s.all_outs]
+    # every output of every stage, per-run intermediates included: a run whose model or train.json is
+    # gone (a cancelled job, a deleted folder) is rebuilt by a plain `snakemake`, as by `dvc repro`
+    input: [o for s in STAGES for o in (expand(_path(p), run=RUNS) for p in s.all_outs) for o in o]
