@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,13 +112,17 @@ def start(d: Path, timeout: float = 60) -> dict[str, str]:
     """Start munged, slurmctld and slurmd under `d`; wait until the node takes jobs. Returns env()."""
     install()
     d = Path(d).resolve()
-    for sub in ("state", "spool", "log", "munge"):
+    for sub in ("state", "spool", "log"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    d.chmod(0o755)
+    # munged (user munge) must reach its directory, so it lives beside, in /tmp, not under `d` whose
+    # parents may be private (pytest's tmp); `d/munge` points at it
+    m = Path(tempfile.mkdtemp(prefix="munge-"))
+    (d / "munge").unlink(missing_ok=True)
+    (d / "munge").symlink_to(m)
     host = socket.gethostname().split(".")[0]
-    (d / "slurm.conf").write_text(slurm_conf(d, host, os.cpu_count() or 1, _mem_mb()))
+    (d / "slurm.conf").write_text(slurm_conf(d, host, os.cpu_count() or 1, _mem_mb()).replace(
+        f"{d}/munge/", f"{m}/"))
     # munged is strict: its key, socket, log and pid paths owned by munge, not writable by others
-    m = d / "munge"
     shutil.copy("/etc/munge/munge.key", m / "munge.key")
     shutil.chown(m, "munge", "munge")
     shutil.chown(m / "munge.key", "munge", "munge")
@@ -185,6 +190,9 @@ def stop(d: Path) -> None:
         else:
             os.kill(pid, signal.SIGKILL)
         pidfile.unlink(missing_ok=True)
+    if (d / "munge").is_symlink():
+        shutil.rmtree(os.readlink(d / "munge"), ignore_errors=True)
+        (d / "munge").unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
