@@ -124,10 +124,9 @@ def test_cancelled_train_job_is_rebuilt_by_a_plain_rerun_and_resumes(cluster, sl
     assert p.returncode != 0, out[-3000:]
     assert not (slurm_project / "work/runs/dense/train.json").exists()
     assert not (slurm_project / "results/ci/metrics.json").exists()
-    r = sm(slurm_project, cluster)  # plain: no -R, no --rerun-incomplete by hand
+    sm(slurm_project, cluster)  # plain: no -R, no --rerun-incomplete by hand
     train = json.loads((slurm_project / "work/runs/dense/train.json").read_text())
     assert train["resumed_from_step"] is not None and train["resumed_from_step"] >= step, train
-    assert "train.dense" in r.stdout + r.stderr or "rule train" in r.stdout + r.stderr
     print(f"SLURM study (cancel + re-run): {time.monotonic() - t0:.0f} s")
 
 
