@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: study test lint dvc-yaml apt-lists clean-work
+.PHONY: study test lint dvc-yaml apt-lists clean-work slurm-up slurm-down
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,3 +34,10 @@ dvc-yaml: $(STAMP)
 
 clean-work:
 	rm -rf work .snakemake
+
+# a one-node SLURM on this machine (root; installs slurm-wlm + munge if missing): README, "Running on a SLURM cluster"
+slurm-up: $(STAMP)
+	$(PY) slurm/localcluster.py start work/slurm-local
+
+slurm-down:
+	$(PY) slurm/localcluster.py stop work/slurm-local

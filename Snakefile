@@ -2,6 +2,7 @@
 # `snakemake -c2` runs the study in params.yaml; `snakemake --profile slurm` runs it on a cluster
 # with each stage's resources from the registry. dvc.yaml is generated from the same registry.
 import json
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -9,6 +10,9 @@ sys.path.insert(0, workflow.basedir)
 from moe_study.registry import STAGES, AllRuns, Stage, gpu_slots  # noqa: E402
 from moe_study.config.load import load_params  # noqa: E402
 from moe_study.config.schema import ParamsError  # noqa: E402
+from moe_study.slurm import tune_executor  # noqa: E402
+
+tune_executor()  # job names, status queries and polling of the SLURM plugin (moe_study/slurm.py)
 
 PARAMS_FILE = config.get("params", "params.yaml")
 try:
@@ -52,14 +56,70 @@ def _param_slice(s: Stage, run: str | None) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def _cores(s: Stage) -> int:
-    """cpus=0 in the registry means all cores: --cores locally (a cluster profile uses set-threads)."""
-    if s.resources.cpus > 0:
-        return s.resources.cpus
+def _executor() -> str:
+    """The executor plugin this invocation runs under ("local", "slurm", "slurm-jobstep", "dryrun", ...);
+    known when the DAG is built (resource callables), not yet while this file is parsed."""
+    plugin = workflow.executor_plugin
+    return plugin.name if plugin is not None else "local"
+
+
+def _cluster():
+    from moe_study.slurm import cluster_limits
+
+    return cluster_limits(_default_resource("slurm_partition"))
+
+
+def _default_resource(name: str):
     try:
-        return workflow.cores or 1
-    except WorkflowError:  # no --cores given (e.g. --dag, or a cluster run without set-threads)
-        return 1
+        value = workflow.resource_settings.default_resources.parsed.get(name)
+    except AttributeError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _threads(s: Stage):
+    """cpus=0 in the registry means all cores: --cores locally; on a SLURM cluster the cores of the
+    partition's smallest node, which also caps every other request (a job that asks for more CPUs
+    than a node has pends forever). Inside the SLURM job: the CPUs it was given."""
+
+    def threads(wildcards) -> int:
+        ex = _executor()
+        if ex == "slurm":
+            cap = _cluster().cpus
+            return min(s.resources.cpus or cap, cap)
+        if ex == "slurm-jobstep" and os.environ.get("SLURM_CPUS_PER_TASK"):
+            return int(os.environ["SLURM_CPUS_PER_TASK"])
+        if s.resources.cpus > 0:
+            return s.resources.cpus
+        try:
+            return workflow.cores or 1
+        except WorkflowError:  # no --cores given (e.g. --dag)
+            return 1
+
+    return threads
+
+
+def _gpus(s: Stage):
+    """GPUs of a job: none for a CPU study (train.device cpu, or auto where the cluster has no GPU);
+    train runs train.gpus processes, one per GPU (torchrun); evaluate takes the registry's one."""
+
+    def gpus(wildcards) -> int:
+        n = P.train.gpus if s.name == "train" else s.resources.gpus
+        if n == 0 or P.train.device == "cpu":
+            return 0
+        if P.train.device == "auto" and _executor() in ("slurm", "slurm-jobstep") and not _cluster().gpus:
+            return 0
+        return n
+
+    return gpus
+
+
+def _mem_mb(s: Stage):
+    def mem_mb(wildcards) -> int:
+        on_slurm = _executor() in ("slurm", "slurm-jobstep")
+        return min(s.resources.mem_mb, _cluster().mem_mb) if on_slurm else s.resources.mem_mb
+
+    return mem_mb
 
 
 shell.executable("bash")
@@ -74,29 +134,28 @@ for _s in STAGES:
             values=(lambda wc, s=_s: _param_slice(s, wc.get("run"))),
             # bound now: shell/run bodies are evaluated at job time, when _s is the last stage
             cmd=(lambda wc, c=_s.command: c.replace("{run}", wc.get("run", ""))),
-        threads: _cores(_s)
+            # multi-node training: the `mpi` resource is the launcher (README, "Running on a SLURM cluster")
+            launch=(lambda wc, resources: resources.get("mpi", "")),
+        threads: _threads(_s)
         resources:
-            mem_mb=_s.resources.mem_mb,
+            mem_mb=_mem_mb(_s),
             runtime=_s.resources.time_min,
             # the train stage runs train.gpus processes (one per GPU) under torchrun
-            gpu=(0 if P.train.device == "cpu" else P.train.gpus if _s.name == "train" else _s.resources.gpus),
+            gpu=_gpus(_s),
             # GPU sharing: `--config gpu_share=S --resources gpu_slots=G*S` runs up to S shareable one-GPU jobs
             # (train, evaluate) on each of G GPUs at once; counted whatever train.device (so a CPU test with a
             # fake GPU count schedules the same way)
             gpu_slots=gpu_slots(_s.resources, P.train.gpus if _s.name == "train" else _s.resources.gpus,
-                                         int(config.get("gpu_share", 1))),
+                                int(config.get("gpu_share", 1))),
         log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
         message: _s.doc
-        shell: "{params.cmd} 2> >(tee {log} >&2)"
+        shell: "{params.launch} {params.cmd} 2> >(tee {log} >&2)"
 
 
 _READ = {d.pattern if isinstance(d, AllRuns) else d for s in STAGES for d in s.deps}
 
 rule all:
     default_target: True
-    # every study-level output committed under results/ (the aggregate's and the plan table), and the
-    # per-run outputs no stage reads (export@run's), so both engines run the same DAG
-    input:
-        [_out(o) for s in STAGES if s.uncached for o in s.all_outs]
-        + [_path(o).replace("{run}", r) for s in STAGES if s.per_run and not set(s.all_outs) & _READ
-           for o in s.all_outs for r in RUNS]
+    # every output of every stage, per-run intermediates included: a run whose model or train.json is
+    # gone (a cancelled job, a deleted folder) is rebuilt by a plain `snakemake`, as by `dvc repro`
+    input: [o for s in STAGES for o in (expand(_path(p), run=RUNS) for p in s.all_outs) for o in o]

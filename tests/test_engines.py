@@ -121,6 +121,29 @@ def test_dvc_second_run_is_a_noop(dvc_project: Path) -> None:
     assert json.loads(run(["dvc", "status", "--json"], dvc_project).stdout) == {}
 
 
+def test_snakemake_agrees_that_dvc_repro_is_up_to_date(dvc_project: Path) -> None:
+    """After a full `dvc repro`, Snakemake wants nothing either (plan_table included)."""
+    out = run(["snakemake", "-c2", "-n"], dvc_project)
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout
+
+
+def test_deleted_run_outputs_are_rebuilt_by_a_plain_rerun(dvc_project: Path, smk_project: Path) -> None:
+    """A cancelled or deleted run is redone by the plain command of either engine, no -R or --force."""
+    import shutil
+
+    for d in (dvc_project, smk_project):
+        shutil.rmtree(d / "work/runs/dense/model")
+        (d / "work/runs/dense/train.json").unlink()
+    jobs = run(["snakemake", "-c2", "-n", "--printshellcmds"], smk_project).stdout
+    assert "python -m stages.train --run dense" in jobs, jobs
+    out = run(["dvc", "repro"], dvc_project)
+    ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
+    assert "train@dense" in ran and "train@moe_r50" not in ran, ran
+    assert (dvc_project / "work/runs/dense/train.json").exists()
+    run(["snakemake", "-c2"], smk_project)
+    assert (smk_project / "work/runs/dense/train.json").exists()
+
+
 def test_dvc_lr_edit_reruns_only_that_run(dvc_project: Path) -> None:
     set_lr(dvc_project, "moe_r50", 1e-3)
     status = json.loads(run(["dvc", "status", "--json"], dvc_project).stdout)

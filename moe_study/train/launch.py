@@ -37,13 +37,51 @@ def check_visible_gpus(cfg: TrainConfig) -> None:
                          f"lower train.gpus or use train.device: cpu")
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`gpu[003-004,7]` -> gpu003), by `scontrol show hostnames`
+    where it is available, else by hand."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head, _, rest = nodelist.partition("[")
+    if not rest:
+        return nodelist.split(",")[0]
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return head + first
+
+
+def slurm_rank_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The torch.distributed rank layout of an `srun` task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first node of the step and the job
+    id. Empty where a launcher already set RANK, or outside a multi-task SLURM step."""
+    e = os.environ if environ is None else environ
+    if "RANK" in e or "SLURM_PROCID" not in e or int(e.get("SLURM_NTASKS", e.get("SLURM_NPROCS", "1"))) <= 1:
+        return {}
+    nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST", "localhost")
+    return {
+        "RANK": e["SLURM_PROCID"],
+        "WORLD_SIZE": e.get("SLURM_NTASKS", e.get("SLURM_NPROCS", "1")),
+        "LOCAL_RANK": e.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_STEP_TASKS_PER_NODE", "1")).split("(")[0],
+        "MASTER_ADDR": e.get("MASTER_ADDR") or _first_host(nodes),
+        "MASTER_PORT": e.get("MASTER_PORT") or str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
 def relaunch_under_torchrun(argv: list[str]) -> int | None:
-    """`train.gpus: N > 1` outside a launcher: run this same command under torchrun, one process per GPU."""
+    """`train.gpus: N > 1` outside a launcher: run this same command under torchrun, one process per GPU.
+    Under `srun` with several tasks (a multi-node job), each task is one rank: the layout is taken
+    from SLURM's environment (slurm_rank_env) and nothing is relaunched."""
     import argparse
 
     from moe_study.config.load import load_params
     from moe_study.config.schema import ParamsError
 
+    os.environ.update(slurm_rank_env())
     if "WORLD_SIZE" in os.environ:
         return None
     ap = argparse.ArgumentParser(add_help=False)
