@@ -9,6 +9,7 @@ as a horizontal reference), the training curves and the expert-load balance.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,25 @@ def _dci(d: dict[str, Any], m: str) -> str:
     return f"{_f(d.get(f'd_{m}'), '+.4f')} [{_f(d.get(f'd_{m}_lo'), '+.4f')}, {_f(d.get(f'd_{m}_hi'), '+.4f')}]"
 
 
+def answer(group_deltas: Sequence[dict[str, Any]]) -> list[str]:
+    """The study's answer in plain words, one line per MoE group: does it beat the dense baseline in held-out
+    bits/byte beyond the 95% interval of the difference (each arm at its best learning rate)?"""
+    if not group_deltas:
+        return ["Answer: no MoE group has a dense baseline at the same N, C and U here."]
+    lines = ["Answer (held-out bits/byte, each arm at its best learning rate; Δ = MoE − dense, < 0: MoE better):"]
+    for d in group_deltas:
+        verdict = _verdict(d, "val_bpb")
+        plain = {"yes: MoE better": "**MoE beats dense** beyond the interval",
+                 "yes: dense better": "**dense beats MoE** beyond the interval",
+                 "no (interval spans 0)": "**no difference** beyond the interval (it spans 0)"}.get(verdict, verdict)
+        lines.append(f"- {d['grp']} (r_a {d['activation_rate']:.3f}, {d['seeds']} seed(s)): {plain}; Δ bpb "
+                     f"{_dci(d, 'val_bpb')} ({d['ci_method'] or 'no interval'}).")
+    return lines
+
+
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
                      status: dict[str, Any], runs: list[dict[str, Any]],
-                     group_deltas: list[dict[str, Any]] = (), lr_choice: list[dict[str, Any]] = ()) -> str:  # type: ignore[assignment]
+                     group_deltas: Sequence[dict[str, Any]] = (), lr_choice: Sequence[dict[str, Any]] = ()) -> str:
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
     conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     exact_ratio = _exact_vs_dense(runs)
@@ -88,8 +105,8 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
                      f"N_active, tokens or FLOPs by more than {100 * AUDIT_TOLERANCE:g}% "
                      f"(largest {100 * status['audit_max_dev']:.2f}%).")
     grid = any(c["grid"] > 1 for c in lr_choice)
-    lines += ["", *equalised, "", "## Groups (mean over seeds" + (", each at its best learning rate on the validation "
-                                                                  "split)" if grid else ")"), "",
+    at_best = ", each at its best learning rate on the validation split)" if grid else ")"
+    lines += ["", *answer(group_deltas), "", *equalised, "", "## Groups (mean over seeds" + at_best, "",
               "| group | kind | seeds | r_a | N (non-vocab) | N_active | experts/top-k | tokens | epochs "
               "| held-out loss [95% CI] | bits/byte [95% CI] | Δ bpb vs dense | cloze acc [95% CI] "
               "| choice acc [95% CI] |",
