@@ -62,3 +62,24 @@ def test_gpu_slots_let_small_train_jobs_share_a_gpu() -> None:
     assert gpu_slots(by["train"], 1, 1) == 1  # share 1 (the default): one job per GPU, as before
     snakefile = (Path(__file__).resolve().parent.parent / "Snakefile").read_text()
     assert "gpu_slots=gpu_slots(" in snakefile
+
+
+def test_every_per_run_stage_takes_its_run_from_dvc(tmp_path: Path, monkeypatch, capsys) -> None:
+    """dvc.yaml puts no run name on a command line: under DVC each per-run stage reads it from DVC_STAGE.
+    A stage that still required --run would fail every `dvc repro` (as export@run once did)."""
+    import importlib
+    import shutil
+
+    import pytest
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for s in STAGES:
+        if not s.per_run:
+            continue
+        monkeypatch.setenv("DVC_STAGE", f"dvc.yaml:{s.name}@no_such_run")
+        with pytest.raises(SystemExit) as exit_:
+            importlib.import_module(s.module).main([])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (s.name, err)
+        assert "no_such_run" in err and "required" not in err, (s.name, err)

@@ -1,0 +1,1 @@
+"""The params.yaml schema (schema.py) and its loading and validation (load.py)."""

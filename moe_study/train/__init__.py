@@ -1,0 +1,1 @@
+"""Training: the loop, engines, checkpoints, training log, audit, CUDA graphs, process launch."""
