@@ -248,7 +248,8 @@ def test_stage_is_cheap_when_off_and_exports_when_on(tmp_path: Path) -> None:
     assert run_export(p, run, tmp_path) == {"run": run, "enabled": False}
     assert sorted(x.name for x in (rdir / "hf").iterdir()) == [EXPORT_INFO]
     rec = run_export(params(True), run, tmp_path)
-    assert rec["enabled"] and rec["family"] == "mixtral" and rec["max_abs_logit_diff"] <= 1e-4
+    # the default router (the paper's: no top-k renormalisation) is Qwen2-MoE's norm_topk_prob=False
+    assert rec["enabled"] and rec["family"] == "qwen2_moe" and rec["max_abs_logit_diff"] <= 1e-4
     names = {x.name for x in (rdir / "hf").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", EXPORT_INFO} <= names
     assert run_export(p, run, tmp_path, out=tmp_path / "manual")["enabled"]  # --out: always
