@@ -24,7 +24,7 @@ study: $(STAMP) apt-lists
 	  cat results/$$(python -c 'from moe_study.config.load import load_params; print(load_params().study)')/summary.md
 
 test: $(STAMP)
-	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 --dist loadfile -q tests
+	source $(VENV)/bin/activate && ruff check . && python -m pytest -n 2 --dist loadfile -q --durations=12 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
