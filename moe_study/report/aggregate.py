@@ -368,6 +368,17 @@ def query(db: Path, sql: str) -> list[dict[str, Any]]:
         con.close()
 
 
+def exact_vs_dense(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Each run's train_flops_exact over the `dense_baseline` view's dense_train_flops_exact at its study,
+    N, C and U: the one dense baseline the views use (its best-lr dense runs), for every run, dense too."""
+    dense = {tuple(b[k] for k in BASELINE_KEY): b["dense_train_flops_exact"] for b in baselines}
+    out: dict[str, float | None] = {}
+    for r in rows:
+        d = dense.get(tuple(r[k] for k in BASELINE_KEY))
+        out[r["run_id"]] = r["train_flops_exact"] / d if d and r.get("train_flops_exact") else None
+    return out
+
+
 def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None = None,
               current_copy: Path | None = Path("results") / "metrics.duckdb") -> str:
     """Build the database and every export; returns the summary (what `make study` prints)."""
@@ -385,7 +396,8 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     steps = query(db, "SELECT run_id, step, tokens, loss FROM steps ORDER BY run_id, step")
     load = query(db, "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
     groups = group_rows([r for r in rows if (r["grp"], r["lr"]) in best], baselines)
-    summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows, group_deltas, lr_choice)
+    summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows, group_deltas, lr_choice,
+                               exact_vs_dense(rows, baselines))
     write_bytes(results / "summary.md", summary.encode())
     write_bytes(results / "results.csv", csv_text(rows).encode())
     metrics: dict[str, Any] = {r["run_id"]: {k: r[k] for k in METRIC_KEYS} for r in rows}

@@ -39,21 +39,6 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"×{v:.3f}"
 
 
-def _exact_vs_dense(runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Each run's train_flops_exact over the mean of the dense runs' at its study, N, C and U (the key of
-    the `dense_baseline` view)."""
-    key = ("study", "size", "compute_budget", "unique_tokens")
-    dense: dict[tuple, list[float]] = {}
-    for r in runs:
-        if r["kind"] == "dense" and r.get("train_flops_exact") is not None:
-            dense.setdefault(tuple(r[k] for k in key), []).append(r["train_flops_exact"])
-    out: dict[str, float | None] = {}
-    for r in runs:
-        d = dense.get(tuple(r[k] for k in key))
-        out[r["run_id"]] = r["train_flops_exact"] / (sum(d) / len(d)) if d and r.get("train_flops_exact") else None
-    return out
-
-
 def _verdict(d: dict[str, Any], m: str) -> str:
     """Whether the Δ interval excludes 0, in words (Δ < 0: MoE lower loss, i.e. better)."""
     ex = d.get(f"d_{m}_excludes_zero")
@@ -86,10 +71,13 @@ def answer(group_deltas: Sequence[dict[str, Any]]) -> list[str]:
 
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
                      status: dict[str, Any], runs: list[dict[str, Any]],
-                     group_deltas: Sequence[dict[str, Any]] = (), lr_choice: Sequence[dict[str, Any]] = ()) -> str:
+                     group_deltas: Sequence[dict[str, Any]] = (), lr_choice: Sequence[dict[str, Any]] = (),
+                     exact_vs_dense: dict[str, float | None] | None = None) -> str:
+    """The study report. `exact_vs_dense`: each run's train_flops_exact over its `dense_baseline`'s
+    (moe_study.report.aggregate.exact_vs_dense), shown per run."""
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
     conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
-    exact_ratio = _exact_vs_dense(runs)
+    exact_ratio = exact_vs_dense or {}
     equalised = [f"Compute equalised: training FLOPs in the `{conventions}` convention"
               + {"exact": " (every matmul, LM head and attention scores included: the real compute).",
                  "nonvocab": " (the paper's: the LM head is not counted, so the real compute differs between "
@@ -157,7 +145,7 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             "" if r["audit_ok"] else " FAIL")
         lines.append(
             f"| {r['run_id']} | {r['grp']} | {r['seed']} | {r['lr']:.3g} | {r['train_flops']:.3e} "
-            f"| {_f(r.get('train_flops_exact'), '.3e')} ({_ratio(exact_ratio[r['run_id']])}) "
+            f"| {_f(r.get('train_flops_exact'), '.3e')} ({_ratio(exact_ratio.get(r['run_id']))}) "
             f"| {r['tokens_seen']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {_f(r['cloze_acc'], '.3f')} "
             f"| {_f(r['choice_acc'], '.3f')} | {audit} | `{r['params_sha256'][:12]}` |")
     lines += ["", "![held-out loss vs activation rate](loss_vs_activation.png)", "",
