@@ -319,22 +319,30 @@ class TrainConfig(Strict):
     """
 
     engine: Literal["auto", "torch", "deepspeed"] = Field(
-        default="auto", description="auto: deepspeed on CUDA, the plain-torch twin on CPU (named in train.json)")
+        default="auto", description="auto: the torch engine on one CUDA process (the fastest measured: "
+        "moe_study/train/speed.py), deepspeed on several, the plain-torch twin on CPU (named in train.json)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
-    expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass", "fused"] = "auto"
+    expert_backend: Literal["auto", "reference", "torch_grouped", "cutlass", "fused"] = Field(
+        default="auto", description="MoE expert GEMMs (kernels/experts.py); auto: torch_grouped on CUDA (the "
+        "fastest measured once the step is graphed, moe_study/train/speed.py), reference on CPU")
     batch_size: int = Field(default=16, gt=0, description="global batch: sequences per optimizer step")
     micro_batch_size: int | None = Field(
         default=None, gt=0, description="sequences per forward/backward per GPU (None: batch_size / gpus, "
         "no accumulation); gradient accumulation = batch_size / (gpus * micro_batch_size)")
     gpus: int = Field(default=1, ge=1, description="data-parallel processes (GPUs); >1 re-launches under torchrun")
     zero_stage: Literal[1, 2] = Field(default=1, description="DeepSpeed ZeRO stage (optimizer / +gradient sharding)")
-    compile: bool = Field(default=False, description="torch.compile each block and the loss head (final norm, LM "
-                          "head, cross-entropy) in place: state_dict keys unchanged")
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile each block and the loss head (final norm, LM head, cross-entropy) "
+        "in place: state_dict keys unchanged; auto: on for one CUDA process on the torch engine (measured faster, "
+        "moe_study/train/speed.py), off otherwise and on CPU")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
-        default=None, description="torch.compile mode when compile is on (None: torch's default)")
-    cuda_graph: bool = Field(default=False, description="torch engine on CUDA: each training step as two CUDA graphs "
-                             "(forward+backward+norm, clip+AdamW; moe_study/train/cudagraph.py); ignored on CPU")
+        default=None, description="torch.compile mode when compile is on (None: torch's default; with compile: "
+        "auto, the mode used where auto turns it on)")
+    cuda_graph: bool | Literal["auto"] = Field(
+        default="auto", description="torch engine on CUDA: each training step as two CUDA graphs (forward+backward+"
+        "norm, clip+AdamW; moe_study/train/cudagraph.py); ignored on CPU; auto: on where it can run (one CUDA "
+        "process, torch engine, no gradient accumulation: moe_study/train/speed.py), else off with the reason")
     lr: float = Field(default=3e-3, gt=0)
     lr_grid: list[Annotated[float, Field(gt=0)]] | None = Field(
         default=None, min_length=1, description="study-level learning-rate grid: every run that sets neither lr "
@@ -367,8 +375,8 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
         batch_split(self.batch_size, self.gpus, self.micro_batch_size)
-        if self.compile_mode is not None and not self.compile:
-            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile: true")
+        if self.compile_mode is not None and self.compile is False:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile: true (or auto)")
         return self
 
 

@@ -7,8 +7,10 @@ loop in stages/train.py is the same on a laptop CPU, one GPU and several GPUs:
   On a CPU it runs with DS_ACCELERATOR=cpu, fp32 and torch's AdamW. Checkpoints are DeepSpeed's own
   (every rank writes its optimizer partition).
 - "torch": a plain loop (AdamW, clip_grad_norm_, autocast for bf16; several processes average the
-  gradients with one all-reduce each). The default on CPU, where it is what CI runs.
-"auto" picks deepspeed on CUDA and torch on CPU; train.json names the engine that ran.
+  gradients with one all-reduce each). The default on CPU, where it is what CI runs, and on one GPU,
+  where it is the faster (and the only one the step's CUDA graphs run on).
+"auto" picks torch on one CUDA process, deepspeed on several, torch on CPU (moe_study/train/speed.py,
+from measurements, with the other "auto" speed choices); train.json names the engine that ran.
 
 The LR schedule is applied by the loop on both engines (linear warmup, then cosine to
 min_lr_ratio*lr, or warmup-stable-decay), so both follow the same curve and a resume restores it
@@ -30,6 +32,7 @@ import torch
 
 from moe_study.config.schema import TrainConfig, batch_split
 from moe_study.model.lm import LM
+from moe_study.train import speed
 from moe_study.train.launch import dist_env
 
 ADAM_BETAS = (0.9, 0.95)
@@ -108,8 +111,21 @@ def deepspeed_missing() -> str | None:
     return None
 
 
+def speed_config(cfg: TrainConfig, device: torch.device, batch_size: int | None = None
+                 ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """speed.resolve for this process (the launched world size and the accumulation of the global batch
+    `batch_size`, cfg's when None): cfg with its "auto" speed choices made, and train.json's record."""
+    world = dist_env()[1]
+    try:
+        accumulation = batch_split(batch_size or cfg.batch_size, world, cfg.micro_batch_size)[1]
+    except ValueError as err:
+        raise EngineError(f"{err} ({world} processes launched)") from None
+    return speed.resolve(cfg, device.type, world, accumulation)
+
+
 def engine_choice(cfg: TrainConfig, device: torch.device) -> tuple[str, str | None]:
-    """(engine, why it is not the one asked for). `auto` means DeepSpeed on CUDA; without DeepSpeed it
+    """(engine, why it is not the one asked for), of a speed_config'd cfg: `auto` is then left only on
+    CPU (torch) and on several CUDA processes (DeepSpeed); without DeepSpeed it
     falls back to the torch engine (same numbers on one process, see test_engines) and says why, in
     the log and in train.json (`engine_fallback`), instead of dying with a ModuleNotFoundError."""
     if cfg.engine != "auto":
@@ -394,10 +410,12 @@ def ds_weights_only_load(path: str | Path, map_location: Any = None) -> Any:
 
 
 def make_engine(model: LM, cfg: TrainConfig, lr: float, device: torch.device, batch_size: int | None = None) -> Any:
-    """The engine of `cfg.engine` ("auto": deepspeed on CUDA, torch on CPU); batch_size: the global batch when
-    it is not cfg's (tests, benchmarks), split like the loop splits it (schema.batch_split)."""
+    """The engine of `cfg.engine` with its "auto" speed choices made (speed_config; a no-op on a cfg that
+    the loop already resolved); batch_size: the global batch when it is not cfg's (tests, benchmarks),
+    split like the loop splits it (schema.batch_split)."""
     if batch_size is not None and batch_size != cfg.batch_size:
         cfg = cfg.model_copy(update={"batch_size": batch_size})
+    cfg = speed_config(cfg, device)[0]
     if cfg.compile:
         compile_blocks(model, cfg.compile_mode)
     if resolve_engine(cfg, device) == "torch":

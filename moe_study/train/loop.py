@@ -13,8 +13,11 @@ warmup-stable-decay) to min_lr_ratio * lr, global grad-norm clipping, cross-entr
 aux_loss_coef * load-balancing loss (and z_loss_coef * router z-loss) for MoE. The step count, and
 so the token count, is the plan's: the run consumes exactly its compute budget C = 6 N_active T.
 
-Engines (moe_study/train/engine.py): DeepSpeed (ZeRO-1/2, config generated from `train:`) on GPUs, a
-plain-torch twin on CPU; `train.engine: auto` picks, train.json names it. Several GPUs:
+Engines (moe_study/train/engine.py): DeepSpeed (ZeRO-1/2, config generated from `train:`) and a plain-torch
+twin; `train.engine: auto` picks (torch on CPU and on one GPU, DeepSpeed on several), train.json names it.
+The other "auto" speed choices (expert backend, torch.compile, the step as CUDA graphs) come from the
+table of measurements in moe_study/train/speed.py; train.json's `speed_defaults` (GPU runs) says what
+they resolved to and why an "auto" stayed off. Several GPUs:
 `train.gpus: N` re-launches this command under torchrun (one process per GPU, the same code);
 each process trains on its share of every global batch.
 
@@ -60,6 +63,7 @@ from moe_study.train.engine import (
     make_engine,
     resolve_device,
     schedule_lr,
+    speed_config,
 )
 from moe_study.train.launch import dist_env
 from moe_study.train.trainlog import (
@@ -381,12 +385,14 @@ def train(
     flops_per_token: float | None = None,
     ckpt_dir: Path | None = None,
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Train `model` for `steps` steps on `loader` (resuming from ckpt_dir if it holds a checkpoint)."""
+    """Train `model` for `steps` steps on `loader` (resuming from ckpt_dir if it holds a checkpoint); cfg's
+    "auto" speed choices are made here (moe_study/train/speed.py; the model was built with its expert backend)."""
     torch.set_num_threads(n_workers(cfg.threads))
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
     init_distributed(device)
     try:
+        cfg, speed_record = speed_config(cfg, device, batch_size)
         engine = make_engine(model, cfg, lr, device, batch_size)
     except EngineError as err:
         raise TrainError(str(err)) from None
@@ -411,6 +417,8 @@ def train(
     metrics["gradient_accumulation"] = trainer.accumulation
     metrics["micro_batch_size"] = trainer.micro
     metrics["compile"] = cfg.compile
+    if speed_record is not None:  # GPU runs only: CPU runs' train.json stays byte-identical
+        metrics["speed_defaults"] = speed_record
     if cfg.cuda_graph:  # only then: CPU runs' train.json stays byte-identical
         graphs = getattr(engine, "graphs", None)
         metrics["cuda_graph"] = graphs is not None and graphs.captured
@@ -439,11 +447,11 @@ def run_dir(run: str, work: Path = WORK) -> Path:
     return work / "runs" / run
 
 
-def _build(p: Params, plan: dict[str, Any], vocab_size: int) -> LM:
+def _build(p: Params, plan: dict[str, Any], vocab_size: int, expert_backend: str) -> LM:
     """The planned model; passes params.yaml `router:` when the schema has one (issue 5)."""
     router = getattr(p, "router", None)
     extra = {"router": router} if router is not None else {}
-    return build_model(plan["arch"], vocab_size, p.train.expert_backend, **extra)
+    return build_model(plan["arch"], vocab_size, expert_backend, **extra)
 
 
 def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None = None) -> dict[str, Any]:
@@ -466,20 +474,26 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
     if replay.get("seq_len", plan["arch"]["seq_len"]) != plan["arch"]["seq_len"]:
         raise TrainError(f"{replay_path}: seq_len={replay['seq_len']} differs from the plan's "
                          f"{plan['arch']['seq_len']} (re-run replay)")
+    # the "auto" speed choices as this process makes them (speed.py): the model's expert backend, and what
+    # provenance and the checkpoint key hash, so a GPU run never resumes from a CPU run's checkpoint
+    try:
+        ran = speed_config(cfg, resolve_device(cfg.device), plan["batch_size"])[0]
+    except EngineError as err:
+        raise TrainError(str(err)) from None
     torch.manual_seed(seed)  # the init depends on the seed only
-    model = _build(p, plan, tm["vocab_size"])
+    model = _build(p, plan, tm["vocab_size"], ran.expert_backend)
     total, active = count_nonvocab_params(model)
     if (total, active) != (plan["nonvocab_params"], plan["nonvocab_active"]):
         raise TrainError(f"model has N={total}, N_active={active} but {plan_path} says "
                          f"N={plan['nonvocab_params']}, N_active={plan['nonvocab_active']}")
     inputs = {"plan": sha256_file(plan_path), "replay": sha256_file(replay_path), "tokens": tm["sha256"]}
-    section = {"train": cfg.model_dump(), f"runs.{run}": p.run(run).model_dump(), "lr": lr, "seed": seed}
+    section = {"train": ran.model_dump(), f"runs.{run}": p.run(run).model_dump(), "lr": lr, "seed": seed}
     router = getattr(p, "router", None)
     if router is not None:  # part of provenance and of the checkpoint key: another router never resumes
         section["router"] = router.model_dump()
     prov = provenance("train", inputs, section)
     run_section = {k: v for k, v in section.items() if k != "train"}  # train goes in filtered (NOT_IN_KEY)
-    key = checkpoint.checkpoint_key(inputs, cfg.model_dump(), run_section, prov["code_sha256"])
+    key = checkpoint.checkpoint_key(inputs, ran.model_dump(), run_section, prov["code_sha256"])
     ckpt_dir = checkpoint.checkpoint_dir(run, key, work)
     checkpoint.prune_stale_keys(ckpt_dir)
     rank = dist_env()[0]
