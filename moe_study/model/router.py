@@ -30,6 +30,17 @@ class RouterOutput:
     counts: torch.Tensor | None = None  # (E,) int64 routed slots per expert (the dispatch reuses them)
 
 
+def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest scores of each row. Top-1 on CUDA is the row max: the same
+    element, ties to the lowest expert id (as the fused router's kernels), and under torch.compile a
+    reduction Inductor fuses with the softmax instead of a separate float top-k kernel (gatherTopK, ~1 ms
+    of a 21 ms graphed r_a 0.1 step on an H200: results/perf/study_step_h200.md). Not on CPU: there
+    topk breaks ties at other ids than max does, and CPU runs must stay byte-identical."""
+    if k == 1 and scores.is_cuda:
+        return scores.max(dim=-1, keepdim=True)
+    return scores.topk(k, dim=-1)
+
+
 class Router(nn.Module):
     """Bias-free linear gate, top-k over softmax or sigmoid scores, the gate weights (the raw top-k
     scores, or renormalised to sum to 1 with RouterConfig.normalize_topk), and the balancing losses;
@@ -93,9 +104,9 @@ class Router(nn.Module):
         scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
         importance = balancing.importance(scores, self.score)  # P_i: carries the gradient
         if not self.bias_balancing:
-            top_w, top_i = scores.topk(self.top_k, dim=-1)
+            top_w, top_i = _topk(scores, self.top_k)
         else:  # the bias steers the selection only; the weights are the unbiased scores
-            top_i = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+            top_i = _topk(scores.detach() + self.expert_bias, self.top_k)[1]
             top_w = scores.gather(-1, top_i)
         if self.normalize_topk:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
