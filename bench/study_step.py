@@ -9,7 +9,9 @@ rate is the median step time of the timed steps (each step ends with the loop's 
 
 A variant is `backend:compile:graph`: backend = train.expert_backend (torch_grouped | fused | cutlass |
 auto), compile = none | default | reduce-overhead | max-autotune-no-cudagraphs (train.compile /
-compile_mode), graph = 0 | 1 (train.cuda_graph: the whole step as two CUDA graphs). Dense rows ignore
+compile_mode), graph = 0 | 1 (train.cuda_graph: the whole step as two CUDA graphs). Each may be `auto`
+(the params default, resolved by moe_study/train/speed.py); `auto:auto:auto` also leaves train.engine at
+auto, i.e. the study's defaults (the row's `speed_defaults` says what they resolved to). Dense rows ignore
 the backend.
 
 `--profile RUN@VARIANT[;...]` records 3 steps with torch.profiler after warm-up and summarises where a
@@ -51,6 +53,7 @@ from kernels import profiling  # noqa: E402
 from moe_study.accounting import plan_run, train_flops  # noqa: E402
 from moe_study.config.schema import parse_params  # noqa: E402
 from moe_study.model.lm import build_model  # noqa: E402
+from moe_study.train.engine import resolve_device, speed_config  # noqa: E402
 from moe_study.train.loop import train  # noqa: E402
 from moe_study.train.trainlog import mfu  # noqa: E402
 
@@ -73,10 +76,16 @@ PROFILED_STEPS = 3
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def params(batch: int, backend: str, compile_: str, graph: bool) -> Any:
+def params(batch: int, backend: str, compile_: str, graph: str) -> Any:
     raw = json.loads(json.dumps(STUDY_PARAMS))
-    raw["train"] |= {"batch_size": batch, "expert_backend": backend, "compile": compile_ != "none",
-                     "compile_mode": None if compile_ in ("none", "default") else compile_, "cuda_graph": graph}
+    raw["train"] |= {"batch_size": batch, "expert_backend": backend}
+    if compile_ != "auto":
+        raw["train"] |= {"compile": compile_ != "none",
+                         "compile_mode": None if compile_ in ("none", "default") else compile_}
+    if graph != "auto":
+        raw["train"]["cuda_graph"] = graph == "1"
+    if (backend, compile_, graph) == ("auto", "auto", "auto"):
+        del raw["train"]["engine"]
     return parse_params(raw)
 
 
@@ -127,10 +136,11 @@ def summarize_profile(prof: Any, steps: int, step_s: float) -> dict[str, Any]:
 def measure(run: str, variant: str, steps: int, warmup: int, batch: int, vocab: int, profile: bool = False,
             barrier: Path | None = None, barrier_n: int = 0) -> dict[str, Any]:
     backend, compile_, graph = variant.split(":")
-    p = params(batch, backend, compile_, graph == "1")
+    p = params(batch, backend, compile_, graph)
     plan = plan_run(p, run)
     torch.manual_seed(0)
-    model = build_model(plan.arch.to_dict(), vocab, p.train.expert_backend)
+    ran = speed_config(p.train, resolve_device(p.train.device), plan.batch_size)[0]  # as the train stage builds it
+    model = build_model(plan.arch.to_dict(), vocab, ran.expert_backend)
     prof = None
     if profile:
         from torch.profiler import ProfilerActivity, schedule
@@ -157,6 +167,7 @@ def measure(run: str, variant: str, steps: int, warmup: int, batch: int, vocab: 
         "ffn_hidden": a.ffn_hidden, "nonvocab_params": a.nonvocab_total, "nonvocab_active": a.nonvocab_active,
         "activation_rate": round(a.activation_rate, 4), "expert_backend": backend, "compile": compile_,
         "cuda_graph": metrics.get("cuda_graph", False), "cuda_graph_fallback": metrics.get("cuda_graph_fallback"),
+        "engine": metrics["engine"], "speed_defaults": metrics.get("speed_defaults"),
         "batch": plan.batch_size, "seq_len": a.seq_len, "vocab": vocab, "steps_timed": len(times),
         "ms_per_step": round(step_s * 1e3, 2), "ms_min": round(min(times) * 1e3, 2),
         "ms_max": round(max(times) * 1e3, 2), "tokens_per_s": round(tok_s),
