@@ -41,8 +41,9 @@ PARAMS: dict[str, Any] = {
         "moe_s0": {"kind": "moe", "activation_rate": 0.5, "top_k": 2, "seed": 0},
         "moe_s1": {"kind": "moe", "activation_rate": 0.5, "top_k": 2, "seed": 1},
     },
+    # DeepSpeed on 1 GPU too (explicit since auto became the torch engine there: moe_study/train/speed.py)
     "train": {"batch_size": 32, "lr": 2e-3, "warmup_steps": 40, "log_every": 100, "dtype": "bf16",
-              "checkpoint_every": 200},
+              "checkpoint_every": 200, "engine": "deepspeed"},
 }
 UPSTREAM = ["corpus", "tokenize", "dedupe", "split"]
 PER_RUN = ["plan", "replay"]

@@ -100,7 +100,8 @@ def measure(spec: str, engine: str, compile_: bool, vocab: int, steps: int, warm
     raw["model"] |= FAMILIES[family or "d512"]
     engine, _, zero = engine.partition("@")  # "deepspeed@2": ZeRO stage 2
     raw["train"] |= {"batch_size": batch, "engine": engine, "compile": compile_, "zero_stage": int(zero or 1),
-                     "compile_mode": compile_mode if compile_ else None, "expert_backend": expert_backend}
+                     "compile_mode": compile_mode if compile_ else None, "expert_backend": expert_backend,
+                     "cuda_graph": False}  # what its rows measured (auto would graph the torch engine's steps)
     p = parse_params(raw)
     plan = plan_run(p, run)
     torch.manual_seed(0)
