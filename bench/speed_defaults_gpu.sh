@@ -15,6 +15,7 @@ if [ -n "$BEFORE" ]; then
 fi
 python bench/speed_defaults_smoke.py bench/speed_defaults_smoke.json dense r10 > "$OUT/smoke.jsonl" 2> "$OUT/smoke.log"
 cp work/runs/r10/train.json "$OUT/r10_train.json" 2>/dev/null
-python -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_train_step.py -k "speed or cuda_graph" \
+python -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_train_step.py tests/test_router.py \
+    -k "speed or cuda_graph or top1" \
     > "$OUT/tests.log" 2>&1
 tail -3 "$OUT"/*.log

@@ -446,3 +446,21 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_lm_loss_reaches_every_router_fused() -> None:
     _check_lm_router_grads(_grads_here("cuda"), "fused")
+
+
+def test_top1_keeps_topk_on_cpu_and_is_the_row_max_on_cuda() -> None:
+    """CPU: topk itself (its ties differ from max's, and CPU runs stay byte-identical). CUDA: the row max, the
+    same values as topk and, without ties, the same ids (with ties the lowest, like the fused router)."""
+    from moe_study.model.router import _topk
+
+    s = torch.tensor([[0.2, 0.5, 0.5, 0.1], [0.9, 0.0, 0.05, 0.05]])
+    for k in (1, 2):
+        v, i = _topk(s, k)
+        assert torch.equal(v, s.topk(k, dim=-1).values) and torch.equal(i, s.topk(k, dim=-1).indices)
+    if CUDA:
+        x = torch.randn(4096, 31, device="cuda").softmax(-1)
+        v, i = _topk(x, 1)
+        assert torch.equal(v, x.topk(1, dim=-1).values) and torch.equal(i, x.topk(1, dim=-1).indices)
+        assert _topk(s.cuda(), 1)[1][0].item() == 1
+        grad = torch.autograd.grad(_topk(x.requires_grad_(), 1)[0].sum(), x)[0]
+        assert torch.equal(grad, torch.zeros_like(x).scatter_(1, i, 1.0))
