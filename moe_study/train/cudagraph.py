@@ -1,4 +1,5 @@
-"""A whole training step as CUDA graphs (train.cuda_graph, torch engine, one GPU, no gradient accumulation).
+"""A whole training step as CUDA graphs (train.cuda_graph, torch engine, one GPU, no gradient accumulation;
+the default there: train.cuda_graph auto, moe_study/train/speed.py).
 
 Why: at the study's shapes (d_model 256, ~20M params, 64k tokens per step) an MoE step launches
 thousands of small kernels and the GPU waits on the host between them (bench/study_step.py's profile);
