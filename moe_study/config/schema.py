@@ -64,7 +64,26 @@ class SyntheticSource(Strict):
     seed: int = 0
 
 
-Source = Annotated[DebianSource | FileSource | SyntheticSource, Field(discriminator="kind")]
+class PythonPackageSource(Strict):
+    """The text files of an installed Python distribution (its source, stubs and docs), pinned by version.
+
+    Read through importlib.metadata from the Python that runs the corpus stage: the files its RECORD
+    lists that match `include` and none of `exclude` (fnmatch on the path inside site-packages, `*`
+    crossing `/`), in path order, each verified against RECORD's sha256. Rebuild it anywhere with
+    `pip install <package>==<version>` (the same wheel gives the same files: moe_study/data/pypackage.py).
+    """
+
+    kind: Literal["python_package"]
+    package: str = Field(pattern=r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z", description="distribution name (pip's)")
+    version: str = Field(min_length=1, description="the installed version must equal this (else an error)")
+    include: list[str] = Field(default=["*.py", "*.pyi", "*.md", "*.rst", "*.txt"], min_length=1,
+                               description="fnmatch globs over RECORD paths; a file is read if one matches")
+    exclude: list[str] = Field(default=["*.dist-info/*"], description="fnmatch globs; a matching file is "
+                               "skipped (counted as `excluded`), e.g. */tests/* or vendored data")
+    max_docs: int | None = Field(default=None, gt=0)
+
+
+Source = Annotated[DebianSource | FileSource | SyntheticSource | PythonPackageSource, Field(discriminator="kind")]
 
 
 class CorpusConfig(Strict):
