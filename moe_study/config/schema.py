@@ -78,8 +78,12 @@ class PythonPackageSource(Strict):
     version: str = Field(min_length=1, description="the installed version must equal this (else an error)")
     include: list[str] = Field(default=["*.py", "*.pyi", "*.md", "*.rst", "*.txt"], min_length=1,
                                description="fnmatch globs over RECORD paths; a file is read if one matches")
-    exclude: list[str] = Field(default=["*.dist-info/*"], description="fnmatch globs; a matching file is "
-                               "skipped (counted as `excluded`), e.g. */tests/* or vendored data")
+    exclude: list[str] = Field(
+        default=["*.dist-info/*", "*/tests/*", "*/test/*", "*/_vendor/*", "*/vendor/*", "*/_vendored/*",
+                 "*/third_party/*"],
+        description="fnmatch globs; a matching file is skipped (counted as `excluded`). The default leaves out "
+        "the metadata, test suites (generated expected outputs, numeric fixtures, parametrised near-copies) and "
+        "vendored copies of other packages (the same file in several packages); [] reads everything")
     max_docs: int | None = Field(default=None, gt=0)
 
 
