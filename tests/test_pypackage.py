@@ -144,3 +144,19 @@ def test_schema() -> None:
     assert p.corpus.sources[0].include == ["*.py", "*.pyi", "*.md", "*.rst", "*.txt"]
     with pytest.raises(ParamsError, match=r"corpus\.sources\.0\.python_package\.version"):
         parse_params({**base, "corpus": {"sources": [{"kind": "python_package", "package": PKG}]}})
+
+
+def test_gpu_listing_script_uses_the_schema_defaults() -> None:
+    """bench/gpu_corpus_listing.py (stdlib only, run on the GPU machine) copies the source's default globs."""
+    import importlib.util
+
+    from moe_study.config.schema import PythonPackageSource
+    from moe_study.io import ROOT
+
+    spec = importlib.util.spec_from_file_location("listing", ROOT / "bench" / "gpu_corpus_listing.py")
+    listing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(listing)
+    d = PythonPackageSource(kind="python_package", package=PKG, version=VERSION)
+    assert (d.include, d.exclude) == (listing.INCLUDE, listing.EXCLUDE)
+    row = listing.listing(PKG)
+    assert row["installed"] and row["version"] == VERSION and row["files"] > 0 and row["unhashed"] == 0
