@@ -73,3 +73,42 @@ def test_plan_table_shows_sizes_only_when_used() -> None:
                         "runs": {"dense": {"kind": "dense"}}})
     assert columns_for(one) == COLUMNS
     assert "| run | kind | design |" in markdown(one, rows(plans_from_params(one)))
+
+
+def test_gpu_study_is_valid_and_its_committed_table_is_current() -> None:
+    """studies/gpu_study.yaml (issue 19): its plan is committed, and it keeps the issue's requirements."""
+    import io
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from moe_study.config.load import load_params
+    from moe_study.io import ROOT
+    from moe_study.report.plan_table import parquet_bytes
+
+    p = load_params(ROOT / "studies" / "gpu_study.yaml")
+    plans = plans_from_params(p)
+    t = rows(plans, columns_for(p))
+    assert (ROOT / "results/gpu_study/plan.md").read_text() == markdown(p, t), \
+        "run `python -m stages.plan_table studies/gpu_study.yaml`"
+    assert pq.read_table(ROOT / "results/gpu_study/plan.parquet").to_pylist() == \
+        pq.read_table(io.BytesIO(parquet_bytes(t, columns_for(p)))).to_pylist()
+    assert p.budget.unique_tokens >= 50_000_000 and p.budget.compute_convention == "exact"
+    sizes = {x["size"]: x["target_params"] for x in plans}
+    assert sizes["l"] >= 3 * sizes["s"]
+    for x in plans:
+        run = p.run(x["run"])
+        assert abs(x["params_rel_dev"]) <= 0.01 and (x["rate_rel_dev"] is None or abs(x["rate_rel_dev"]) <= 0.02)
+        if x["arch"]["kind"] == "dense":  # reads U once at C (twice at 2C), whole steps
+            assert 1.0 <= x["epochs"] / run.compute_scale <= 1.001
+        if x["arch"]["kind"] == "dense" and x["size"] == "s":
+            assert x["tokens"] / x["nonvocab_params"] >= 10 * run.compute_scale
+    for size in ("s", "l"):
+        moe = [x for x in plans if x["size"] == size and x["arch"]["kind"] == "moe"]
+        rates = sorted({round(x["activation_rate"], 3) for x in moe})
+        assert len(rates) >= 7 and rates[0] < 0.09 and rates[-1] > 0.57
+        assert len({x["arch"]["ffn_hidden"] for x in moe}) == 1  # one routed expert width per size
+    seeds = Counter((p.run(r).group, p.run(r).seed) for r in p.runs)
+    per_group = Counter(g for g, _ in seeds)
+    assert all(n >= 2 for n in per_group.values())
+    assert all(per_group[g] >= 3 for g in ("s_dense", "l_dense", "s_r20", "l_r21"))
