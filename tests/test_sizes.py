@@ -112,3 +112,14 @@ def test_gpu_study_is_valid_and_its_committed_table_is_current() -> None:
     per_group = Counter(g for g, _ in seeds)
     assert all(n >= 2 for n in per_group.values())
     assert all(per_group[g] >= 3 for g in ("s_dense", "l_dense", "s_r20", "l_r21"))
+
+
+def test_gpu_study_expands_to_a_loadable_params_file(tmp_path) -> None:
+    """--expand of a grid over runs with a list field (vary) used to dump YAML anchors, which load refuses."""
+    from moe_study.config.load import expanded_text, load_params
+    from moe_study.io import ROOT
+
+    out = tmp_path / "params.yaml"
+    out.write_text(expanded_text(ROOT / "studies" / "gpu_study.yaml"))
+    p = load_params(out)
+    assert len(p.runs) == 58 and p.run("s_r09_s0_lr1e-2").vary == ["experts", "top_k"]

@@ -8,6 +8,7 @@ default.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -540,7 +541,9 @@ def expand_lr_grids(data: object) -> object:
             derived = f"{name}_lr{lr_tag(lr)}"
             if derived in data["runs"] or derived in runs:
                 raise ValueError(f"runs.{name}.lr_grid: the derived run name {derived!r} is taken")
-            runs[derived] = {**{k: v for k, v in r.items() if k != "lr_grid"}, "lr": float(lr),
+            # a deep copy: runs sharing one list (e.g. `vary`) would be dumped by --expand as a YAML anchor,
+            # which the params loader refuses
+            runs[derived] = {**copy.deepcopy({k: v for k, v in r.items() if k != "lr_grid"}), "lr": float(lr),
                              "group": r.get("group") or name}
     return {**data, "runs": runs}
 
