@@ -635,6 +635,9 @@ class RunPlan:
     target_params: float = 0.0
     target_rate: float | None = None
     warnings: tuple[str, ...] = field(default=())
+    size: str | None = None  # the budget.sizes name the run is planned at (None: the study's one size)
+    compute_scale: float = 1.0  # compute = compute_scale x the budget's C
+
 
     @property
     def tokens_per_step(self) -> int:
@@ -700,33 +703,44 @@ class RunPlan:
             "params_rel_dev": a.total_params(v, self.count_embeddings) / self.target_params - 1,
             "rate_rel_dev": (a.activation_rate / self.target_rate - 1) if self.target_rate else None,
             "warnings": list(self.warnings),
+            # only when used, so that the plan.json of a one-size study at C is what it was before these options
+            **({"size": self.size} if self.size is not None else {}),
+            **({"compute_scale": self.compute_scale} if self.compute_scale != 1 else {}),
         }
 
 
 def plan_run(p: Params, name: str) -> RunPlan:
-    """Equal resources: the same N, C and U for every run; T_i = C / F_i, whole optimizer steps."""
+    """Equal resources: the same N, C and U for every run; T_i = C / F_i, whole optimizer steps.
+
+    A run with `size` is planned at that size's N, C and model dims (budget.sizes); a run's C is the
+    budget's times its `compute_scale` (a dense run at 2C: the data-reuse reference)."""
     pl = p.budget
     vocab = p.tokenizer.vocab_size
     run = p.run(name)
-    arch = solve_architecture(p.model, run, p.budget.params, name, pl, vocab)
+    model, target_params, compute = p.run_size(name)
+    arch = solve_architecture(model, run, target_params, name, pl, vocab)
     per_step = p.train.batch_size * arch.seq_len
     fpt = arch.train_flops_per_token(pl.compute_convention, vocab)
-    steps = math.floor(p.budget.compute / fpt / per_step)
+    steps = math.floor(compute / fpt / per_step)
+    where = "budget.compute" if run.size is None else f"budget.sizes.{run.size}.compute"
+    if run.compute_scale != 1:
+        where += f" x runs.{name}.compute_scale"
     if steps < 1:
         raise PlanError(
-            f"runs.{name}: budget.compute={p.budget.compute:.4g} is below one optimizer step of this run "
+            f"runs.{name}: {where}={compute:.4g} is below one optimizer step of this run "
             f"({fpt * per_step:.4g} FLOPs = {per_step} tokens x {fpt:.4g} FLOPs/token, "
-            f"budget.compute_convention={pl.compute_convention}): raise budget.compute or lower train.batch_size")
+            f"budget.compute_convention={pl.compute_convention}): raise {where} or lower train.batch_size")
     target_rate = run.activation_rate if run.kind == "moe" else None
     plan = RunPlan(run=name, arch=arch, tokens=steps * per_step, batch_size=p.train.batch_size, steps=steps,
-                   unique_tokens=p.budget.unique_tokens, compute=p.budget.compute,
+                   unique_tokens=p.budget.unique_tokens, compute=compute,
                    compute_convention=pl.compute_convention, vocab_size=vocab,
-                   count_embeddings=pl.count_embeddings, target_params=p.budget.params, target_rate=target_rate)
+                   count_embeddings=pl.count_embeddings, target_params=target_params, target_rate=target_rate,
+                   size=run.size, compute_scale=run.compute_scale)
     if run.kind == "dense" and not plan.reads_all_unique:
         need = math.ceil(max(1, (p.budget.unique_tokens - 1) // arch.seq_len) * arch.seq_len / per_step)
         msg = (f"runs.{name}: the dense run reads {plan.epochs:.4f} of one pass over budget.unique_tokens="
                f"{p.budget.unique_tokens} ({steps} steps of {per_step} tokens); for it to read all of U raise "
-               f"budget.compute to >= {need * per_step * fpt:.6g} ({need} steps x {per_step} tokens x {fpt:.6g} "
+               f"{where} to >= {need * per_step * fpt:.6g} ({need} steps x {per_step} tokens x {fpt:.6g} "
                f"FLOPs/token, budget.compute_convention={pl.compute_convention})")
         plan = _with_warning(plan, msg)
     share = plan.lm_head_flops_share

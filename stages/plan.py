@@ -51,8 +51,13 @@ def make_plan(p: Params, run: str, split_manifest: Path = SPLIT_MANIFEST) -> dic
     # Record only the run fields the plan uses: a learning-rate edit then leaves plan.json
     # byte-identical, so DVC re-runs no replay for it (Snakemake re-plans, then re-trains that run).
     # The seed enters through order_seed only (seed 0, or train.vary_data_order off: 0).
-    arch_fields = p.run(run).model_dump(exclude={"lr", "lr_grid", "seed", "group"})
-    section = {"seed": p.seed, "budget": p.budget.model_dump(), "model": p.model.model_dump(),
+    # size / compute_scale / budget.sizes only when used: a one-size study's plan.json stays as it was before them
+    r = p.run(run)
+    arch_fields = r.model_dump(exclude={"lr", "lr_grid", "seed", "group"}
+                               | ({"size"} if r.size is None else set())
+                               | ({"compute_scale"} if r.compute_scale == 1 else set()))
+    budget = p.budget.model_dump(exclude=None if p.budget.sizes else {"sizes"})
+    section = {"seed": p.seed, "budget": budget, "model": p.model.model_dump(),
                "tokenizer.vocab_size": p.tokenizer.vocab_size, "train.batch_size": p.train.batch_size,
                "order_seed": plan["order_seed"], f"runs.{run}": arch_fields}
     plan["provenance"] = provenance("plan", {"split_manifest": sha256_file(split_manifest)}, section)

@@ -8,9 +8,10 @@ default.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -64,7 +65,30 @@ class SyntheticSource(Strict):
     seed: int = 0
 
 
-Source = Annotated[DebianSource | FileSource | SyntheticSource, Field(discriminator="kind")]
+class PythonPackageSource(Strict):
+    """The text files of an installed Python distribution (its source, stubs and docs), pinned by version.
+
+    Read through importlib.metadata from the Python that runs the corpus stage: the files its RECORD
+    lists that match `include` and none of `exclude` (fnmatch on the path inside site-packages, `*`
+    crossing `/`), in path order, each verified against RECORD's sha256. Rebuild it anywhere with
+    `pip install <package>==<version>` (the same wheel gives the same files: moe_study/data/pypackage.py).
+    """
+
+    kind: Literal["python_package"]
+    package: str = Field(pattern=r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z", description="distribution name (pip's)")
+    version: str = Field(min_length=1, description="the installed version must equal this (else an error)")
+    include: list[str] = Field(default=["*.py", "*.pyi", "*.md", "*.rst", "*.txt"], min_length=1,
+                               description="fnmatch globs over RECORD paths; a file is read if one matches")
+    exclude: list[str] = Field(
+        default=["*.dist-info/*", "*/tests/*", "*/test/*", "*/_vendor/*", "*/vendor/*", "*/_vendored/*",
+                 "*/third_party/*"],
+        description="fnmatch globs; a matching file is skipped (counted as `excluded`). The default leaves out "
+        "the metadata, test suites (generated expected outputs, numeric fixtures, parametrised near-copies) and "
+        "vendored copies of other packages (the same file in several packages); [] reads everything")
+    max_docs: int | None = Field(default=None, gt=0)
+
+
+Source = Annotated[DebianSource | FileSource | SyntheticSource | PythonPackageSource, Field(discriminator="kind")]
 
 
 class CorpusConfig(Strict):
@@ -158,15 +182,39 @@ class PlannerConfig(Strict):
         "first model.first_dense_layers layers dense, r_a reached by choosing experts E and top_k K")
 
 
+class SizeConfig(Strict):
+    """One model size of a multi-size study (budget.sizes.<name>): its own N and C and the model dims that
+    differ from the `model` section (d_model, n_layers, n_heads, ...; seq_len stays the study's, so every
+    size scores the same windows and tasks). U is the study's: every size trains on the same unique data."""
+
+    params: float = Field(gt=0, description="target non-vocab params N of this size")
+    compute: float = Field(gt=0, description="training FLOPs C of this size's runs (x runs.<name>.compute_scale)")
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the model section for this size")
+
+    @field_validator("model")
+    @classmethod
+    def _no_seq_len(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "seq_len" in v:
+            raise ValueError("seq_len is the study's (model.seq_len), not a size's")
+        return v
+
+
 class BudgetConfig(PlannerConfig):
     """The equal-resource contract of 2506.12119: every run gets the same three numbers (params, compute,
-    unique_tokens), equalised under the conventions and tolerances of PlannerConfig (same section)."""
+    unique_tokens), equalised under the conventions and tolerances of PlannerConfig (same section).
+
+    A study of several model sizes names them in `sizes` (each its own params, compute and model dims);
+    a run with `size: <name>` is planned at that size, a run without one at `params` / `compute` / `model`.
+    """
 
     params: float = Field(gt=0, description="target total parameters N (non-vocabulary unless "
                           "budget.count_embeddings=with_embeddings)")
     compute: float = Field(gt=0, description="training FLOPs C of every run; a run reads C / its FLOPs per token "
                            "(budget.compute_convention)")
     unique_tokens: int = Field(gt=0, description="unique training tokens U shared by every run")
+    sizes: dict[str, SizeConfig] = Field(
+        default_factory=dict, description="named model sizes (runs.<name>.size): params, compute and model "
+        "overrides per size; empty = one size (params, compute, the model section)")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -236,6 +284,11 @@ class RunConfig(Strict):
     seed: int | None = None
     group: str | None = Field(default=None, description="runs of one group are seeds of one point (and, with a "
                               "learning-rate grid, the lrs tried for it)")
+    size: str | None = Field(default=None, description="a name in budget.sizes: plan this run at that size's "
+                             "params, compute and model dims (null: budget.params / compute, the model section)")
+    compute_scale: float = Field(default=1.0, gt=0, le=1000, description="this run's compute is compute_scale x "
+                                 "the budget's C (e.g. 2: a dense run at 2C, the data-reuse reference); its "
+                                 "compute_budget differs, so it is its own baseline, never pooled with runs at C")
 
     @model_validator(mode="after")
     def _moe_needs_rate(self) -> RunConfig:
@@ -434,6 +487,32 @@ class Params(Strict):
                 raise ValueError(f"run name {name!r} must match {RUN_NAME.pattern} (it becomes a path)")
         return runs
 
+    @model_validator(mode="after")
+    def _sizes(self) -> Params:
+        for name, size in self.budget.sizes.items():
+            try:
+                ModelConfig.model_validate({**self.model.model_dump(), **size.model})
+            except ValidationError as err:
+                e = err.errors()[0]
+                loc = ".".join(str(x) for x in e["loc"])
+                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+                raise ValueError(f"budget.sizes.{name}.model{'.' + loc if loc else ''}: {msg}") from None
+        for name, r in self.runs.items():
+            if r.size is not None and r.size not in self.budget.sizes:
+                raise ValueError(f"runs.{name}.size={r.size!r} is not in budget.sizes {sorted(self.budget.sizes)}")
+        return self
+
+    def run_size(self, name: str) -> tuple[ModelConfig, float, float]:
+        """(model, N, C) of a run: its size's (budget.sizes) or the study's; C x runs.<name>.compute_scale."""
+        r = self.run(name)
+        if r.size is None:
+            model, params, compute = self.model, self.budget.params, self.budget.compute
+        else:
+            s = self.budget.sizes[r.size]
+            model = ModelConfig.model_validate({**self.model.model_dump(), **s.model})
+            params, compute = s.params, s.compute
+        return model, params, compute * r.compute_scale
+
     def run(self, name: str) -> RunConfig:
         if name not in self.runs:
             raise KeyError(f"run {name!r} is not in params.yaml runs: {sorted(self.runs)}")
@@ -470,7 +549,9 @@ def expand_lr_grids(data: object) -> object:
             derived = f"{name}_lr{lr_tag(lr)}"
             if derived in data["runs"] or derived in runs:
                 raise ValueError(f"runs.{name}.lr_grid: the derived run name {derived!r} is taken")
-            runs[derived] = {**{k: v for k, v in r.items() if k != "lr_grid"}, "lr": float(lr),
+            # a deep copy: runs sharing one list (e.g. `vary`) would be dumped by --expand as a YAML anchor,
+            # which the params loader refuses
+            runs[derived] = {**copy.deepcopy({k: v for k, v in r.items() if k != "lr_grid"}), "lr": float(lr),
                              "group": r.get("group") or name}
     return {**data, "runs": runs}
 

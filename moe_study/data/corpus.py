@@ -1,7 +1,8 @@
 """The document table (used by stage `corpus`) (id, source, text) from the sources in params.yaml.
 
-Reads `corpus.sources` in order (Debian packages via `moe_study.data.recipes`, the user's Parquet / JSONL /
-plain-text files, or `moe_study.data.synthetic`), filters documents, and streams them into
+Reads `corpus.sources` in order (Debian packages via `moe_study.data.recipes`, installed Python packages
+via `moe_study.data.pypackage`, the user's Parquet / JSONL / plain-text files, or `moe_study.data.synthetic`),
+filters documents, and streams them into
 `work/corpus/docs-NNNNN.parquet` shards (`moe_study.data.artefacts.DOC_SCHEMA`) plus a `manifest.json`,
 and `work/metrics/corpus.json`. Only one shard's worth of documents is ever held in memory.
 
@@ -20,7 +21,7 @@ Rules (each one counted per source, in the manifest and the metrics, never silen
   Invalid UTF-8 in user files is replaced by U+FFFD and counted (`replaced_invalid_utf8`);
   Debian texts fall back to cp1252/latin-1 per entry or file (counted, see moe_study/data/recipes.py).
 - ids are `<source label>:<id within the source>`, so ids never collide across sources; the label
-  (the `source` column) is the package name, the path as written for file sources, `synthetic`
+  (the `source` column) is the package name (Debian or Python), the path as written for file sources, `synthetic`
   for generated ones, with `#<i>` appended when two sources would share a label. Within a source,
   ids from an `id_field` must be unique (error otherwise).
 - an empty corpus after filtering is an error.
@@ -48,8 +49,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_study.cli import progress
-from moe_study.config.schema import CorpusConfig, DebianSource, FileSource, SyntheticSource
+from moe_study.config.schema import CorpusConfig, DebianSource, FileSource, PythonPackageSource, SyntheticSource
 from moe_study.data.artefacts import DOC_SCHEMA, ShardWriter, iter_shards
+from moe_study.data.pypackage import PackageError
 from moe_study.data.recipes import CACHE, RecipeError
 from moe_study.hashing import sha256_file, sha256_json
 from moe_study.io import WORK, atomic_path, write_json
@@ -68,7 +70,7 @@ MAX_LINE_CHARS = 1_000_000
 BINARY_FRACTION = 0.1  # more undecodable bytes / control characters than this: not a text file
 _NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0b\x0e-\x1f\x7f]")
 
-Source = DebianSource | FileSource | SyntheticSource
+Source = DebianSource | FileSource | SyntheticSource | PythonPackageSource
 
 
 class CorpusError(ValueError):
@@ -109,7 +111,8 @@ class SourceStats:
 def source_labels(sources: list[Source]) -> list[str]:
     """The `source` column of each source: package name, path as written, or `synthetic`; unique."""
     base = [
-        s.package if isinstance(s, DebianSource) else s.path if isinstance(s, FileSource) else "synthetic"
+        s.package if isinstance(s, DebianSource | PythonPackageSource)
+        else s.path if isinstance(s, FileSource) else "synthetic"
         for s in sources
     ]
     counts = Counter(base)
@@ -317,6 +320,22 @@ def iter_debian(src: DebianSource, cache: Path, stats: SourceStats) -> Iterator[
         yield local_id.removeprefix(f"{src.package}:"), text
 
 
+def iter_python_package(src: PythonPackageSource, index: int, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    """One document per selected text file of the pinned distribution, each verified against its RECORD."""
+    from moe_study.data import pypackage
+
+    dist, files, stats.origin = pypackage.open_package(
+        src.package, src.version, src.include, src.exclude, f"corpus.sources[{index}]", stats.skipped)
+    stats.sha256 = stats.origin["files_sha256"]
+    for f in files:
+        raw = pypackage.read_verified(dist, f, src.package)
+        if looks_binary(raw):
+            log.warning("%s: skipped, not a text file (binary content)", f.path)
+            stats.skipped["binary_file"] += 1
+            continue
+        yield f.path, _decode(raw, stats.notes)
+
+
 def iter_synthetic(src: SyntheticSource, stats: SourceStats) -> Iterator[tuple[str, Any]]:
     from moe_study.data.synthetic import generate
 
@@ -337,6 +356,8 @@ def iter_raw(
         return iter_debian(src, cache, stats)
     if isinstance(src, SyntheticSource):
         return iter_synthetic(src, stats)
+    if isinstance(src, PythonPackageSource):
+        return iter_python_package(src, index, stats)
     return iter_files(src, index, root, stats)
 
 
@@ -350,6 +371,13 @@ def validate_sources(cfg: CorpusConfig, root: Path, cache: Path) -> None:
             try:
                 recipes.check_fetchable(src.package, cache, f"corpus.sources[{i}].package")
             except RecipeError as err:
+                raise CorpusError(str(err)) from None
+        elif isinstance(src, PythonPackageSource):
+            from moe_study.data import pypackage
+
+            try:
+                pypackage.find_distribution(src.package, src.version, f"corpus.sources[{i}]")
+            except PackageError as err:
                 raise CorpusError(str(err)) from None
         elif isinstance(src, FileSource):
             for path in resolve_files(src, i, root):
@@ -437,7 +465,7 @@ def add_source(
             if max_docs is not None and stats.docs >= max_docs:
                 stats.truncated = True
                 break
-    except RecipeError as err:
+    except (RecipeError, PackageError) as err:
         raise CorpusError(f"corpus.sources[{index}] ({label}): {err}") from None
     finally:
         close = getattr(raw, "close", None)
@@ -499,7 +527,7 @@ def corpus_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
         "corpus_sha256": manifest["sha256"],
         "skipped": manifest["skipped"],
         "sources": {
-            s["label"]: {k: s[k] for k in ("docs", "bytes", "skipped", "truncated")}
+            s["label"]: {k: s[k] for k in ("kind", "docs", "bytes", "skipped", "truncated", "origin")}
             for s in manifest["sources"]
         },
     }

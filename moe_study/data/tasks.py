@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +65,35 @@ def cloze_items(texts: Sequence[tuple[int, str]], cfg: EvalConfig, tokenizer: An
 
     A word of more than `max_tokens` tokens is no candidate (the context must keep room in seq_len).
     """
+    # Candidates hold positions, not context strings: a copy of the prefix per sentence end was quadratic in a
+    # document's length (a 1 MB held-out file, e.g. a generated .pyi, made GBs of strings). The context of a
+    # word at `pos` is text[:pos - 1] (the space before the word belongs to the target); it has at least
+    # min_context_words words (str.split's) iff the min_context_words-th word starts before pos - 1.
     cands = []
+    texts_by_doc = dict(texts)
     for doc, text in texts:
+        starts = [i for i, _ in zip(_word_starts(text), range(cfg.min_context_words), strict=False)]
+        if len(starts) < cfg.min_context_words:
+            continue
         for m in SENTENCE_END.finditer(text):
-            context = text[:m.start() - 1]  # the space before the word belongs to the target
-            if len(context.split()) >= cfg.min_context_words:
-                cands.append((doc, m.start(), context, " " + m.group(1)))
-    cands = [c for c, n in zip(cands, _n_tokens(tokenizer, [c[3] for c in cands]), strict=True) if n <= max_tokens]
+            if starts[-1] < m.start() - 1:
+                cands.append((doc, m.start(), " " + m.group(1)))
+    cands = [c for c, n in zip(cands, _n_tokens(tokenizer, [c[2] for c in cands]), strict=True) if n <= max_tokens]
     rng = np.random.default_rng([cfg.task_seed, 1])
     take = np.sort(rng.choice(len(cands), size=min(cfg.task_items, len(cands)), replace=False))
-    return [{"id": f"cloze-{doc}-{pos}", "doc": doc, "context": ctx, "target": tgt}
-            for doc, pos, ctx, tgt in (cands[i] for i in take.tolist())]
+    return [{"id": f"cloze-{doc}-{pos}", "doc": doc, "context": texts_by_doc[doc][:pos - 1], "target": tgt}
+            for doc, pos, tgt in (cands[i] for i in take.tolist())]
+
+
+def _word_starts(text: str) -> Iterator[int]:
+    """Start offsets of the words of `text` as str.split() finds them (runs of non-whitespace)."""
+    prev_space = True
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            prev_space = True
+        elif prev_space:
+            prev_space = False
+            yield i
 
 
 def choice_items(texts: Sequence[tuple[int, str]], cfg: EvalConfig, tokenizer: Any,

@@ -55,6 +55,25 @@ COLUMNS: list[tuple[str, Any, str]] = [
 ]
 
 
+# a study of several sizes (budget.sizes) or with runs at a multiple of C (runs.<name>.compute_scale) also shows
+# each run's size, shape, compute and LM-head share (after `kind`); one-size studies keep the columns above
+SIZE_COLUMNS: list[tuple[str, Any, str]] = [
+    ("size", lambda p: p.get("size"), "{}"),
+    ("d_model", lambda p: p["arch"]["d_model"], "{}"),
+    ("n_layers", lambda p: p["arch"]["n_layers"], "{}"),
+    ("compute", lambda p: p["compute"], "{:.4g}"),
+    ("compute_scale", lambda p: p.get("compute_scale", 1.0), "{:g}"),
+    ("lm_head_share", lambda p: p.get("lm_head_flops_share"), "{:.1%}"),
+]
+
+
+def columns_for(p: Params) -> list[tuple[str, Any, str]]:
+    """The table's columns: COLUMNS, with SIZE_COLUMNS after `kind` when the study has sizes or scaled runs."""
+    if not p.budget.sizes and all(r.compute_scale == 1 for r in p.runs.values()):
+        return COLUMNS
+    return COLUMNS[:2] + SIZE_COLUMNS + COLUMNS[2:]
+
+
 def table_paths(study: str, root: Path = Path("results")) -> tuple[Path, Path]:
     return root / study / "plan.parquet", root / study / "plan.md"
 
@@ -73,22 +92,25 @@ def summary(plans: list[dict]) -> dict:
 def plans_from_params(p: Params) -> list[dict]:
     """Plan every run from the params alone (no corpus needed), with the dense reference's FFN width
     (for the granularity column) and each run's MoE design (budget.design or runs.<name>.design)."""
-    f_dense = dense_width(p.model, p.budget.params, p.tokenizer.vocab_size, p.budget.count_embeddings)
-    return [plan_run(p, r).to_dict() | {"dense_reference_ffn": f_dense,
+    def f_dense(r: str) -> int:
+        model, params, _ = p.run_size(r)
+        return dense_width(model, params, p.tokenizer.vocab_size, p.budget.count_embeddings)
+
+    return [plan_run(p, r).to_dict() | {"dense_reference_ffn": f_dense(r),
                                         "design": (p.run(r).design or p.budget.design) if p.run(r).kind == "moe"
                                         else None}
             for r in sorted(p.runs)]
 
 
-def rows(plans: list[dict]) -> list[dict]:
-    return [{name: get(plan) for name, get, _ in COLUMNS} for plan in plans]
+def rows(plans: list[dict], columns: list[tuple[str, Any, str]] = COLUMNS) -> list[dict]:
+    return [{name: get(plan) for name, get, _ in columns} for plan in plans]
 
 
-def parquet_bytes(table_rows: list[dict]) -> bytes:
+def parquet_bytes(table_rows: list[dict], columns: list[tuple[str, Any, str]] = COLUMNS) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {name: [r[name] for r in table_rows] for name, _, _ in COLUMNS}
+    cols = {name: [r[name] for r in table_rows] for name, _, _ in columns}
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
     return buf.getvalue()
@@ -96,6 +118,11 @@ def parquet_bytes(table_rows: list[dict]) -> bytes:
 
 def markdown(p: Params, table_rows: list[dict]) -> str:
     b = pl = p.budget
+    columns = columns_for(p)
+    sizes = "".join(
+        f" Size `{n}`: N = {z.params:,.0f}, C = {z.compute:.4g}"
+        + (f", model {', '.join(f'{k} {v}' for k, v in z.model.items())}" if z.model else "") + "."
+        for n, z in b.sizes.items())
     head = [
         f"# Plan of study `{p.study}`",
         "",
@@ -107,22 +134,24 @@ def markdown(p: Params, table_rows: list[dict]) -> str:
         f"vocab {p.tokenizer.vocab_size}. total/active_params count embeddings (the published convention); "
         "flops_per_token_exact includes the LM head. granularity = dense reference FFN width / routed expert "
         "width; shared_width = the width of one shared expert (design `paper`: top_k x the routed width). "
-        "Formulas: moe_study/accounting.py.",
+        "Formulas: moe_study/accounting.py." + (f" Runs with a `size` use its budget and model:{sizes}" if sizes
+                                                  else ""),
         "",
-        "| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(name for name, _, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     body = []
     for r in table_rows:
-        cells = ["" if r[name] is None else fmt.format(r[name]) for name, _, fmt in COLUMNS]
+        cells = ["" if r[name] is None else fmt.format(r[name]) for name, _, fmt in columns]
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join(head + body) + "\n"
 
 
 def write_table(p: Params, plans: list[dict], root: Path = Path("results")) -> tuple[Path, Path]:
     pq_path, md_path = table_paths(p.study, root)
-    r = rows(plans)
-    write_bytes(pq_path, parquet_bytes(r))
+    columns = columns_for(p)
+    r = rows(plans, columns)
+    write_bytes(pq_path, parquet_bytes(r, columns))
     write_bytes(md_path, markdown(p, r).encode())
     write_json(pq_path.parent / "plan_metrics.json", summary(plans))
     return pq_path, md_path
