@@ -56,6 +56,36 @@ def test_tarball_entries_that_climb_out_are_refused() -> None:
         _safe_members(tar)
 
 
+def test_drive_starts_no_batch_that_cannot_end_in_the_budget(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import yaml
+
+    from moe_study.remote import drive as drv
+
+    study = {**TINY, "runs": {f"dense_s{i}": {"kind": "dense", "seed": i} for i in range(3)}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    monkeypatch.chdir(tmp_path)
+    clock = [0.0]
+    calls = []
+
+    def fake_run(cmd, log, deadline):
+        calls.append(cmd)
+        log.write_text("")
+        clock[0] += 100
+        return 0, 100.0, False
+
+    monkeypatch.setattr(drv.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(drv, "_run_until", fake_run)
+    index = drv.drive(Path("study.yaml"), tmp_path / "out", budget_s=250, gpu_share=2, batch=1)
+    assert [c[-1] for c in calls] == ["work/collect/dense_s0", "work/collect/dense_s1"]  # 50 s left < 100 s
+    assert calls[0][calls[0].index("--config") + 1:calls[0].index("--resources") + 2] == [
+        "gpu_share=2", "--resources", "gpu_slots=2"]
+    assert index["drive"]["not_started"] == ["dense_s2"]
+    assert [m["run"] for m in json.loads((tmp_path / "out/index.json").read_text())["missing"]] == [
+        "dense_s0", "dense_s1"]
+
+
 @pytest.mark.slow
 def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     d = make_project(tmp_path / "proj", TINY)
@@ -64,8 +94,9 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     out = tmp_path / "out"
     py = "python"
     assert run([py, "-m", "moe_study.remote", "todo", "--study", str(study)], d).stdout.strip() == "dense,moe_r50"
-    r = run([py, "-m", "moe_study.remote", "run", str(study), "--out", str(out), "--cores", "2", "--batch", "2"], d)
-    assert "drive: packed ['dense', 'moe_r50']" in r.stdout
+    r = run([py, "-m", "moe_study.remote", "run", str(study), "--out", str(out), "--cores", "2", "--batch", "2",
+             "--budget-s", "3000"], d)
+    assert "drive: packed ['dense', 'moe_r50']" in r.stdout, r.stdout[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "records.tar.gz"]
     # the report in place, from work/collect (the aggregate stage as the DAG runs it)
     run(["snakemake", "-c2", "-q", "results/ci/summary.md"], d)

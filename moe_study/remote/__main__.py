@@ -24,14 +24,15 @@ def _runs(text: str | None) -> list[str] | None:
 
 
 def rebuild(study: Path, results: Path | None = None) -> str:
-    """The aggregate stage with the committed records as its collect directory: the one CPU command."""
+    """The aggregate stage with the committed records as its collect directory: the one CPU command.
+
+    It leaves results/metrics.duckdb (the DAG's copy of params.yaml's current study) alone."""
     from moe_study.remote.records import records_dir
     from moe_study.report.aggregate import aggregate
 
     p = load_params(study)
     results = results or Path("results") / p.study
-    current = Path("results") / "metrics.duckdb" if results == Path("results") / p.study else None
-    return aggregate(p, collect_dir=records_dir(p, results), results=results, current_copy=current)
+    return aggregate(p, collect_dir=records_dir(p, results), results=results, current_copy=None)
 
 
 def main(argv: list[str] | None = None) -> int:

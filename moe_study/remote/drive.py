@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_study.config.load import load_params
+from moe_study.io import ROOT
 from moe_study.remote.bundle import pack
 from moe_study.remote.records import todo_runs
 
@@ -33,9 +34,12 @@ def expand_study(study: Path) -> None:
     """params.yaml from the study file, as the README says (`python -m moe_study.config.load --expand`)."""
     if study.resolve() == PARAMS.resolve():
         return
-    text = subprocess.run([sys.executable, "-m", "moe_study.config.load", "--expand", str(study)],
-                          check=True, capture_output=True, text=True).stdout
-    PARAMS.write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "moe_study.config.load", "--expand", str(study)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"error: {study} does not expand:\n{r.stderr[-2000:]}")
+    PARAMS.write_text(r.stdout)
 
 
 def snakemake_cmd(runs: list[str], cores: int, gpu_share: int | None, extra: list[str] = ()) -> list[str]:
