@@ -13,7 +13,7 @@ sdist (connection_pool) is built here into a py3-none-any wheel.
     python tools/gpu/wheelhouse.py [--gpu-extras] [--dest .whl]
 
 `--gpu-extras` adds requirements-gpu.txt (nvidia-cutlass) and the DeepSpeed sdist with hjson, the one
-DeepSpeed dependency the image lacks (install line: moe_study/remote/README in tools/gpu/run_study.sh).
+DeepSpeed dependency the image lacks (tools/gpu/run_study.sh installs whatever .whl/ holds).
 On the GPU machine: `python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl`.
 """
 
