@@ -99,7 +99,7 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     assert "drive: packed ['dense', 'moe_r50']" in r.stdout, r.stdout[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "records.tar.gz"]
     # the report in place, from work/collect (the aggregate stage as the DAG runs it)
-    run(["snakemake", "-c2", "-q", "results/ci/summary.md"], d)
+    run(["snakemake", "-c2", "results/ci/summary.md"], d)
     in_place = {f: (d / "results/ci" / f).read_bytes() for f in REPORT}
     shutil.rmtree(d / "work")
     for f in REPORT:
