@@ -1,0 +1,95 @@
+"""`python -m moe_study.remote`: run a study remotely, pack, import and rebuild its report from records.
+
+    todo    --study FILE                      the runs whose committed records are missing or stale
+    run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S]   (on the GPU machine: drive)
+    pack    --study FILE --out DIR [--runs a,b]   the finished runs of work/ into DIR/records.tar.gz
+    import  TARBALL --study FILE [--results DIR] [--replace]   into results/<study>/records/<run>/
+    rebuild --study FILE [--results DIR]      metrics.duckdb, summary.md, plots from the records alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from moe_study.config.load import load_params
+from moe_study.config.schema import ParamsError
+from moe_study.io import ClearError
+
+
+def _runs(text: str | None) -> list[str] | None:
+    return [r for r in text.split(",") if r] if text else None
+
+
+def rebuild(study: Path, results: Path | None = None) -> str:
+    """The aggregate stage with the committed records as its collect directory: the one CPU command.
+
+    It leaves results/metrics.duckdb (the DAG's copy of params.yaml's current study) alone."""
+    from moe_study.remote.records import records_dir
+    from moe_study.report.aggregate import aggregate
+
+    p = load_params(study)
+    results = results or Path("results") / p.study
+    return aggregate(p, collect_dir=records_dir(p, results), results=results, current_copy=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moe_study.remote", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("todo")
+    t.add_argument("--study", type=Path, required=True)
+    r = sub.add_parser("run")
+    r.add_argument("study", type=Path)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--runs", help="comma-separated runs (default: those without a committed record)")
+    r.add_argument("--budget-s", type=float, default=480, help="start no batch that would end after this")
+    r.add_argument("--cores", type=int)
+    r.add_argument("--gpu-share", type=int, help="passed as --config gpu_share=S --resources gpu_slots=S")
+    r.add_argument("--batch", type=int, help="runs per snakemake call (default: the gpu share, else 1)")
+    pk = sub.add_parser("pack")
+    pk.add_argument("--study", type=Path, required=True)
+    pk.add_argument("--out", type=Path, required=True)
+    pk.add_argument("--runs")
+    im = sub.add_parser("import")
+    im.add_argument("tarball", type=Path)
+    im.add_argument("--study", type=Path, required=True)
+    im.add_argument("--results", type=Path, help="default results/<study>")
+    im.add_argument("--replace", action="store_true", help="overwrite a different record of the same run")
+    rb = sub.add_parser("rebuild")
+    rb.add_argument("--study", type=Path, required=True)
+    rb.add_argument("--results", type=Path, help="default results/<study>")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s remote %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if a.cmd == "todo":
+            from moe_study.remote.records import todo_runs
+
+            print(",".join(todo_runs(load_params(a.study))))
+        elif a.cmd == "run":
+            from moe_study.remote.drive import drive
+
+            drive(a.study, a.out, _runs(a.runs), a.budget_s, a.cores, a.gpu_share, a.batch)
+        elif a.cmd == "pack":
+            from moe_study.remote.bundle import pack
+
+            p = load_params(a.study)
+            index = pack(p, _runs(a.runs) or sorted(p.runs), a.out)
+            print(f"packed {sorted(index['runs'])}; missing {[m['run'] for m in index['missing']]}")
+        elif a.cmd == "import":
+            from moe_study.remote.bundle import import_bundle
+
+            p = load_params(a.study)
+            wrote = import_bundle(p, a.tarball, a.results, a.replace)
+            print(f"imported {wrote or 'nothing new'} into {(a.results or Path('results') / p.study) / 'records'}")
+        elif a.cmd == "rebuild":
+            print(rebuild(a.study, a.results))
+    except (ClearError, ParamsError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Run a study's unfinished runs through Snakemake inside a time budget, then pack their records.
+
+Why: a lent GPU machine runs one command for at most 10 minutes and forgets its disk right after, so
+one call must (1) rebuild the data stages, (2) train only the runs whose records are not committed yet
+(records.todo_runs, or `--runs`), (3) stop starting runs that cannot finish before the budget, and
+(4) pack what finished into $OUT, all through the pipeline's own command (`snakemake`, the DAG of
+moe_study/registry.py), so a record made there is the record `snakemake` makes anywhere.
+
+Runs go in batches (one `snakemake --keep-going` each, targets `work/collect/<run>`; a batch is
+`--batch` runs, default the `--gpu-share`, so packed jobs share the GPU). A batch starts only if the
+slowest batch so far (the first includes the data stages) fits in the time left; a batch still running
+at the deadline is stopped (SIGTERM to its process group) so that the pack always happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_study.config.load import load_params
+from moe_study.io import ROOT
+from moe_study.remote.bundle import pack
+from moe_study.remote.records import todo_runs
+
+PARAMS = Path("params.yaml")
+
+
+def expand_study(study: Path) -> None:
+    """params.yaml from the study file, as the README says (`python -m moe_study.config.load --expand`)."""
+    if study.resolve() == PARAMS.resolve():
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "moe_study.config.load", "--expand", str(study)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"error: {study} does not expand:\n{r.stderr[-2000:]}")
+    PARAMS.write_text(r.stdout)
+
+
+def snakemake_cmd(runs: list[str], cores: int, gpu_share: int | None, extra: list[str] = ()) -> list[str]:
+    cmd = ["snakemake", "--cores", str(cores), "--keep-going", "--scheduler", "greedy", "--printshellcmds"]
+    if gpu_share:
+        cmd += ["--config", f"gpu_share={gpu_share}", "--resources", f"gpu_slots={gpu_share}"]
+    return cmd + list(extra) + [f"work/collect/{r}" for r in runs]
+
+
+def _run_until(cmd: list[str], log: Path, deadline: float) -> tuple[int, float, bool]:
+    """(exit code, seconds, stopped at the deadline)."""
+    t = time.monotonic()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            stopped = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # snakemake and its jobs: our own process group
+            try:
+                rc = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+            stopped = True
+    return rc, time.monotonic() - t, stopped
+
+
+def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float = 480, cores: int | None = None,
+          gpu_share: int | None = None, batch: int | None = None, snakemake_args: list[str] = ()) -> dict[str, Any]:
+    t0 = time.monotonic()
+    deadline = t0 + budget_s
+    expand_study(study)
+    p = load_params(PARAMS)
+    runs = runs if runs is not None else todo_runs(p)
+    unknown = sorted(set(runs) - set(p.runs))
+    if unknown:
+        raise SystemExit(f"error: runs {unknown} are not in {study} (runs: {', '.join(sorted(p.runs))})")
+    cores = cores or os.cpu_count() or 1
+    size = batch or gpu_share or 1
+    batches = [runs[i:i + size] for i in range(0, len(runs), size)]
+    logs_dir = Path("work/logs")
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    done: list[dict[str, Any]] = []
+    slowest = 0.0
+    print(f"drive: study {p.study}, {len(runs)} runs to do in {len(batches)} batches, budget {budget_s:.0f} s",
+          flush=True)
+    for i, b in enumerate(batches):
+        left = deadline - time.monotonic()
+        if done and slowest > left:
+            print(f"drive: stop: {left:.0f} s left, a batch took up to {slowest:.0f} s", flush=True)
+            break
+        cmd = snakemake_cmd(b, cores, gpu_share, list(snakemake_args))
+        print("drive:", " ".join(cmd), flush=True)
+        log = logs_dir / f"snakemake-{i}.log"
+        rc, secs, stopped = _run_until(cmd, log, deadline)
+        print(log.read_text()[-3000:], flush=True)
+        slowest = max(slowest, secs)
+        done.append({"runs": b, "command": " ".join(cmd), "rc": rc, "seconds": round(secs, 1), "stopped": stopped})
+        print(f"drive: batch {i} {b}: rc {rc}, {secs:.0f} s{' (stopped at the deadline)' if stopped else ''}",
+              flush=True)
+        if stopped:
+            break
+    attempted = [r for d in done for r in d["runs"]]
+    extra = {"budget_s": budget_s, "batches": done, "not_started": [r for r in runs if r not in attempted],
+             "cores": cores, "gpu_share": gpu_share, "drive_seconds": round(time.monotonic() - t0, 1)}
+    index = pack(p, attempted, out, extra=extra, logs=sorted(logs_dir.glob("snakemake-*.log")))
+    print(f"drive: packed {sorted(index['runs'])} into {out}/records.tar.gz "
+          f"({index['tarball_bytes'] / 2**20:.2f} MiB); missing {[m['run'] for m in index['missing']]}", flush=True)
+    return index

@@ -1,0 +1,132 @@
+"""The remote-GPU plumbing on CPU: drive (snakemake for the runs without records) → pack → import → rebuild.
+
+The promise checked end to end: the report rebuilt from the imported records alone (work/ deleted) is
+byte-identical to the report the aggregate stage builds in place (summary.md, results.csv, metrics.json);
+a tampered record and a record of another params identity are refused, naming the run and the field,
+and nothing is written; imported runs are no longer to do.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import TINY, make_project, run
+
+from moe_study.config.schema import parse_params
+from moe_study.hashing import sha256_json
+from moe_study.remote.bundle import _safe_members
+from moe_study.remote.records import RecordError, check_identity, first_difference, run_params
+
+REPORT = ("summary.md", "results.csv", "metrics.json")
+
+
+def _record(p, run: str) -> dict:
+    params = run_params(p, run)
+    return {"study": p.study, "run": run, "params": params, "params_sha256": sha256_json(params)}
+
+
+def test_identity_names_the_run_and_the_field() -> None:
+    p = parse_params(TINY)
+    rec = _record(p, "dense")
+    check_identity(p, "dense", rec)
+    other = parse_params({**TINY, "train": {**TINY["train"], "lr": 1e-3}})
+    want = r"run dense: params field train\.lr differs: record 0\.003, study file 0\.001"
+    with pytest.raises(RecordError, match=want):
+        check_identity(other, "dense", rec)
+    with pytest.raises(RecordError, match="run dense: field study is 'ci' in the record, 'x'"):
+        check_identity(parse_params({**TINY, "study": "x"}), "dense", rec)
+    with pytest.raises(RecordError, match="run nope: not a run of study ci"):
+        check_identity(p, "nope", {**rec, "run": "nope"})
+    # a run's identity holds every stage's slice up to collect (the data stages' too), not aggregate's
+    assert {"corpus", "tokenizer", "dedupe", "split", "train", "eval", "runs.dense", "study"} <= set(rec["params"])
+    assert first_difference({"a": {"b": 1}}, {"a": {"b": 2}}) == "a.b"
+
+
+def test_tarball_entries_that_climb_out_are_refused() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("runs/../../evil")
+        tar.addfile(info, io.BytesIO(b""))
+    buf.seek(0)
+    with tarfile.open(fileobj=buf, mode="r:gz") as tar, pytest.raises(RecordError, match="climbs out"):
+        _safe_members(tar)
+
+
+def test_drive_starts_no_batch_that_cannot_end_in_the_budget(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import yaml
+
+    from moe_study.remote import drive as drv
+
+    study = {**TINY, "runs": {f"dense_s{i}": {"kind": "dense", "seed": i} for i in range(3)}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    monkeypatch.chdir(tmp_path)
+    clock = [0.0]
+    calls = []
+
+    def fake_run(cmd, log, deadline):
+        calls.append(cmd)
+        log.write_text("")
+        clock[0] += 100
+        return 0, 100.0, False
+
+    monkeypatch.setattr(drv.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(drv, "_run_until", fake_run)
+    index = drv.drive(Path("study.yaml"), tmp_path / "out", budget_s=250, gpu_share=2, batch=1)
+    assert [c[-1] for c in calls] == ["work/collect/dense_s0", "work/collect/dense_s1"]  # 50 s left < 100 s
+    assert calls[0][calls[0].index("--config") + 1:calls[0].index("--resources") + 2] == [
+        "gpu_share=2", "--resources", "gpu_slots=2"]
+    assert index["drive"]["not_started"] == ["dense_s2"]
+    assert [m["run"] for m in json.loads((tmp_path / "out/index.json").read_text())["missing"]] == [
+        "dense_s0", "dense_s1"]
+
+
+@pytest.mark.slow
+def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
+    d = make_project(tmp_path / "proj", TINY)
+    study = tmp_path / "study.yaml"
+    shutil.copy(d / "params.yaml", study)
+    out = tmp_path / "out"
+    py = "python"
+    assert run([py, "-m", "moe_study.remote", "todo", "--study", str(study)], d).stdout.strip() == "dense,moe_r50"
+    r = run([py, "-m", "moe_study.remote", "run", str(study), "--out", str(out), "--cores", "2", "--batch", "2",
+             "--budget-s", "3000"], d)
+    assert "drive: packed ['dense', 'moe_r50']" in r.stdout, r.stdout[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "records.tar.gz"]
+    # the report in place, from work/collect (the aggregate stage as the DAG runs it)
+    run(["snakemake", "-c2", "results/ci/summary.md"], d)
+    in_place = {f: (d / "results/ci" / f).read_bytes() for f in REPORT}
+    shutil.rmtree(d / "work")
+    for f in REPORT:
+        (d / "results/ci" / f).unlink()
+
+    # refused, nothing written: a tampered file, a record of another lr
+    with tarfile.open(out / "records.tar.gz") as tar:
+        tar.extractall(tmp_path / "t", filter="data")
+    (tmp_path / "t/runs/dense/record/train.json").write_text("{}")
+    with tarfile.open(tmp_path / "tampered.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "t/runs", "runs")
+    bad = run([py, "-m", "moe_study.remote", "import", str(tmp_path / "tampered.tar.gz"), "--study", str(study)], d,
+              check=False)
+    assert bad.returncode == 2 and "run dense: record/train.json does not match its sha256" in bad.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text(study.read_text().replace("lr: 0.003", "lr: 0.002"))
+    bad = run([py, "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(other)], d,
+              check=False)
+    assert bad.returncode == 2 and "params field train.lr differs" in bad.stderr, bad.stderr
+    assert not (d / "results/ci/records").exists()
+
+    r = run([py, "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(study)], d)
+    assert "imported ['dense', 'moe_r50']" in r.stdout
+    assert run([py, "-m", "moe_study.remote", "todo", "--study", str(study)], d).stdout.strip() == ""
+    run([py, "-m", "moe_study.remote", "rebuild", "--study", str(study)], d)
+    for f in REPORT:
+        assert (d / "results/ci" / f).read_bytes() == in_place[f], f
+    # the stage's own option reads the same records
+    run([py, "-m", "stages.aggregate", "--params", str(study), "--collect-dir", "results/ci/records"], d)
+    assert (d / "results/ci/summary.md").read_bytes() == in_place["summary.md"]
