@@ -98,9 +98,9 @@ def _gpu_slots_total() -> int | None:
 def _threads(s: Stage):
     """cpus=0 in the registry means all cores: --cores locally; on a SLURM cluster the cores of the
     partition's smallest node, which also caps every other request (a job that asks for more CPUs
-    than a node has pends forever). Inside the SLURM job: the CPUs it was given. Packed on shared GPUs
-    (gpu_share > 1 and --resources gpu_slots=N), a shareable job takes 1/N of the cores, else a job that
-    takes all cores would keep the other slots empty."""
+    than a node has pends forever). Inside the SLURM job: the CPUs it was given. Given `--resources
+    gpu_slots=N` (GPU packing), a shareable job takes 1/N of the cores, else a job that takes all cores
+    would keep the other slots empty."""
 
     def threads(wildcards) -> int:
         ex = _executor()
@@ -116,7 +116,7 @@ def _threads(s: Stage):
         except WorkflowError:  # no --cores given (e.g. --dag)
             return 1
         slots = _gpu_slots_total()
-        if GPU_SHARE > 1 and slots and s.resources.gpu_shareable:
+        if slots and s.resources.gpu_shareable:
             return max(1, cores // slots)
         return cores
 

@@ -30,10 +30,6 @@ KERNELS = "kernels"
 # corpus, tokenize and dedupe (hours at scale). Stages that plan (plan, train, ...) import the
 # planner themselves and keep it in their identity.
 VALIDATION_ONLY = {("moe_study.config.load", "moe_study.accounting")}
-# Modules that only decide *where* a stage runs, never what it computes: the GPU slot claimer
-# (moe_study.train.gpu_slots) picks a GPU for a packed job and records the pick beside the outputs. An
-# edit of it must not re-run (or refuse to resume) every training run; left out of every closure.
-PLACEMENT_ONLY = {"moe_study.train.gpu_slots"}
 
 
 def stage_module(stage: str) -> str:
@@ -93,8 +89,7 @@ def import_closure(module: str, root: Path = ROOT) -> tuple[str, ...]:
             if module_path(name, root) is None:
                 continue
             seen.add(name)
-            todo.extend(m for m in direct_imports(name, root)
-                        if not _validation_only(name, m) and m not in PLACEMENT_ONLY)
+            todo.extend(m for m in direct_imports(name, root) if not _validation_only(name, m))
     return tuple(sorted(seen))
 
 

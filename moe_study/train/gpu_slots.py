@@ -17,8 +17,8 @@ normal release is one line of `claims.jsonl` in the lock directory (what ran whe
 The share S: the environment variable MOE_STUDY_GPU_SHARE (default 1, one job per GPU). The Snakefile
 sets it from `--config gpu_share=S`; for DVC set it in the environment of `dvc exp run` / `dvc repro`.
 It is deliberately not a params.yaml value: where a job runs must not change what it computes, so it
-must not be a DVC param, a checkpoint-key field or a code dependency (moe_study.codebase leaves this
-module out of every stage's code identity).
+must not be a DVC param or a checkpoint-key field (and no claim is written into the model's files).
+This module itself is code of train and evaluate (their code identity, like any file they import).
 
 The GPUs: CUDA_VISIBLE_DEVICES when it is set (a scheduler's or the user's choice: only those are
 candidates; under SLURM the lock names carry the job id, since SLURM may renumber each job's GPUs from
@@ -248,8 +248,16 @@ def claim(label: str, env: MutableMapping[str, str] | None = None, *, poll_s: fl
         with open(root / "choose.lock", "a") as mutex:
             fcntl.flock(mutex, fcntl.LOCK_EX)
             picked = _pick(root, namespace, devices, share)
-        if picked is not None:
-            break
+            if picked is not None:  # recorded under the mutex: the journal lists claims in the order made
+                gpu, slot, fd = picked
+                c = Claim(gpu=gpu, device=devices[gpu], slot=slot, gpus=len(devices), share=share, fake=fake,
+                          wait_seconds=round(time.monotonic() - t0, 3), claimed_at=time.time(), pid=os.getpid(),
+                          label=label, lock_dir=str(root))
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"label": label, "pid": c.pid, "host": socket.gethostname(),
+                                          "since": c.claimed_at}).encode(), 0)
+                _journal(root, "claim", c)
+                break
         now = time.monotonic()
         if last_log is None or now - last_log >= log_every_s:
             last_log = now
@@ -257,20 +265,13 @@ def claim(label: str, env: MutableMapping[str, str] | None = None, *, poll_s: fl
             log.info("%s: waiting for a GPU slot (%.0fs so far): all %d x %d slots in %s are taken by %s",
                      label, now - t0, len(devices), share, root, holders)
         time.sleep(poll_s)
-    gpu, slot, fd = picked
-    c = Claim(gpu=gpu, device=devices[gpu], slot=slot, gpus=len(devices), share=share, fake=fake,
-              wait_seconds=round(time.monotonic() - t0, 3), claimed_at=time.time(), pid=os.getpid(),
-              label=label, lock_dir=str(root))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"label": label, "pid": c.pid, "host": socket.gethostname(),
-                              "since": c.claimed_at}).encode(), 0)
     if not fake:
         env["CUDA_VISIBLE_DEVICES"] = c.device
     _HELD = (c, fd)
-    _journal(root, "claim", c)
     atexit.register(release)
-    log.info("%s: %s GPU %d of %d (CUDA_VISIBLE_DEVICES=%s), slot %d of %d, after %.1fs", label,
-             "fake" if fake else "on", gpu, len(devices), c.device, slot, share, c.wait_seconds)
+    log.info("%s: %s %d of %d (%s), slot %d of %d, after %.1fs", label, "fake GPU" if fake else "GPU", gpu,
+             len(devices), "CUDA_VISIBLE_DEVICES left alone" if fake else f"CUDA_VISIBLE_DEVICES={c.device}", slot,
+             share, c.wait_seconds)
     return c
 
 
