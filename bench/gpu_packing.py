@@ -9,6 +9,7 @@ the two builds are byte-identical (GPU kernels need not be deterministic: report
 Exit 1 if a GPU ever held more than S jobs or two overlapping jobs shared a slot.
 
     python bench/gpu_packing.py [--share 4] [--runs 8] [--compute-mult 50]   # needs snakemake; JSON to $OUT
+    python bench/gpu_packing.py --fake 2 --share 2 --runs 4 --compute-mult 4  # the script itself, on CPU
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from moe_study.hashing import sha256_tree  # noqa: E402
 from moe_study.train import gpu_slots  # noqa: E402
 
-IGNORE = shutil.ignore_patterns(".git", ".venv", "work", "results", ".snakemake", "__pycache__", "cache", ".dvc")
+IGNORE = shutil.ignore_patterns(".git", ".venv", "work", "results", ".snakemake", "__pycache__", "cache", ".dvc",
+                                "shared", ".whl", "*.whl")
 
 
-def study(runs: int, compute_mult: int) -> dict:
+def study(runs: int, compute_mult: int, device: str) -> dict:
     from conftest import TINY
 
     p = copy.deepcopy(TINY)
@@ -46,7 +48,7 @@ def study(runs: int, compute_mult: int) -> dict:
                  for i in range(runs)}
     p["budget"]["compute"] *= compute_mult
     p["train"]["engine"] = "torch"
-    p["train"]["device"] = "cuda"
+    p["train"]["device"] = device
     return p
 
 
@@ -80,22 +82,27 @@ def main() -> int:
     ap.add_argument("--compute-mult", type=int, default=50, help="x the CI study's compute (longer training)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 4)
     ap.add_argument("--keep", action="store_true", help="keep the scratch projects (printed)")
+    ap.add_argument("--fake", type=int, default=0, help="N fake GPUs on CPU (MOE_STUDY_FAKE_GPUS): check the script")
     a = ap.parse_args()
 
     import torch
 
-    gpus = torch.cuda.device_count()
-    if gpus == 0:
-        sys.exit("no CUDA device: this check needs a GPU (tests/test_gpu_packing.py runs it on CPU with fake GPUs)")
-    name = torch.cuda.get_device_name(0)
-    scratch = Path(tempfile.mkdtemp(prefix="gpu_packing-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_STUDY_") and k != "CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_STUDY_")}
     env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", "NO_PROGRESS": "1",
             "OMP_NUM_THREADS": "1"}
+    if a.fake:
+        gpus, name, device = a.fake, "fake GPU (CPU)", "auto"
+        env[gpu_slots.ENV_FAKE] = str(a.fake)
+    else:
+        gpus, device = torch.cuda.device_count(), "cuda"  # CUDA_VISIBLE_DEVICES, if set, limits both
+        if gpus == 0:
+            sys.exit("no CUDA device: this check needs a GPU (or --fake N on CPU)")
+        name = torch.cuda.get_device_name(0)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_packing-"))
 
     packed = scratch / "packed"
     shutil.copytree(ROOT, packed, ignore=IGNORE)
-    (packed / "params.yaml").write_text(yaml.safe_dump(study(a.runs, a.compute_mult), sort_keys=False))
+    (packed / "params.yaml").write_text(yaml.safe_dump(study(a.runs, a.compute_mult, device), sort_keys=False))
     print(f"{gpus} x {name}; {a.runs} runs; share {a.share}; scratch {scratch}", flush=True)
     up = snakemake(["-c", str(a.cores), "--until", "replay", "tasks"], packed, env)
     print(f"shared inputs built in {up:.0f}s", flush=True)
@@ -130,7 +137,7 @@ def main() -> int:
         ok &= per_gpu[g] <= a.share
     trains = [s for s in items if s["label"].startswith("train@")]
     print(f"most jobs at once per GPU: {per_gpu} (share {a.share}); most train jobs at once: {most_at_once(trains)}")
-    runs = sorted(study(a.runs, a.compute_mult)["runs"])
+    runs = sorted(study(a.runs, a.compute_mult, device)["runs"])
     same = {r: sha256_tree(packed / f"work/runs/{r}/model") == sha256_tree(single / f"work/runs/{r}/model")
             for r in runs}
     tps = {r: json.loads((packed / f"work/runs/{r}/train.json").read_text())["tokens_per_second"] for r in runs}

@@ -74,7 +74,7 @@ def test_dvc_exp_queue_and_run_all(exp_project: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv(gpu_slots.ENV_FAKE, "1")
     monkeypatch.setenv(gpu_slots.ENV_SHARE, "2")
     monkeypatch.setenv(gpu_slots.ENV_LOCK_DIR, str(locks))  # the queue's workspaces (temp copies) share it
-    out = run(["dvc", "exp", "run", "--run-all", "-j", "2"], exp_project)
+    out = run(["dvc", "exp", "run", "--run-all", "-j", "2"], exp_project, timeout=1800)  # 2 experiments, 2 cores
     # their temporary workspaces restore the unchanged stages from the DVC cache: only the edited run re-runs
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
     assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "export@moe_r50",
