@@ -99,6 +99,10 @@ def main() -> int:
             sys.exit("no CUDA device: this check needs a GPU (or --fake N on CPU)")
         name = torch.cuda.get_device_name(0)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_packing-"))
+    bin_dir = scratch / "bin"  # the jobs run `python -m stages...`: this interpreter, even where only python3 exists
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
 
     packed = scratch / "packed"
     shutil.copytree(ROOT, packed, ignore=IGNORE)
