@@ -101,7 +101,8 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="gpu_packing-"))
     bin_dir = scratch / "bin"  # the jobs run `python -m stages...`: this interpreter, even where only python3 exists
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # not a symlink: keeps a venv
+    (bin_dir / "python").chmod(0o755)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
 
     packed = scratch / "packed"
