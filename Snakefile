@@ -22,6 +22,14 @@ except ParamsError as err:
 RUNS = sorted(P.runs)
 RAW = P.model_dump(mode="json")
 
+# GPU sharing (README "Several runs on one GPU"): `--config gpu_share=S` puts up to S shareable one-GPU jobs
+# on each GPU. The jobs learn S from the environment they inherit (moe_study/train/gpu_slots.py picks the
+# GPU and slot); set here, not on the command line, so the rules' code and params stay unchanged.
+GPU_SHARE = int(config.get("gpu_share", os.environ.get("MOE_STUDY_GPU_SHARE") or 1))
+if GPU_SHARE < 1:
+    raise WorkflowError(f"gpu_share={GPU_SHARE} must be at least 1")
+os.environ["MOE_STUDY_GPU_SHARE"] = str(GPU_SHARE)
+
 wildcard_constraints:
     run="|".join(RUNS),
 
@@ -77,10 +85,22 @@ def _default_resource(name: str):
     return value if isinstance(value, str) else None
 
 
+def _gpu_slots_total() -> int | None:
+    """The `--resources gpu_slots=N` of this invocation (None: not given)."""
+    try:
+        value = workflow.global_resources.get("gpu_slots")
+    except AttributeError:
+        return None
+    value = getattr(value, "value", value)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _threads(s: Stage):
     """cpus=0 in the registry means all cores: --cores locally; on a SLURM cluster the cores of the
     partition's smallest node, which also caps every other request (a job that asks for more CPUs
-    than a node has pends forever). Inside the SLURM job: the CPUs it was given."""
+    than a node has pends forever). Inside the SLURM job: the CPUs it was given. Given `--resources
+    gpu_slots=N` (GPU packing), a shareable job takes 1/N of the cores, else a job that takes all cores
+    would keep the other slots empty."""
 
     def threads(wildcards) -> int:
         ex = _executor()
@@ -92,9 +112,13 @@ def _threads(s: Stage):
         if s.resources.cpus > 0:
             return s.resources.cpus
         try:
-            return workflow.cores or 1
+            cores = workflow.cores or 1
         except WorkflowError:  # no --cores given (e.g. --dag)
             return 1
+        slots = _gpu_slots_total()
+        if slots and s.resources.gpu_shareable:
+            return max(1, cores // slots)
+        return cores
 
     return threads
 
@@ -145,8 +169,7 @@ for _s in STAGES:
             # GPU sharing: `--config gpu_share=S --resources gpu_slots=G*S` runs up to S shareable one-GPU jobs
             # (train, evaluate) on each of G GPUs at once; counted whatever train.device (so a CPU test with a
             # fake GPU count schedules the same way)
-            gpu_slots=gpu_slots(_s.resources, P.train.gpus if _s.name == "train" else _s.resources.gpus,
-                                int(config.get("gpu_share", 1))),
+            gpu_slots=gpu_slots(_s.resources, P.train.gpus if _s.name == "train" else _s.resources.gpus, GPU_SHARE),
         log: (f"work/logs/{_s.name}/{{run}}.log" if _s.per_run else f"work/logs/{_s.name}.log")
         message: _s.doc
         shell: "{params.launch} {params.cmd} 2> >(tee {log} >&2)"

@@ -1,6 +1,7 @@
 """train@run: train one dense or MoE LM on its replayed token stream, exactly plan["steps"] steps.
 
-`train.gpus: N > 1` outside a launcher re-runs this command under torchrun, one process per GPU.
+`train.gpus: N > 1` outside a launcher re-runs this command under torchrun, one process per GPU;
+a one-GPU run first claims a GPU slot (moe_study.train.gpu_slots: several runs may share a GPU).
 The loop, engines, checkpoints and the training log live in moe_study.train.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from moe_study.cli import fail, per_run_main
+from moe_study.train.gpu_slots import claiming
 from moe_study.train.launch import LaunchError, relaunch_under_torchrun
 from moe_study.train.loop import TrainError, run_train
 
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     if code is not None:
         return code
-    return per_run_main("train", __doc__, run_train, (TrainError,), args)
+    # a one-GPU run takes its GPU slot first (several runs may share a GPU: moe_study/train/gpu_slots.py)
+    return per_run_main("train", __doc__, claiming("train", run_train), (TrainError,), args)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,36 @@
 """`dvc exp` on the tiny configuration: every run's params and final metrics in `dvc exp show`,
-an experiment with `-S`, and a queued one run by `--run-all`.
+an experiment with `-S`, and two queued ones run by `--run-all -j 2`, packed on one (fake) GPU.
 
 One project is built and committed once (the baseline); the tests add experiments to it in order.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import re
 from pathlib import Path
 
 import pytest
 from conftest import TINY, make_project, run
 
+from moe_study.train import gpu_slots
+
 pytestmark = pytest.mark.slow
+
+
+def exp_params() -> dict:
+    """The tiny study, trained 8x longer (a few seconds per run): two queued experiments' train jobs overlap."""
+    p = copy.deepcopy(TINY)
+    p["budget"]["compute"] *= 8
+    return p
 
 
 @pytest.fixture(scope="module")
 def exp_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny study built once, its results committed: the baseline of every experiment below."""
-    d = make_project(tmp_path_factory.mktemp("exp"), TINY)
+    d = make_project(tmp_path_factory.mktemp("exp"), exp_params())
     run(["dvc", "repro"], d)
     run(["git", "add", "-A"], d)
     run(["git", "-c", "user.email=ci@example", "-c", "user.name=ci", "commit", "-qm", "baseline"], d)
@@ -52,17 +63,34 @@ def test_dvc_exp_run_set_param_shows_every_runs_metrics(exp_project: Path) -> No
     assert exp["_study.status"] == "ok" and param(exp, "runs.moe_r50.activation_rate") == "0.5"
 
 
-def test_dvc_exp_queue_and_run_all(exp_project: Path) -> None:
-    """A queued experiment runs in its own temporary workspace, restoring unchanged stages from the cache."""
-    run(["dvc", "exp", "run", "--queue", "-S", "++runs.moe_r50.lr=0.005"], exp_project)
-    out = run(["dvc", "exp", "run", "--run-all"], exp_project)
-    # its temporary workspace restores the unchanged stages from the DVC cache: only the edited run re-runs
+def test_dvc_exp_queue_and_run_all(exp_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued experiments run in their own temporary workspaces, restoring unchanged stages from the cache.
+    Two at once (`-j 2`) with MOE_STUDY_GPU_SHARE=2 on one fake GPU: their train jobs overlap on GPU 0,
+    each in its own slot (README "Several runs on one GPU")."""
+    lrs = ("0.005", "0.004")
+    for lr in lrs:
+        run(["dvc", "exp", "run", "--queue", "-S", f"++runs.moe_r50.lr={lr}"], exp_project)
+    locks = tmp_path / "locks"
+    monkeypatch.setenv(gpu_slots.ENV_FAKE, "1")
+    monkeypatch.setenv(gpu_slots.ENV_SHARE, "2")
+    monkeypatch.setenv(gpu_slots.ENV_LOCK_DIR, str(locks))  # the queue's workspaces (temp copies) share it
+    out = run(["dvc", "exp", "run", "--run-all", "-j", "2"], exp_project, timeout=1800)  # 2 experiments, 2 cores
+    # their temporary workspaces restore the unchanged stages from the DVC cache: only the edited run re-runs
     ran = set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
     assert ran == {"plan@moe_r50", "train@moe_r50", "evaluate@moe_r50", "collect@moe_r50", "export@moe_r50",
                    "plan_table", "aggregate"}, ran
     rows = exp_show(exp_project)
-    queued = [r for r in rows if param(r, "runs.moe_r50.lr") == "0.005"]
-    assert len(queued) == 1 and queued[0]["State"] == "Success", rows
+    queued = [r for r in rows if param(r, "runs.moe_r50.lr") in lrs]
+    assert len(queued) == 2 and all(r["State"] == "Success" for r in queued), rows
     others = {r["moe_r50.val_bpb"] for r in rows if r not in queued}
-    assert queued[0]["moe_r50.val_bpb"] not in others  # its own result, not a copy of another experiment's
-    assert float(queued[0]["dense.val_bpb"]) > 0 and queued[0]["moe_r50.choice_acc"] != ""
+    bpbs = {r["moe_r50.val_bpb"] for r in queued}
+    assert len(bpbs) == 2 and not bpbs & others  # each its own result, not a copy of another experiment's
+    assert all(float(r["dense.val_bpb"]) > 0 and r["moe_r50.choice_acc"] != "" for r in queued)
+
+    events = [json.loads(x) for x in (locks / gpu_slots.JOURNAL).read_text().splitlines()]
+    ends = {e["pid"]: e["time"] for e in events if e["event"] == "release"}
+    trains = [e for e in events if e["event"] == "claim" and e["label"] == "train@moe_r50"]
+    assert len(trains) == 2 and {(e["gpu"], e["share"]) for e in trains} == {(0, 2)}, trains
+    a, b = trains
+    assert {a["slot"], b["slot"]} == {0, 1}  # each its own slot
+    assert a["claimed_at"] < ends[b["pid"]] and b["claimed_at"] < ends[a["pid"]], trains  # at once

@@ -56,6 +56,7 @@ from moe_study.hashing import sha256_file, sha256_tree
 from moe_study.io import WORK, read_json, write_json
 from moe_study.model.lm import LM, load_model
 from moe_study.provenance import provenance
+from moe_study.train import gpu_slots
 
 PLAN_KEYS = ("arch", "nonvocab_params", "nonvocab_active", "activation_rate", "tokens", "steps", "epochs",
              "unique_tokens", "compute", "compute_used", "batch_size", "tokens_per_step", "data_seed")
@@ -275,6 +276,9 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
         "device": str(device),
         "provenance": provenance("evaluate", inputs, {"eval": cfg.model_dump(), "run": run}),
     }
+    claim = gpu_slots.current()
+    if claim is not None:  # only then (several runs on one GPU): the GPU and slot it ran on
+        result["gpu_claim"] = claim.record()
     write_doc_scores((out_dir or work / "eval") / f"{run}.docs.parquet", per_split)
     write_json((out_dir or work / "eval") / f"{run}.json", result)
     ci = metrics["bootstrap"]

@@ -54,7 +54,7 @@ from moe_study.hashing import sha256_file, write_file_list
 from moe_study.io import WORK, atomic_path, read_json, write_json
 from moe_study.model.lm import LM, build_model, count_nonvocab_params, save_model
 from moe_study.provenance import provenance
-from moe_study.train import checkpoint
+from moe_study.train import checkpoint, gpu_slots
 from moe_study.train.audit import audit_run
 from moe_study.train.engine import (
     EngineError,
@@ -529,6 +529,9 @@ def run_train(p: Params, run: str, work: Path = WORK, loader: BatchLoader | None
               "checkpoint_dir": str(ckpt_dir),
               "provenance": prov}
     result["audit"] = audit_run(plan, engine.module, loader.tokens_served)  # plan vs module, loader, flop counter
+    claim = gpu_slots.current()
+    if claim is not None:  # only then (several runs on one GPU): where it ran; not in the model's config.json
+        result["gpu_claim"] = claim.record()
     keys = ("final_train_loss", "tokens_per_second", "mfu", "final_aux_loss", "wall_seconds")
     write_dvclive(rdir / "dvclive", trainer.history, kind, {k: result[k] for k in keys})
     write_json(rdir / "train.json", result)
