@@ -60,21 +60,6 @@ def snakemake(args: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def spans(lock_dir: Path) -> list[dict]:
-    events = [json.loads(x) for x in (lock_dir / gpu_slots.JOURNAL).read_text().splitlines()]
-    ends = {e["pid"]: e["time"] for e in events if e["event"] == "release"}
-    return [{**e, "end": ends.get(e["pid"], float("nan"))} for e in events if e["event"] == "claim"]
-
-
-def most_at_once(items: list[dict]) -> int:
-    edges = sorted([(s["claimed_at"], 1) for s in items] + [(s["end"], -1) for s in items], key=lambda x: (x[0], x[1]))
-    now = best = 0
-    for _, step in edges:
-        now += step
-        best = max(best, now)
-    return best
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--share", type=int, default=4)
@@ -120,7 +105,7 @@ def main() -> int:
         e = env | {gpu_slots.ENV_LOCK_DIR: str(locks)}
         walls[label] = snakemake(["-c", str(a.cores), "--config", f"gpu_share={share}", "--resources",
                                   f"gpu_slots={gpus * share}", "--until", "evaluate"], where, e)
-        claims[label] = spans(locks)
+        claims[label] = gpu_slots.held_spans(locks)
         print(f"{label}: train + evaluate of {a.runs} runs in {walls[label]:.1f}s", flush=True)
 
     items = claims["packed"]
@@ -133,7 +118,7 @@ def main() -> int:
     per_gpu = {}
     for g in range(gpus):
         on = [s for s in items if s["gpu"] == g]
-        per_gpu[g] = most_at_once(on)
+        per_gpu[g] = gpu_slots.most_at_once(on)
         for x in on:
             for y in on:
                 if x is not y and x["claimed_at"] < y["end"] and y["claimed_at"] < x["end"] and x["slot"] == y["slot"]:
@@ -141,7 +126,8 @@ def main() -> int:
                     ok = False
         ok &= per_gpu[g] <= a.share
     trains = [s for s in items if s["label"].startswith("train@")]
-    print(f"most jobs at once per GPU: {per_gpu} (share {a.share}); most train jobs at once: {most_at_once(trains)}")
+    most_trains = gpu_slots.most_at_once(trains)
+    print(f"most jobs at once per GPU: {per_gpu} (share {a.share}); most train jobs at once: {most_trains}")
     runs = sorted(study(a.runs, a.compute_mult, device)["runs"])
     same = {r: sha256_tree(packed / f"work/runs/{r}/model") == sha256_tree(single / f"work/runs/{r}/model")
             for r in runs}
@@ -150,7 +136,7 @@ def main() -> int:
           f"({walls['share1'] / walls['packed']:.2f}x); models byte-identical packed vs share 1: "
           f"{sum(same.values())}/{len(same)}")
     summary = {"device": name, "gpus": gpus, "share": a.share, "runs": a.runs, "compute_mult": a.compute_mult,
-               "walls": walls, "most_at_once_per_gpu": per_gpu, "most_train_at_once": most_at_once(trains),
+               "walls": walls, "most_at_once_per_gpu": per_gpu, "most_train_at_once": most_trains,
                "models_identical": same, "tokens_per_second_packed": tps, "claims": claims, "ok": ok}
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_packing.json").write_text(json.dumps(summary, indent=2))

@@ -51,10 +51,6 @@ def wait_until_waiting(p: subprocess.Popen) -> None:
     raise AssertionError(f"never waited: {p.stdout.read()}")
 
 
-def journal(lock_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (lock_dir / gpu_slots.JOURNAL).read_text().splitlines()]
-
-
 def test_claims_spread_over_the_least_loaded_gpu(tmp_path: Path) -> None:
     """2 fake GPUs x 2 slots: GPU 0, GPU 1, then the emptier one (ties: the lowest), never a held slot."""
     holders = []
@@ -75,7 +71,7 @@ def test_claims_spread_over_the_least_loaded_gpu(tmp_path: Path) -> None:
         for h in holders:
             h.kill()
             h.wait()
-    claims = [e for e in journal(tmp_path) if e["event"] == "claim"]
+    claims = [e for e in gpu_slots.read_journal(tmp_path) if e["event"] == "claim"]
     assert [(e["gpu"], e["slot"]) for e in claims] == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 0)]
 
 
@@ -95,7 +91,7 @@ def test_a_second_claim_waits_until_the_first_exits(tmp_path: Path) -> None:
         first.kill()
         first.wait()
     # the release is journaled before the lock is dropped, a claim while the claimer holds the slot
-    events = [(e["event"], e["pid"]) for e in journal(tmp_path)]
+    events = [(e["event"], e["pid"]) for e in gpu_slots.read_journal(tmp_path)]
     assert events == [("claim", first.pid), ("release", first.pid), ("claim", second.pid), ("release", second.pid)]
 
 
@@ -116,7 +112,7 @@ def test_a_killed_holder_frees_its_slot(tmp_path: Path) -> None:
         first.kill()
         first.wait()
     # the killed holder never wrote its release: the journal is a log, the flock is the truth
-    assert [e["event"] for e in journal(tmp_path)] == ["claim", "claim", "release"]
+    assert [e["event"] for e in gpu_slots.read_journal(tmp_path)] == ["claim", "claim", "release"]
 
 
 def test_real_gpus_set_cuda_visible_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,23 +168,6 @@ def packed_params() -> dict:
     return p
 
 
-def held_intervals(lock_dir: Path) -> list[dict]:
-    """Each claim of the journal with its end (the release line its process wrote at exit)."""
-    events = journal(lock_dir)
-    ends = {e["pid"]: e["time"] for e in events if e["event"] == "release"}
-    return [{**e, "end": ends[e["pid"]]} for e in events if e["event"] == "claim"]
-
-
-def most_at_once(spans: list[dict]) -> int:
-    edges = sorted([(s["claimed_at"], 1) for s in spans] + [(s["end"], -1) for s in spans], key=lambda x: (x[0], x[1]))
-    now = best = 0
-    for _, step in edges:
-        now += step
-        best = max(best, now)
-    return best
-
-
-@pytest.mark.slow
 def test_snakemake_packs_two_jobs_per_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`snakemake -c 4 --config gpu_share=2 --resources gpu_slots=4` with 2 fake GPUs: train and evaluate
     jobs run concurrently, at most 2 per GPU, on both GPUs; every model and evaluation is byte-identical
@@ -210,13 +189,13 @@ def test_snakemake_packs_two_jobs_per_fake_gpu(tmp_path: Path, monkeypatch: pyte
     monkeypatch.delenv(gpu_slots.ENV_FAKE)
     run(["snakemake", "-c1", "--until", "evaluate"], alone)
 
-    spans = held_intervals(locks)
+    spans = gpu_slots.held_spans(locks)
     assert sorted(s["label"] for s in spans) == sorted(f"{st}@{r}" for st in ("train", "evaluate") for r in PACKED_RUNS)
     trains = [s for s in spans if s["label"].startswith("train@")]
-    assert most_at_once(trains) >= 2, (trains, out.stderr[-3000:])  # (a) concurrent
+    assert gpu_slots.most_at_once(trains) >= 2, (trains, out.stderr[-3000:])  # (a) concurrent
     for gpu in (0, 1):  # (b) never more than 2 per GPU, each in its own slot
         on = [s for s in spans if s["gpu"] == gpu]
-        assert most_at_once(on) <= 2
+        assert gpu_slots.most_at_once(on) <= 2
         for a in on:
             for b in on:
                 if a is not b and a["claimed_at"] < b["end"] and b["claimed_at"] < a["end"]:

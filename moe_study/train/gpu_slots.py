@@ -193,6 +193,28 @@ def _journal(root: Path, event: str, claim: Claim) -> None:
             os.close(fd)
 
 
+def read_journal(root: Path) -> list[dict]:
+    """The journal's events, oldest first (what `python -m moe_study.train.gpu_slots` and the checks read)."""
+    return [json.loads(x) for x in (root / JOURNAL).read_text().splitlines()]
+
+
+def held_spans(root: Path) -> list[dict]:
+    """Each claim of the journal with its `end` (the release its process wrote at exit; nan while held)."""
+    events = read_journal(root)
+    ends = {e["pid"]: e["time"] for e in events if e["event"] == "release"}
+    return [{**e, "end": ends.get(e["pid"], float("nan"))} for e in events if e["event"] == "claim"]
+
+
+def most_at_once(spans: list[dict]) -> int:
+    """The most spans (held_spans rows) open at one time: how many jobs really shared the GPUs."""
+    edges = sorted([(s["claimed_at"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    now = best = 0
+    for _, step in edges:
+        now += step
+        best = max(best, now)
+    return best
+
+
 def _prepare(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     if root.stat().st_uid != os.getuid():
