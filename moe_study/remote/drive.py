@@ -43,10 +43,13 @@ def expand_study(study: Path) -> None:
 
 
 def snakemake_cmd(runs: list[str], cores: int, gpu_share: int | None, extra: list[str] = ()) -> list[str]:
-    cmd = ["snakemake", "--cores", str(cores), "--keep-going", "--scheduler", "greedy", "--printshellcmds"]
+    # the targets come first: --config and --resources take any number of values, so a target after
+    # them would be read as one more value (snakemake then fails to parse "work/collect/<run>")
+    cmd = ["snakemake", *[f"work/collect/{r}" for r in runs], "--cores", str(cores), "--keep-going",
+           "--scheduler", "greedy", "--printshellcmds"]
     if gpu_share:
         cmd += ["--config", f"gpu_share={gpu_share}", "--resources", f"gpu_slots={gpu_share}"]
-    return cmd + list(extra) + [f"work/collect/{r}" for r in runs]
+    return cmd + list(extra)
 
 
 def _run_until(cmd: list[str], log: Path, deadline: float) -> tuple[int, float, bool]:
