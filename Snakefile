@@ -161,6 +161,7 @@ for _s in STAGES:
             # multi-node training: the `mpi` resource is the launcher (README, "Running on a SLURM cluster")
             launch=(lambda wc, resources: resources.get("mpi", "")),
         threads: _threads(_s)
+        priority: _s.priority
         resources:
             mem_mb=_mem_mb(_s),
             runtime=_s.resources.time_min,

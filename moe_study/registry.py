@@ -77,6 +77,10 @@ class Stage:
     per_run: bool = False
     uncached: bool = False  # outputs committed to git (results/), not stored in the DVC cache
     resources: Resources = field(default_factory=Resources)
+    # the scheduler's preference among ready jobs (Snakemake `priority`, higher first): finishing a trained
+    # run (evaluate, export, collect) before starting another train, so that a study stopped by a time
+    # limit (a lent GPU's 10-minute call, a SLURM allocation) leaves whole runs, not only trained models
+    priority: int = 0
 
     @property
     def module(self) -> str:
@@ -206,6 +210,7 @@ STAGES: tuple[Stage, ...] = (
         params=("eval",),
         metrics=("work/eval/{run}.json",),
         per_run=True,
+        priority=1,
         resources=Resources(cpus=CPU_ALL, mem_mb=8000, gpus=1, time_min=120, gpu_shareable=True),
     ),
     Stage(
@@ -216,6 +221,7 @@ STAGES: tuple[Stage, ...] = (
         outs=("work/runs/{run}/hf/",),  # always holds moe_study_export.json; the checkpoint when enabled
         params=("export", "tokenizer"),
         per_run=True,
+        priority=1,
         resources=Resources(cpus=1, mem_mb=4000, time_min=30),
     ),
     Stage(
@@ -226,6 +232,7 @@ STAGES: tuple[Stage, ...] = (
         outs=("work/collect/{run}/",),
         params=("study", "runs.{run}"),
         per_run=True,
+        priority=1,
         resources=Resources(cpus=1, mem_mb=1000, time_min=5),
     ),
     Stage(

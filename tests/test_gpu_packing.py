@@ -218,3 +218,31 @@ def test_snakemake_packs_two_jobs_per_fake_gpu(tmp_path: Path, monkeypatch: pyte
         e_packed = json.loads((packed / f"work/eval/{r}.json").read_text())
         e_alone = json.loads((alone / f"work/eval/{r}.json").read_text())
         assert e_packed.pop("gpu_claim")["gpu"] in (0, 1) and e_packed == e_alone, r
+
+
+def test_a_packed_gpu_job_takes_its_share_of_the_cores() -> None:
+    """threads 0 (all cores) in each of S jobs on a GPU would oversubscribe the CPU S-fold (their OpenMP
+    barriers starved the launching threads on the H200): a real claim gets cores // (GPUs x share); an
+    explicit train.threads, no claim (a CPU study) and fake GPUs (CPU tests: threads are arithmetic) keep
+    what they had."""
+    def claim(gpus: int, share: int, fake: bool = False) -> gpu_slots.Claim:
+        return gpu_slots.Claim(gpu=0, device="0", slot=0, gpus=gpus, share=share, fake=fake, wait_seconds=0.0,
+                               claimed_at=0.0, pid=1, label="t", lock_dir="")
+
+    assert gpu_slots.cpu_threads(0, claim(1, 4), cores=16) == 4
+    assert gpu_slots.cpu_threads(0, claim(2, 4), cores=16) == 2
+    assert gpu_slots.cpu_threads(0, claim(1, 32), cores=16) == 1
+    assert gpu_slots.cpu_threads(3, claim(1, 4), cores=16) == 3  # train.threads given: kept
+    assert gpu_slots.cpu_threads(0, claim(1, 4, fake=True), cores=16) == 16
+    assert gpu_slots.current() is None and gpu_slots.cpu_threads(0, cores=16) == 16  # no claim
+
+
+def test_finishing_a_run_comes_before_starting_another() -> None:
+    """Snakemake's `priority` from the registry: when a slot frees, a trained run's evaluate (then export,
+    collect) goes before the next train, so a study stopped by a time limit keeps whole runs (on the H200
+    4 slots went to new trains while 3 trained runs waited for evaluation until the call ended)."""
+    from moe_study.registry import STAGES
+
+    prio = {s.name: s.priority for s in STAGES}
+    assert min(prio["evaluate"], prio["export"], prio["collect"]) > prio["train"]
+    assert "priority: _s.priority" in (ROOT / "Snakefile").read_text()

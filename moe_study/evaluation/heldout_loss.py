@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_study.cli import n_workers
 from moe_study.config.schema import EvalConfig, Params
 from moe_study.data.artefacts import load_manifest
 from moe_study.data.heldout import HeldoutDoc, load_heldout
@@ -224,7 +223,7 @@ def run_evaluate(p: Params, run: str, work: Path = WORK, out_dir: Path | None = 
     if missing:
         raise EvalError(f"{plan_path}: missing key(s) {missing} (re-run the plan stage)")
     manifest = load_manifest(tokens_dir)
-    torch.set_num_threads(n_workers())
+    torch.set_num_threads(gpu_slots.cpu_threads())  # a packed GPU job: its share of the cores
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_model(model_dir, device=device)
     if config["arch"] != plan.get("arch"):

@@ -308,6 +308,27 @@ def release() -> None:
     os.close(fd)
 
 
+# ------------------------------------------------------------------------------------------ CPU share
+def cpu_threads(requested: int = 0, held: Claim | None = None, cores: int | None = None) -> int:
+    """torch's CPU threads for a job: `requested` when given (> 0); else all cores, or, for a job that holds
+    a real GPU slot, its share of them: cores // (GPUs x share).
+
+    Why: `threads: 0` (all cores) in each of S jobs on one GPU puts S x cores OpenMP threads on the machine;
+    their spinning barriers starve each job's one launching thread (measured on the H200: 3 packed study
+    runs at ~100 ms a step, the GPU ~25% busy). A GPU job needs few host threads, and they change no
+    number it computes. Fake GPUs (CPU tests) keep all cores: their jobs compute on the CPU, where the
+    thread count is part of the run's arithmetic."""
+    from moe_study.cli import n_workers
+
+    if requested > 0:
+        return requested
+    cores = cores or n_workers(0)
+    held = current() if held is None else held
+    if held is None or held.fake:
+        return cores
+    return max(1, cores // max(1, held.gpus * held.share))
+
+
 # ---------------------------------------------------------------------------------------- the stages
 def claim_for_stage(stage: str, p: Any, run: str) -> Claim | None:
     """The claim of a shareable one-GPU stage (registry `gpu_shareable`): train with train.gpus 1 (a

@@ -48,7 +48,6 @@ from typing import Any, Protocol
 import torch
 
 from moe_study.accounting import exact_train_flops
-from moe_study.cli import n_workers
 from moe_study.config.schema import Params, TrainConfig, batch_split
 from moe_study.hashing import sha256_file, write_file_list
 from moe_study.io import WORK, atomic_path, read_json, write_json
@@ -387,7 +386,7 @@ def train(
 ) -> tuple[Trainer, dict[str, Any]]:
     """Train `model` for `steps` steps on `loader` (resuming from ckpt_dir if it holds a checkpoint); cfg's
     "auto" speed choices are made here (moe_study/train/speed.py; the model was built with its expert backend)."""
-    torch.set_num_threads(n_workers(cfg.threads))
+    torch.set_num_threads(gpu_slots.cpu_threads(cfg.threads))  # a packed GPU job: its share of the cores
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
     init_distributed(device)
