@@ -246,3 +246,11 @@ def test_finishing_a_run_comes_before_starting_another() -> None:
     prio = {s.name: s.priority for s in STAGES}
     assert min(prio["evaluate"], prio["export"], prio["collect"]) > prio["train"]
     assert "priority: _s.priority" in (ROOT / "Snakefile").read_text()
+
+
+def test_most_at_once_counts_a_killed_job_as_still_holding() -> None:
+    """A job killed by a time limit writes no release (end nan): it held its slot to the journal's end."""
+    nan = float("nan")
+    spans = [{"claimed_at": 0.0, "end": nan}, {"claimed_at": 1.0, "end": 2.0}, {"claimed_at": 3.0, "end": 4.0}]
+    assert gpu_slots.most_at_once(spans) == 2
+    assert gpu_slots.most_at_once([{"claimed_at": 0.0, "end": 1.0}, {"claimed_at": 1.5, "end": nan}]) == 1

@@ -135,3 +135,13 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     # the stage's own option reads the same records
     run([py, "-m", "stages.aggregate", "--params", str(study), "--collect-dir", "results/ci/records"], d)
     assert (d / "results/ci/summary.md").read_bytes() == in_place["summary.md"]
+
+    # a study still running: the complete report refuses a missing run, --partial reports what is there
+    shutil.rmtree(d / "results/ci/records/moe_r50")
+    bad = run([py, "-m", "moe_study.remote", "rebuild", "--study", str(study)], d, check=False)
+    assert bad.returncode == 2 and "moe_r50" in bad.stderr
+    r = run([py, "-m", "moe_study.remote", "rebuild", "--study", str(study), "--partial"], d)
+    summary = (d / "results/ci/partial/summary.md").read_text()
+    assert summary.startswith("**PARTIAL REPORT: 1 of 2 runs have a record**") and "not yet run: moe_r50" in summary
+    assert "| dense |" in summary and "| moe_r50 |" not in summary
+    assert (d / "results/ci/summary.md").read_bytes() == in_place["summary.md"]  # the full report untouched

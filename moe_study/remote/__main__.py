@@ -4,7 +4,7 @@
     run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S]   (on the GPU machine: drive)
     pack    --study FILE --out DIR [--runs a,b]   the finished runs of work/ into DIR/records.tar.gz
     import  TARBALL --study FILE [--results DIR] [--replace]   into results/<study>/records/<run>/
-    rebuild --study FILE [--results DIR]      metrics.duckdb, summary.md, plots from the records alone
+    rebuild --study FILE [--results DIR] [--partial]   metrics.duckdb, summary.md, plots from the records alone
 """
 
 from __future__ import annotations
@@ -23,16 +23,29 @@ def _runs(text: str | None) -> list[str] | None:
     return [r for r in text.split(",") if r] if text else None
 
 
-def rebuild(study: Path, results: Path | None = None) -> str:
+def rebuild(study: Path, results: Path | None = None, partial: bool = False) -> str:
     """The aggregate stage with the committed records as its collect directory: the one CPU command.
 
-    It leaves results/metrics.duckdb (the DAG's copy of params.yaml's current study) alone."""
-    from moe_study.remote.records import records_dir
+    It leaves results/metrics.duckdb (the DAG's copy of params.yaml's current study) alone. `partial`: a
+    study still running (e.g. after its lr-grid phase, to choose the learning rates) is reported from the
+    runs that have a record, into results/<study>/partial/, its summary headed by what is missing; the
+    complete report (no `partial`) refuses a missing run."""
+    from moe_study.remote.records import done_runs, records_dir
     from moe_study.report.aggregate import aggregate
 
     p = load_params(study)
     results = results or Path("results") / p.study
-    return aggregate(p, collect_dir=records_dir(p, results), results=results, current_copy=None)
+    if not partial:
+        return aggregate(p, collect_dir=records_dir(p, results), results=results, current_copy=None)
+    done = sorted(done_runs(p, results))
+    if not done:
+        raise ValueError(f"no records of study {p.study} in {records_dir(p, results)}: nothing to report")
+    missing = sorted(set(p.runs) - set(done))
+    note = (f"**PARTIAL REPORT: {len(done)} of {len(p.runs)} runs have a record** (`python -m moe_study.remote "
+            f"rebuild --partial`); not yet run: {', '.join(missing) or 'none'}. Comparisons below use only "
+            "the runs present.")
+    return aggregate(p, collect_dir=records_dir(p, results), results=results / "partial", current_copy=None,
+                     runs=done, note=note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rebuild")
     rb.add_argument("--study", type=Path, required=True)
     rb.add_argument("--results", type=Path, help="default results/<study>")
+    rb.add_argument("--partial", action="store_true",
+                    help="report the runs that have a record (into <results>/partial/), e.g. to choose lrs")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s remote %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             wrote = import_bundle(p, a.tarball, a.results, a.replace)
             print(f"imported {wrote or 'nothing new'} into {(a.results or Path('results') / p.study) / 'records'}")
         elif a.cmd == "rebuild":
-            print(rebuild(a.study, a.results))
+            print(rebuild(a.study, a.results, a.partial))
     except (ClearError, ParamsError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

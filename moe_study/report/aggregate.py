@@ -380,10 +380,14 @@ def exact_vs_dense(rows: Sequence[dict[str, Any]], baselines: Sequence[dict[str,
 
 
 def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None = None,
-              current_copy: Path | None = Path("results") / "metrics.duckdb") -> str:
-    """Build the database and every export; returns the summary (what `make study` prints)."""
+              current_copy: Path | None = Path("results") / "metrics.duckdb", runs: Sequence[str] | None = None,
+              note: str = "") -> str:
+    """Build the database and every export; returns the summary (what `make study` prints).
+
+    `runs`: a subset of the study's runs (default all; a partial report of a study still running),
+    `note`: a paragraph put first in summary.md (what the partial report lacks)."""
     results = results or Path("results") / p.study
-    runs = sorted(p.runs)
+    runs = sorted(runs if runs is not None else p.runs)
     db = results / "metrics.duckdb"
     build_database(db, collect_dir, runs, p.eval.bootstrap, p.eval.seed)
     rows = query(db, "SELECT * FROM runs ORDER BY run_id")
@@ -398,6 +402,8 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     groups = group_rows([r for r in rows if (r["grp"], r["lr"]) in best], baselines)
     summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows, group_deltas, lr_choice,
                                exact_vs_dense(rows, baselines))
+    if note:
+        summary = f"{note}\n\n{summary}"
     write_bytes(results / "summary.md", summary.encode())
     write_bytes(results / "results.csv", csv_text(rows).encode())
     metrics: dict[str, Any] = {r["run_id"]: {k: r[k] for k in METRIC_KEYS} for r in rows}

@@ -206,8 +206,10 @@ def held_spans(root: Path) -> list[dict]:
 
 
 def most_at_once(spans: list[dict]) -> int:
-    """The most spans (held_spans rows) open at one time: how many jobs really shared the GPUs."""
-    edges = sorted([(s["claimed_at"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    """The most spans (held_spans rows) open at one time: how many jobs really shared the GPUs. A span
+    without an end (its process was killed, or still runs) counts as held to the end of the journal."""
+    ends = [s["end"] if s["end"] == s["end"] else float("inf") for s in spans]  # nan: no release written
+    edges = sorted([(s["claimed_at"], 1) for s in spans] + [(e, -1) for e in ends])
     now = best = 0
     for _, step in edges:
         now += step
