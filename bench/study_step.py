@@ -19,7 +19,12 @@ step goes: device events per step, GPU-busy time against wall time, host syncs (
 cudaDeviceSynchronize, cudaEventSynchronize, device-to-host copies), launch calls, and the top kernels.
 
 `--pack N` trains N copies of the first run@variant at once in separate processes (a file barrier
-lines up their timed steps) and reports each one's and the aggregate tokens/s.
+lines up their timed steps), each with its share of the cores as a packed pipeline job has
+(moe_study/train/gpu_slots.py `cpu_threads`), and reports each one's and the aggregate tokens/s.
+
+`--study FILE` measures that study's own runs instead of the 20M family (names as in its plan, lr grids
+expanded; its batch, sequence length and vocabulary), e.g. `--study studies/gpu_study.yaml --runs
+s_r09_s0_lr3e-3 --variants auto:auto:auto --pack 1,4`.
 
     python bench/study_step.py --out results/perf/study_step_h200.jsonl \\
         --runs dense,r10,r20,r42 --variants torch_grouped:default:0,torch_grouped:default:1
@@ -76,16 +81,36 @@ PROFILED_STEPS = 3
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def params(batch: int, backend: str, compile_: str, graph: str) -> Any:
-    raw = json.loads(json.dumps(STUDY_PARAMS))
-    raw["train"] |= {"batch_size": batch, "expert_backend": backend}
+def base_params(study: str | None) -> dict[str, Any]:
+    """The 20M family above, or a study file's own runs (`--study`: its lr grids expanded, so run names
+    are as in its plan, e.g. s_r09_s0_lr3e-3), with the bench's no-log, no-checkpoint train settings."""
+    if study is None:
+        return json.loads(json.dumps(STUDY_PARAMS))
+    import yaml
+
+    from moe_study.config.load import expanded_text
+
+    raw = yaml.safe_load(expanded_text(study))
+    raw["train"] = {**raw.get("train", {}), "log_every": 10**6, "checkpoint_every": 0}
+    if not torch.cuda.is_available():  # the smoke test on a CPU machine (a GPU study names device cuda)
+        raw["train"]["device"] = "cpu"
+    return raw
+
+
+def params(batch: int | None, backend: str, compile_: str, graph: str, study: str | None = None,
+           threads: int = 0) -> Any:
+    raw = base_params(study)
+    raw.setdefault("train", {})
+    raw["train"] |= {"expert_backend": backend, "threads": threads}
+    if batch is not None:
+        raw["train"]["batch_size"] = batch
     if compile_ != "auto":
         raw["train"] |= {"compile": compile_ != "none",
                          "compile_mode": None if compile_ in ("none", "default") else compile_}
     if graph != "auto":
         raw["train"]["cuda_graph"] = graph == "1"
     if (backend, compile_, graph) == ("auto", "auto", "auto"):
-        del raw["train"]["engine"]
+        raw["train"].pop("engine", None)
     return parse_params(raw)
 
 
@@ -133,10 +158,12 @@ def summarize_profile(prof: Any, steps: int, step_s: float) -> dict[str, Any]:
     }
 
 
-def measure(run: str, variant: str, steps: int, warmup: int, batch: int, vocab: int, profile: bool = False,
-            barrier: Path | None = None, barrier_n: int = 0) -> dict[str, Any]:
+def measure(run: str, variant: str, steps: int, warmup: int, batch: int | None, vocab: int | None,
+            profile: bool = False, barrier: Path | None = None, barrier_n: int = 0, study: str | None = None,
+            threads: int = 0) -> dict[str, Any]:
     backend, compile_, graph = variant.split(":")
-    p = params(batch, backend, compile_, graph)
+    p = params(batch, backend, compile_, graph, study, threads)
+    vocab = vocab or (p.tokenizer.vocab_size if study else 8192)
     plan = plan_run(p, run)
     torch.manual_seed(0)
     ran = speed_config(p.train, resolve_device(p.train.device), plan.batch_size)[0]  # as the train stage builds it
@@ -169,6 +196,7 @@ def measure(run: str, variant: str, steps: int, warmup: int, batch: int, vocab: 
         "cuda_graph": metrics.get("cuda_graph", False), "cuda_graph_fallback": metrics.get("cuda_graph_fallback"),
         "engine": metrics["engine"], "speed_defaults": metrics.get("speed_defaults"),
         "batch": plan.batch_size, "seq_len": a.seq_len, "vocab": vocab, "steps_timed": len(times),
+        "d_model": a.d_model, "n_layers": a.n_layers, "study": study, "threads": torch.get_num_threads(),
         "ms_per_step": round(step_s * 1e3, 2), "ms_min": round(min(times) * 1e3, 2),
         "ms_max": round(max(times) * 1e3, 2), "tokens_per_s": round(tok_s),
         "mfu_6n": None if trainer.peak_flops is None else round(mfu(fpt, tok_s, trainer.peak_flops), 4),
@@ -197,13 +225,16 @@ def pack(n: int, run: str, variant: str, a: argparse.Namespace) -> dict[str, Any
     """N copies of run@variant in separate processes, their timed steps lined up by a file barrier."""
     barrier = Path(f"/tmp/study_step_barrier_{os.getpid()}_{n}")
     outs = [Path(f"/tmp/study_step_pack_{os.getpid()}_{i}.json") for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--runs", run, "--variants", variant, "--steps",
-                               str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch), "--vocab",
-                               str(a.vocab), "--barrier", str(barrier), "--barrier-n", str(n), "--out", str(o)])
-             for o in outs]
+    # each process gets its share of the cores, as a packed pipeline job does (gpu_slots.cpu_threads)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // n)
+    common = [sys.executable, __file__, "--runs", run, "--variants", variant, "--steps", str(a.steps), "--warmup",
+              str(a.warmup), "--threads", str(threads), "--barrier", str(barrier), "--barrier-n", str(n)]
+    common += [f"--{k}={v}" for k, v in (("batch", a.batch), ("vocab", a.vocab), ("study", a.study)) if v]
+    procs = [subprocess.Popen([*common, "--out", str(o)]) for o in outs]
     rcs = [p.wait() for p in procs]
     rows = [json.loads(o.read_text().splitlines()[-1]) for o in outs if o.exists()]
     return {"run": run, "variant": variant, "pack": n, "rcs": rcs, "mps": bool(os.environ.get("STUDY_STEP_MPS")),
+            "threads_each": threads, "study": a.study,
             "tokens_per_s_each": [r["tokens_per_s"] for r in rows],
             "tokens_per_s_total": sum(r["tokens_per_s"] for r in rows),
             "ms_per_step_each": [r["ms_per_step"] for r in rows]}
@@ -213,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="dense,r10,r20,r42")
     ap.add_argument("--variants", default="torch_grouped:default:0,torch_grouped:default:1")
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--study", default=None, help="a study file: measure its runs (names as in its plan)")
+    ap.add_argument("--vocab", type=int, default=None, help="default 8192, or the study's tokenizer.vocab_size")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 64, or the study's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (train.threads; 0: all cores)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--profile", default=None, help="run@variant[;run@variant]: profile 3 steps of each")
@@ -242,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for run, variant, prof in jobs:
         try:
-            r = measure(run, variant, a.steps, a.warmup, a.batch, a.vocab, prof,
-                        Path(a.barrier) if a.barrier else None, a.barrier_n)
+            r = measure(run, variant, a.steps, a.warmup, a.batch if a.batch or a.study else 64, a.vocab, prof,
+                        Path(a.barrier) if a.barrier else None, a.barrier_n, a.study, a.threads)
         except Exception as err:  # report and go on
             r = {"run": run, "variant": variant, "skipped": f"{type(err).__name__}: {err}"[:600]}
         r["profiled"] = prof
