@@ -4,6 +4,7 @@
     run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S]   (on the GPU machine: drive)
     pack    --study FILE --out DIR [--runs a,b]   the finished runs of work/ into DIR/records.tar.gz
     import  TARBALL --study FILE [--results DIR] [--replace]   into results/<study>/records/<run>/
+    choose-lr --study FILE [--write]         the lr grids' choice into the runs that follow them
     rebuild --study FILE [--results DIR] [--partial]   metrics.duckdb, summary.md, plots from the records alone
 """
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--results", type=Path, help="default results/<study>")
     rb.add_argument("--partial", action="store_true",
                     help="report the runs that have a record (into <results>/partial/), e.g. to choose lrs")
+    ch = sub.add_parser("choose-lr", help="carry the lr grids' choice to the runs that follow them")
+    ch.add_argument("--study", type=Path, required=True)
+    ch.add_argument("--results", type=Path, help="default results/<study>")
+    ch.add_argument("--write", action="store_true", help="edit the study file's lr: lines, write lr_choice.md")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s remote %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             p = load_params(a.study)
             wrote = import_bundle(p, a.tarball, a.results, a.replace)
             print(f"imported {wrote or 'nothing new'} into {(a.results or Path('results') / p.study) / 'records'}")
+        elif a.cmd == "choose-lr":
+            from moe_study.remote.lr_choice import choose
+
+            print(choose(a.study, a.results, a.write))
         elif a.cmd == "rebuild":
             print(rebuild(a.study, a.results, a.partial))
     except (ClearError, ParamsError, ValueError, FileNotFoundError) as err:

@@ -140,8 +140,12 @@ def done_runs(p: Params, results: Path | None = None) -> list[str]:
 
 
 def todo_runs(p: Params, results: Path | None = None) -> list[str]:
+    """The runs still to train: no current record, and not waiting for an lr grid (lr_choice.pending_runs)."""
+    from moe_study.remote.lr_choice import pending_runs  # it reads records: imported here, not at the top
+
     done = set(done_runs(p, results))
-    return [r for r in sorted(p.runs) if r not in done]
+    pending = pending_runs(p, results)
+    return [r for r in sorted(p.runs) if r not in done and r not in pending]
 
 
 def make_record(p: Params, run: str, dest: Path, work: Path = Path("work"),
