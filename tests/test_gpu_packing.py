@@ -254,3 +254,24 @@ def test_most_at_once_counts_a_killed_job_as_still_holding() -> None:
     spans = [{"claimed_at": 0.0, "end": nan}, {"claimed_at": 1.0, "end": 2.0}, {"claimed_at": 3.0, "end": 4.0}]
     assert gpu_slots.most_at_once(spans) == 2
     assert gpu_slots.most_at_once([{"claimed_at": 0.0, "end": 1.0}, {"claimed_at": 1.5, "end": nan}]) == 1
+
+
+def test_the_gpu_count_is_asked_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each packed job used to start a second torch (and CUDA) only to count the GPUs: the first job's
+    count is kept in the lock directory for the machine's boot; a new boot asks again."""
+    asked = []
+
+    def count() -> int:
+        asked.append(1)
+        return 3
+
+    monkeypatch.setattr(gpu_slots, "_boot_id", lambda: "boot-a")
+    assert gpu_slots.count_gpus_once(tmp_path, count) == 3 and gpu_slots.count_gpus_once(tmp_path, count) == 3
+    assert len(asked) == 1
+    monkeypatch.setattr(gpu_slots, "_boot_id", lambda: "boot-b")
+    assert gpu_slots.count_gpus_once(tmp_path, count) == 3 and len(asked) == 2
+    monkeypatch.setattr(gpu_slots, "_boot_id", lambda: "")  # no boot id: asked every time, nothing kept
+    gpu_slots.count_gpus_once(tmp_path / "x", count)
+    assert len(asked) == 3 and not (tmp_path / "x").exists()
+    monkeypatch.setattr(gpu_slots, "_boot_id", lambda: "boot-c")  # no GPU: nothing kept (a CPU machine)
+    assert gpu_slots.count_gpus_once(tmp_path / "y", lambda: 0) == 0 and not (tmp_path / "y").exists()

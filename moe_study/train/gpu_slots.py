@@ -22,8 +22,8 @@ This module itself is code of train and evaluate (their code identity, like any 
 
 The GPUs: CUDA_VISIBLE_DEVICES when it is set (a scheduler's or the user's choice: only those are
 candidates; under SLURM the lock names carry the job id, since SLURM may renumber each job's GPUs from
-0), else the count torch sees, read in a child process (a CUDA call here would freeze this process's
-view of CUDA_VISIBLE_DEVICES before it is set). None (a CPU machine, a CPU build of torch): nothing is
+0), else the count torch sees, read in a child process once per boot (count_gpus_once; a CUDA call here
+would freeze this process's view of CUDA_VISIBLE_DEVICES before it is set). None (a CPU machine, a CPU build of torch): nothing is
 claimed and nothing is recorded, so a CPU study's outputs are unchanged.
 
 MOE_STUDY_FAKE_GPUS=N (tests, CI): act as if N GPUs existed; the claim is made and recorded as for real
@@ -137,8 +137,41 @@ def _count_gpus() -> int:
         return 0
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def count_gpus_once(root: Path | None = None, count: Callable[[], int] = _count_gpus) -> int:
+    """`count()` once per boot of the machine, kept in the lock directory (`gpu_count.json`).
+
+    Why: asking torch in a child process costs every job a second torch import and a CUDA start-up
+    (~5-10 s of each packed job's start on the H200, where 4 jobs start at once); the count of GPUs a
+    machine has does not change until it reboots. Without a boot id (not Linux) it is asked every time."""
+    boot = _boot_id()
+    root = lock_dir() if root is None else root
+    cache = root / "gpu_count.json"
+    if boot:
+        try:
+            got = json.loads(cache.read_text())
+            if got.get("boot_id") == boot and isinstance(got.get("count"), int):
+                return got["count"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    n = count()
+    if boot and n > 0:  # a machine without GPUs keeps no file (nothing is written where nothing is claimed)
+        with contextlib.suppress(OSError, ValueError):
+            _prepare(root)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"boot_id": boot, "count": n}))
+            os.replace(tmp, cache)
+    return n
+
+
 def candidates(env: Mapping[str, str] = os.environ,
-               count: Callable[[], int] = _count_gpus) -> tuple[list[str], str, bool]:
+               count: Callable[[], int] | None = None) -> tuple[list[str], str, bool]:
     """(the devices a job may take, the lock-name namespace, fake?).
 
     Fake GPUs first (a test knob); then CUDA_VISIBLE_DEVICES as given (entries up to the first invalid
@@ -155,7 +188,8 @@ def candidates(env: Mapping[str, str] = os.environ,
                 break
             devices.append(d)
         return devices, namespace, False
-    return [str(i) for i in range(count())], namespace, False
+    n = count() if count is not None else count_gpus_once(lock_dir(env))
+    return [str(i) for i in range(n)], namespace, False
 
 
 # ---------------------------------------------------------------------------------------- the claim
@@ -249,7 +283,7 @@ def _pick(root: Path, namespace: str, devices: list[str], share: int) -> tuple[i
 
 
 def claim(label: str, env: MutableMapping[str, str] | None = None, *, poll_s: float = POLL_S,
-          log_every_s: float = LOG_EVERY_S, count: Callable[[], int] = _count_gpus) -> Claim | None:
+          log_every_s: float = LOG_EVERY_S, count: Callable[[], int] | None = None) -> Claim | None:
     """Take a (GPU, slot) for this process, waiting while all are taken; None where there is no GPU.
 
     Sets CUDA_VISIBLE_DEVICES in `env` (os.environ) to the GPU (not for fake GPUs). Idempotent: a
