@@ -23,8 +23,8 @@ This module itself is code of train and evaluate (their code identity, like any 
 The GPUs: CUDA_VISIBLE_DEVICES when it is set (a scheduler's or the user's choice: only those are
 candidates; under SLURM the lock names carry the job id, since SLURM may renumber each job's GPUs from
 0), else the count torch sees, read in a child process once per boot (count_gpus_once; a CUDA call here
-would freeze this process's view of CUDA_VISIBLE_DEVICES before it is set). None (a CPU machine, a CPU build of torch): nothing is
-claimed and nothing is recorded, so a CPU study's outputs are unchanged.
+would freeze this process's view of CUDA_VISIBLE_DEVICES before it is set). None (a CPU machine, a CPU
+build of torch): nothing is claimed and nothing is recorded, so a CPU study's outputs are unchanged.
 
 MOE_STUDY_FAKE_GPUS=N (tests, CI): act as if N GPUs existed; the claim is made and recorded as for real
 GPUs, but CUDA_VISIBLE_DEVICES is left alone (the job runs where it would have: on CPU in CI).
