@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, make_project, run
 
+from moe_study.config.load import load_params
 from moe_study.config.schema import parse_params
 from moe_study.hashing import sha256_json
 from moe_study.remote.bundle import _safe_members
@@ -145,3 +146,40 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     assert summary.startswith("**PARTIAL REPORT: 1 of 2 runs have a record**") and "not yet run: moe_r50" in summary
     assert "| dense |" in summary and "| moe_r50 |" not in summary
     assert (d / "results/ci/summary.md").read_bytes() == in_place["summary.md"]  # the full report untouched
+
+
+@pytest.mark.slow
+def test_a_loan_runs_a_grid_then_its_followers(tmp_path: Path) -> None:
+    """`run --choose-lr`: the driver trains the lr grid, carries its choice into the follower's lr (its copy
+    of the study file) and trains the follower in the same call; at home a plain import refuses the
+    follower's record (its lr is not the study file's yet), `import --choose-lr` makes the same choice from
+    the grid's records first and then takes it."""
+    import yaml
+
+    head = {k: v for k, v in TINY.items() if k != "runs"}
+    head["split"] = {**TINY["split"], "validation_fraction": 0.1}
+    runs = ("runs:\n"
+            "  dense_s0: {kind: dense, seed: 0, group: dense, lr_grid: [3.0e-3, 1.0e-2]}\n"
+            "  dense_s1: {kind: dense, seed: 1, group: dense, lr: 5.0e-3}  # placeholder: not a grid value\n")
+    d = make_project(tmp_path / "proj", {**head, "runs": {"dense": {"kind": "dense"}}})
+    device, home = tmp_path / "device.yaml", tmp_path / "home.yaml"
+    for f in (device, home):
+        f.write_text(yaml.safe_dump(head, sort_keys=False) + runs)
+    out = tmp_path / "out"
+    assert run(["python", "-m", "moe_study.remote", "todo", "--study", str(home)], d).stdout.strip() == \
+        "dense_s0_lr1e-2,dense_s0_lr3e-3"  # the follower waits for its grid
+    r = run(["python", "-m", "moe_study.remote", "run", str(device), "--out", str(out), "--cores", "2", "--batch", "2",
+             "--budget-s", "3000", "--choose-lr"], d)
+    assert "drive: packed ['dense_s0_lr1e-2', 'dense_s0_lr3e-3', 'dense_s1']" in r.stdout, r.stdout[-3000:]
+    chosen = load_params(device).runs["dense_s1"].lr
+    assert chosen in (3e-3, 1e-2) and "# placeholder" in device.read_text()
+
+    bad = run(["python", "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(home)], d,
+              check=False)
+    assert bad.returncode == 2 and "params field runs.dense_s1.lr differs" in bad.stderr, bad.stderr
+    assert not (d / "results/ci/records").exists()  # nothing written
+    r = run(["python", "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(home),
+             "--choose-lr"], d)
+    assert "imported ['dense_s0_lr1e-2', 'dense_s0_lr3e-3', 'dense_s1']" in r.stdout, r.stdout + r.stderr
+    assert load_params(home).runs["dense_s1"].lr == chosen and home.read_text() == device.read_text()
+    assert run(["python", "-m", "moe_study.remote", "todo", "--study", str(home)], d).stdout.strip() == ""

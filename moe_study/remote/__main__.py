@@ -1,9 +1,9 @@
 """`python -m moe_study.remote`: run a study remotely, pack, import and rebuild its report from records.
 
     todo    --study FILE                      the runs whose committed records are missing or stale
-    run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S]   (on the GPU machine: drive)
+    run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S] [--choose-lr]   (on the GPU machine)
     pack    --study FILE --out DIR [--runs a,b]   the finished runs of work/ into DIR/records.tar.gz
-    import  TARBALL --study FILE [--results DIR] [--replace]   into results/<study>/records/<run>/
+    import  TARBALL --study FILE [--results DIR] [--replace] [--choose-lr]   into results/<study>/records/<run>/
     choose-lr --study FILE [--write]         the lr grids' choice into the runs that follow them
     rebuild --study FILE [--results DIR] [--partial]   metrics.duckdb, summary.md, plots from the records alone
 """
@@ -22,6 +22,32 @@ from moe_study.io import ClearError
 
 def _runs(text: str | None) -> list[str] | None:
     return [r for r in text.split(",") if r] if text else None
+
+
+def import_records(study: Path, tarball: Path, results: Path | None = None, replace: bool = False,
+                   choose_lr: bool = False) -> list[str]:
+    """`import`; with `choose_lr` (a loan that ran `run --choose-lr`): first the records that are runs of
+    the study file as it is (the grids among them), then `choose-lr --write` from the records now there,
+    then the rest, each checked against the study file as the choice left it (a follower whose lr is
+    still not the chosen one is refused, naming the field)."""
+    from moe_study.remote.bundle import bundle_records, import_bundle
+    from moe_study.remote.records import RecordError, check_identity
+
+    p = load_params(study)
+    if not choose_lr:
+        return import_bundle(p, tarball, results, replace)
+    first, later = set(), set()
+    for run, record in bundle_records(tarball).items():
+        try:
+            check_identity(p, run, record)
+            first.add(run)
+        except RecordError:
+            later.add(run)
+    wrote = import_bundle(p, tarball, results, replace, only=first)
+    from moe_study.remote.lr_choice import choose
+
+    print(choose(study, results, write=True).splitlines()[-2], file=sys.stderr)
+    return wrote + import_bundle(load_params(study), tarball, results, replace, only=later)
 
 
 def rebuild(study: Path, results: Path | None = None, partial: bool = False) -> str:
@@ -62,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cores", type=int)
     r.add_argument("--gpu-share", type=int, help="passed as --config gpu_share=S --resources gpu_slots=S")
     r.add_argument("--batch", type=int, help="runs per snakemake call (default: the gpu share, else 1)")
+    r.add_argument("--choose-lr", action="store_true",
+                   help="before each batch, carry the finished lr grids' choice to the runs that follow them")
     pk = sub.add_parser("pack")
     pk.add_argument("--study", type=Path, required=True)
     pk.add_argument("--out", type=Path, required=True)
@@ -71,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--study", type=Path, required=True)
     im.add_argument("--results", type=Path, help="default results/<study>")
     im.add_argument("--replace", action="store_true", help="overwrite a different record of the same run")
+    im.add_argument("--choose-lr", action="store_true",
+                    help="import the grids' records, carry their lr choice into the study file, then the rest")
     rb = sub.add_parser("rebuild")
     rb.add_argument("--study", type=Path, required=True)
     rb.add_argument("--results", type=Path, help="default results/<study>")
@@ -90,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "run":
             from moe_study.remote.drive import drive
 
-            drive(a.study, a.out, _runs(a.runs), a.budget_s, a.cores, a.gpu_share, a.batch)
+            drive(a.study, a.out, _runs(a.runs), a.budget_s, a.cores, a.gpu_share, a.batch, choose_lr=a.choose_lr)
         elif a.cmd == "pack":
             from moe_study.remote.bundle import pack
 
@@ -98,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             index = pack(p, _runs(a.runs) or sorted(p.runs), a.out)
             print(f"packed {sorted(index['runs'])}; missing {[m['run'] for m in index['missing']]}")
         elif a.cmd == "import":
-            from moe_study.remote.bundle import import_bundle
-
+            wrote = import_records(a.study, a.tarball, a.results, a.replace, a.choose_lr)
             p = load_params(a.study)
-            wrote = import_bundle(p, a.tarball, a.results, a.replace)
             print(f"imported {wrote or 'nothing new'} into {(a.results or Path('results') / p.study) / 'records'}")
         elif a.cmd == "choose-lr":
             from moe_study.remote.lr_choice import choose

@@ -91,8 +91,21 @@ def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
-def import_bundle(p: Params, tarball: Path, results: Path | None = None, replace: bool = False) -> list[str]:
-    """Validate every run of `tarball` against study `p`, then move each into records/<run>/.
+def bundle_records(tarball: Path) -> dict[str, dict[str, Any]]:
+    """Each run's RECORD.json in `tarball` (read only; nothing is checked or written)."""
+    out = {}
+    with tarfile.open(tarball, "r:gz") as tar:
+        for m in _safe_members(tar):
+            parts = Path(m.name).parts
+            if len(parts) == 3 and parts[0] == "runs" and parts[2] == RECORD:
+                out[parts[1]] = json.loads(tar.extractfile(m).read())
+    return out
+
+
+def import_bundle(p: Params, tarball: Path, results: Path | None = None, replace: bool = False,
+                  only: set[str] | None = None) -> list[str]:
+    """Validate every run of `tarball` (or those in `only`) against study `p`, then move each into
+    records/<run>/.
 
     A run whose identical record is already there is skipped; a different one is refused unless
     `replace`. Returns the runs written."""
@@ -102,6 +115,9 @@ def import_bundle(p: Params, tarball: Path, results: Path | None = None, replace
             tar.extractall(tmp, members=_safe_members(tar), filter="data")
         runs_dir = Path(tmp) / "runs"
         runs = sorted(d.name for d in runs_dir.iterdir()) if runs_dir.is_dir() else []
+        runs = [r for r in runs if only is None or r in only]
+        if not runs and only is not None:
+            return []
         if not runs:
             raise RecordError(f"{tarball}: no run records in it")
         todo = []

@@ -7,9 +7,11 @@ one call must (1) rebuild the data stages, (2) train only the runs whose records
 moe_study/registry.py), so a record made there is the record `snakemake` makes anywhere.
 
 Runs go in batches (one `snakemake --keep-going` each, targets `work/collect/<run>`; a batch is
-`--batch` runs, default the `--gpu-share`, so packed jobs share the GPU). A batch starts only if the
-slowest batch so far (the first includes the data stages) fits in the time left; a batch still running
-at the deadline is stopped (SIGTERM to its process group) so that the pack always happens.
+`--batch` runs, default the `--gpu-share`, so packed jobs share the GPU), the next batch taken from the
+runs still to do after each one. A batch starts only if the slowest batch so far (the first includes the
+data stages) fits in the time left; a batch still running at the deadline is stopped (SIGTERM to its
+process group) so that the pack always happens. `--choose-lr` lets a loan run an lr grid and then the runs
+that follow it (see `drive`).
 """
 
 from __future__ import annotations
@@ -72,42 +74,65 @@ def _run_until(cmd: list[str], log: Path, deadline: float) -> tuple[int, float, 
 
 
 def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float = 480, cores: int | None = None,
-          gpu_share: int | None = None, batch: int | None = None, snakemake_args: list[str] = ()) -> dict[str, Any]:
+          gpu_share: int | None = None, batch: int | None = None, snakemake_args: list[str] = (),
+          choose_lr: bool = False) -> dict[str, Any]:
+    """`runs` (default: records.todo_runs, recomputed after every batch) in batches of `batch` runs.
+
+    `choose_lr`: before each batch, the lr grids finished so far (records, or work/collect here) are
+    carried to the runs that follow them (moe_study.remote.lr_choice, written into this machine's copy
+    of the study file), so one loan can run a grid and then its followers; at home, `import --choose-lr`
+    makes the same choice from the same records before it imports the followers' records."""
     t0 = time.monotonic()
     deadline = t0 + budget_s
-    expand_study(study)
-    p = load_params(PARAMS)
-    runs = runs if runs is not None else todo_runs(p)
-    unknown = sorted(set(runs) - set(p.runs))
-    if unknown:
-        raise SystemExit(f"error: runs {unknown} are not in {study} (runs: {', '.join(sorted(p.runs))})")
+    collect = Path("work/collect")
+
+    def current() -> Any:
+        if choose_lr:
+            from moe_study.remote.lr_choice import choose
+
+            print("drive: choose-lr:", " ".join(choose(study, write=True, collect=collect).splitlines()[-2:]),
+                  flush=True)
+        expand_study(study)
+        return load_params(PARAMS)
+
+    p = current()
+    if runs is not None:
+        unknown = sorted(set(runs) - set(p.runs))
+        if unknown:
+            raise SystemExit(f"error: runs {unknown} are not in {study} (runs: {', '.join(sorted(p.runs))})")
+
+    def todo() -> list[str]:
+        return [r for r in (runs if runs is not None else todo_runs(p, collect=collect)) if r not in attempted]
+
     cores = cores or os.cpu_count() or 1
     size = batch or gpu_share or 1
-    batches = [runs[i:i + size] for i in range(0, len(runs), size)]
     logs_dir = Path("work/logs")
     logs_dir.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
+    attempted: list[str] = []
     slowest = 0.0
-    print(f"drive: study {p.study}, {len(runs)} runs to do in {len(batches)} batches, budget {budget_s:.0f} s",
+    print(f"drive: study {p.study}, {len(todo())} runs to do now, batches of {size}, budget {budget_s:.0f} s",
           flush=True)
-    for i, b in enumerate(batches):
+    while b := todo()[:size]:
         left = deadline - time.monotonic()
         if done and slowest > left:
             print(f"drive: stop: {left:.0f} s left, a batch took up to {slowest:.0f} s", flush=True)
             break
         cmd = snakemake_cmd(b, cores, gpu_share, list(snakemake_args))
         print("drive:", " ".join(cmd), flush=True)
-        log = logs_dir / f"snakemake-{i}.log"
+        log = logs_dir / f"snakemake-{len(done)}.log"
         rc, secs, stopped = _run_until(cmd, log, deadline)
         print(log.read_text()[-3000:], flush=True)
         slowest = max(slowest, secs)
         done.append({"runs": b, "command": " ".join(cmd), "rc": rc, "seconds": round(secs, 1), "stopped": stopped})
-        print(f"drive: batch {i} {b}: rc {rc}, {secs:.0f} s{' (stopped at the deadline)' if stopped else ''}",
-              flush=True)
+        attempted += b
+        note = " (stopped at the deadline)" if stopped else ""
+        print(f"drive: batch {len(done) - 1} {b}: rc {rc}, {secs:.0f} s{note}", flush=True)
         if stopped:
             break
-    attempted = [r for d in done for r in d["runs"]]
-    extra = {"budget_s": budget_s, "batches": done, "not_started": [r for r in runs if r not in attempted],
+        if choose_lr:
+            p = current()
+    extra = {"budget_s": budget_s, "batches": done, "not_started": todo(), "choose_lr": choose_lr,
              "cores": cores, "gpu_share": gpu_share, "drive_seconds": round(time.monotonic() - t0, 1)}
     index = pack(p, attempted, out, extra=extra, logs=sorted(logs_dir.glob("snakemake-*.log")))
     print(f"drive: packed {sorted(index['runs'])} into {out}/records.tar.gz "

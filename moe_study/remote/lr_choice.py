@@ -56,20 +56,36 @@ def _key(p: Params, run: str) -> tuple[str, float, float]:
     return spec.kind, float(spec.compute_scale), float(plan_run(p, run).arch.activation_rate)
 
 
-def grids(p: Params, results: Path | None = None) -> dict[str, Grid]:
-    """Every group that holds runs at more than one lr, with choose_lr's rows once all its runs have records."""
+def _run_rows(p: Params, runs: tuple[str, ...], results: Path | None, collect: Path | None
+              ) -> list[dict[str, Any]] | None:
+    """Each run's row (run.parquet) from its committed record, else from `collect` (the collect stage's
+    work/collect/<run>/ on the machine that trained it); None while one of them has neither."""
+    done = set(done_runs(p, results))
+    paths = []
+    for r in runs:
+        if r in done:
+            paths.append(records_dir(p, results) / r / "run.parquet")
+        elif collect is not None and (collect / r / "run.parquet").is_file():
+            paths.append(collect / r / "run.parquet")
+        else:
+            return None
+    return [pq.read_table(f).to_pylist()[0] for f in paths]
+
+
+def grids(p: Params, results: Path | None = None, collect: Path | None = None) -> dict[str, Grid]:
+    """Every group that holds runs at more than one lr, with choose_lr's rows once all its grid runs have
+    finished (a committed record, or a row in `collect`)."""
     by_group: dict[str, list[str]] = {}
     for name, spec in p.runs.items():
         by_group.setdefault(spec.group or name, []).append(name)
-    done = set(done_runs(p, results))
     out = {}
     for group, runs in sorted(by_group.items()):
         if len({p.runs[r].lr for r in runs}) < 2:
             continue
         grid_runs = tuple(sorted(r for r in runs if re.search(r"_lr[^_]+$", r))) or tuple(sorted(runs))
         rows: tuple[dict[str, Any], ...] = ()
-        if set(grid_runs) <= done:  # the grid alone: runs trained later at the chosen lr do not vote
-            table = [pq.read_table(records_dir(p, results) / r / "run.parquet").to_pylist()[0] for r in grid_runs]
+        table = _run_rows(p, grid_runs, results, collect)  # the grid alone: runs at the chosen lr do not vote
+        if table is not None:
             rows = tuple(choose_lr(table))
         out[group] = Grid(group, *_key(p, grid_runs[0]), runs=grid_runs, rows=rows)
     return out
@@ -152,11 +168,11 @@ def markdown(p: Params, by: dict[str, Grid], rows: list[dict[str, Any]], study: 
     return "\n".join(out) + "\n"
 
 
-def pending_runs(p: Params, results: Path | None = None) -> dict[str, str]:
+def pending_runs(p: Params, results: Path | None = None, collect: Path | None = None) -> dict[str, str]:
     """Runs that must not train yet, with why: they follow a grid that lacks records of some of its runs,
     or their lr is not their grid's choice (a placeholder not yet replaced by `choose-lr --write`)."""
     out = {}
-    for r in assignments(p, grids(p, results)):
+    for r in assignments(p, grids(p, results, collect)):
         if r["lr_chosen"] is None:
             out[r["run"]] = f"its lr follows grid {r['follows']}, which is not complete yet"
         elif r["lr_now"] != r["lr_chosen"]:
@@ -165,11 +181,12 @@ def pending_runs(p: Params, results: Path | None = None) -> dict[str, str]:
     return out
 
 
-def choose(study: Path, results: Path | None = None, write: bool = False) -> str:
+def choose(study: Path, results: Path | None = None, write: bool = False, collect: Path | None = None) -> str:
     """The choice as Markdown; `write`: each run that follows a complete grid gets its chosen lr in the study
-    file (runs of grids still incomplete keep theirs and stay pending), and lr_choice.md is written."""
+    file (runs of grids still incomplete keep theirs and stay pending), and lr_choice.md is written.
+    `collect`: grid runs finished here but not yet recorded count too (the driver on a lent machine)."""
     p = load_params(study)
-    by = grids(p, results)
+    by = grids(p, results, collect)
     if not by:
         raise LrChoiceError(f"{study}: no group has runs at more than one lr (no grid to choose from)")
     rows = assignments(p, by)

@@ -139,12 +139,13 @@ def done_runs(p: Params, results: Path | None = None) -> list[str]:
     return done
 
 
-def todo_runs(p: Params, results: Path | None = None) -> list[str]:
-    """The runs still to train: no current record, and not waiting for an lr grid (lr_choice.pending_runs)."""
+def todo_runs(p: Params, results: Path | None = None, collect: Path | None = None) -> list[str]:
+    """The runs still to train: no current record, and not waiting for an lr grid (lr_choice.pending_runs;
+    `collect`: grid runs finished on this machine but not recorded yet count as finished)."""
     from moe_study.remote.lr_choice import pending_runs  # it reads records: imported here, not at the top
 
     done = set(done_runs(p, results))
-    pending = pending_runs(p, results)
+    pending = pending_runs(p, results, collect)
     return [r for r in sorted(p.runs) if r not in done and r not in pending]
 
 
