@@ -183,3 +183,18 @@ def test_a_loan_runs_a_grid_then_its_followers(tmp_path: Path) -> None:
     assert "imported ['dense_s0_lr1e-2', 'dense_s0_lr3e-3', 'dense_s1']" in r.stdout, r.stdout + r.stderr
     assert load_params(home).runs["dense_s1"].lr == chosen and home.read_text() == device.read_text()
     assert run(["python", "-m", "moe_study.remote", "todo", "--study", str(home)], d).stdout.strip() == ""
+
+
+def test_a_later_call_on_a_warm_machine_sends_only_what_changed(tmp_path: Path, monkeypatch) -> None:
+    """Runs an earlier call of the same loan packed unchanged are not packed again (one $OUT file is 16 MiB)."""
+    from moe_study.remote import drive as drv
+
+    monkeypatch.chdir(tmp_path)
+    collect = Path("work/collect")
+    for r in ("a", "b", "c"):
+        (collect / r).mkdir(parents=True)
+        (collect / r / "run.parquet").write_bytes(r.encode())
+    assert drv.unpacked(["a", "b"], collect) == (["a", "b"], [])
+    drv.remember_packed(["a", "b"], collect)
+    (collect / "b" / "run.parquet").write_bytes(b"rebuilt")  # re-run since: its new record must go home
+    assert drv.unpacked(["a", "b", "c", "d"], collect) == (["b", "c", "d"], ["a"])

@@ -16,6 +16,7 @@ that follow it (see `drive`).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_study.config.load import load_params
+from moe_study.hashing import sha256_file
 from moe_study.io import ROOT
 from moe_study.remote.bundle import pack
 from moe_study.remote.records import todo_runs
@@ -134,7 +136,33 @@ def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float
             p = current()
     extra = {"budget_s": budget_s, "batches": done, "not_started": todo(), "choose_lr": choose_lr,
              "cores": cores, "gpu_share": gpu_share, "drive_seconds": round(time.monotonic() - t0, 1)}
-    index = pack(p, attempted, out, extra=extra, logs=sorted(logs_dir.glob("snakemake-*.log")))
+    to_pack, skipped = unpacked(attempted, collect)
+    extra["packed_by_an_earlier_call"] = skipped
+    index = pack(p, to_pack, out, extra=extra, logs=sorted(logs_dir.glob("snakemake-*.log")))
+    remember_packed(index["runs"], collect)
     print(f"drive: packed {sorted(index['runs'])} into {out}/records.tar.gz "
-          f"({index['tarball_bytes'] / 2**20:.2f} MiB); missing {[m['run'] for m in index['missing']]}", flush=True)
+          f"({index['tarball_bytes'] / 2**20:.2f} MiB); missing {[m['run'] for m in index['missing']]}"
+          f"{f'; already sent by an earlier call here: {skipped}' if skipped else ''}", flush=True)
     return index
+
+
+PACKED = Path("work/remote/packed.json")  # on the lent machine: what earlier calls of this loan sent home
+
+
+def unpacked(runs: list[str], collect: Path) -> tuple[list[str], list[str]]:
+    """(runs to pack, runs an earlier call on this machine already packed unchanged): a warm machine keeps
+    work/, so each later call re-targets the finished runs (Snakemake finds them up to date); sending their
+    records again would only fill the 16 MiB that $OUT returns per file."""
+    sent = json.loads(PACKED.read_text()) if PACKED.is_file() else {}
+    fresh, again = [], []
+    for r in runs:
+        f = collect / r / "run.parquet"
+        (again if f.is_file() and sent.get(r) == sha256_file(f) else fresh).append(r)
+    return fresh, again
+
+
+def remember_packed(runs: Any, collect: Path) -> None:
+    sent = json.loads(PACKED.read_text()) if PACKED.is_file() else {}
+    sent.update({r: sha256_file(collect / r / "run.parquet") for r in runs})
+    PACKED.parent.mkdir(parents=True, exist_ok=True)
+    PACKED.write_text(json.dumps(sent, indent=1, sort_keys=True))
