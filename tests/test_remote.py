@@ -88,6 +88,11 @@ def test_drive_starts_no_batch_that_cannot_end_in_the_budget(tmp_path: Path, mon
     assert parsed[0].resources == ["gpu_slots=2"] or parsed[0].resources == {"gpu_slots": 2}
     assert parsed[0].config == ["gpu_share=2"] or parsed[0].config == {"gpu_share": 2}
     assert index["drive"]["not_started"] == ["dense_s2"]
+
+    calls.clear()  # --fill: batches start until the deadline (a warm machine resumes what the deadline cuts)
+    clock[0] = 0.0
+    index = drv.drive(Path("study.yaml"), tmp_path / "out2", budget_s=250, gpu_share=2, batch=1, fill=True)
+    assert [c[1] for c in calls] == ["work/collect/dense_s0", "work/collect/dense_s1", "work/collect/dense_s2"]
     assert [m["run"] for m in json.loads((tmp_path / "out/index.json").read_text())["missing"]] == [
         "dense_s0", "dense_s1"]
 

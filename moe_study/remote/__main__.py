@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch", type=int, help="runs per snakemake call (default: the gpu share, else 1)")
     r.add_argument("--choose-lr", action="store_true",
                    help="before each batch, carry the finished lr grids' choice to the runs that follow them")
+    r.add_argument("--fill", action="store_true",
+                   help="start batches until the deadline (a warm machine resumes cut runs from checkpoints)")
     pk = sub.add_parser("pack")
     pk.add_argument("--study", type=Path, required=True)
     pk.add_argument("--out", type=Path, required=True)
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "run":
             from moe_study.remote.drive import drive
 
-            drive(a.study, a.out, _runs(a.runs), a.budget_s, a.cores, a.gpu_share, a.batch, choose_lr=a.choose_lr)
+            drive(a.study, a.out, _runs(a.runs), a.budget_s, a.cores, a.gpu_share, a.batch, choose_lr=a.choose_lr,
+                  fill=a.fill)
         elif a.cmd == "pack":
             from moe_study.remote.bundle import pack
 

@@ -77,13 +77,17 @@ def _run_until(cmd: list[str], log: Path, deadline: float) -> tuple[int, float, 
 
 def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float = 480, cores: int | None = None,
           gpu_share: int | None = None, batch: int | None = None, snakemake_args: list[str] = (),
-          choose_lr: bool = False) -> dict[str, Any]:
+          choose_lr: bool = False, fill: bool = False) -> dict[str, Any]:
     """`runs` (default: records.todo_runs, recomputed after every batch) in batches of `batch` runs.
 
     `choose_lr`: before each batch, the lr grids finished so far (records, or work/collect here) are
     carried to the runs that follow them (moe_study.remote.lr_choice, written into this machine's copy
     of the study file), so one loan can run a grid and then its followers; at home, `import --choose-lr`
-    makes the same choice from the same records before it imports the followers' records."""
+    makes the same choice from the same records before it imports the followers' records.
+
+    `fill`: start batches until the deadline, even one that cannot end in the time left: on a machine
+    that stays warm for the next call (work/ kept), a run cut at the deadline resumes there from its last
+    checkpoint (train.checkpoint_every), so the call's last minutes are not left idle."""
     t0 = time.monotonic()
     deadline = t0 + budget_s
     collect = Path("work/collect")
@@ -117,7 +121,7 @@ def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float
           flush=True)
     while b := todo()[:size]:
         left = deadline - time.monotonic()
-        if done and slowest > left:
+        if done and (left < 5 if fill else slowest > left):
             print(f"drive: stop: {left:.0f} s left, a batch took up to {slowest:.0f} s", flush=True)
             break
         cmd = snakemake_cmd(b, cores, gpu_share, list(snakemake_args))
