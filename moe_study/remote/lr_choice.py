@@ -13,7 +13,9 @@ Which grid a run follows: its own group when that group has a grid; otherwise th
 kind and compute scale at the nearest activation rate (the planned r_a; dense is 1), e.g. the larger size's
 l_r08 (r_a 0.083) follows s_r09 (0.088). `python -m moe_study.remote choose-lr --study FILE` prints the
 table; `--write` edits each such run's `lr:` in the file (its one line, comments kept) and writes
-results/<study>/lr_choice.md.
+results/<study>/lr_choice.md. The rule is implicit: in a study with a grid, a run of the same kind and
+compute scale whose lr was set by hand to something else is held back by `remote todo` (pending_runs says
+why); run it with `--runs`, or give it a grid of its own.
 """
 
 from __future__ import annotations
