@@ -153,41 +153,63 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     assert (d / "results/ci/summary.md").read_bytes() == in_place["summary.md"]  # the full report untouched
 
 
-@pytest.mark.slow
-def test_a_loan_runs_a_grid_then_its_followers(tmp_path: Path) -> None:
-    """`run --choose-lr`: the driver trains the lr grid, carries its choice into the follower's lr (its copy
-    of the study file) and trains the follower in the same call; at home a plain import refuses the
-    follower's record (its lr is not the study file's yet), `import --choose-lr` makes the same choice from
-    the grid's records first and then takes it."""
+def test_a_loan_runs_a_grid_then_its_followers(tmp_path: Path, monkeypatch) -> None:
+    """`run --choose-lr`: the driver runs the lr grid, carries its choice into the follower's lr (its copy of
+    the study file) and runs the follower in the same call; at home a plain import refuses the follower's
+    record (its lr is not the study file's yet), `import --choose-lr` makes the same choice from the grid's
+    records first and then takes it. Snakemake is faked here (each batch writes its runs' collect rows;
+    the real driver path is test_drive_pack_import_rebuild)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import yaml
 
+    from moe_study.remote import drive as drv
+    from moe_study.remote.__main__ import import_records
+    from moe_study.remote.records import RecordError
+    from moe_study.remote.todo import todo_runs
+
     head = {k: v for k, v in TINY.items() if k != "runs"}
-    head["split"] = {**TINY["split"], "validation_fraction": 0.1}
     runs = ("runs:\n"
             "  dense_s0: {kind: dense, seed: 0, group: dense, lr_grid: [3.0e-3, 1.0e-2]}\n"
             "  dense_s1: {kind: dense, seed: 1, group: dense, lr: 5.0e-3}  # placeholder: not a grid value\n")
-    d = make_project(tmp_path / "proj", {**head, "runs": {"dense": {"kind": "dense"}}})
     device, home = tmp_path / "device.yaml", tmp_path / "home.yaml"
     for f in (device, home):
         f.write_text(yaml.safe_dump(head, sort_keys=False) + runs)
-    out = tmp_path / "out"
-    assert run(["python", "-m", "moe_study.remote", "todo", "--study", str(home)], d).stdout.strip() == \
-        "dense_s0_lr1e-2,dense_s0_lr3e-3"  # the follower waits for its grid
-    r = run(["python", "-m", "moe_study.remote", "run", str(device), "--out", str(out), "--cores", "2", "--batch", "2",
-             "--budget-s", "3000", "--choose-lr"], d)
-    assert "drive: packed ['dense_s0_lr1e-2', 'dense_s0_lr3e-3', 'dense_s1']" in r.stdout, r.stdout[-3000:]
-    chosen = load_params(device).runs["dense_s1"].lr
-    assert chosen in (3e-3, 1e-2) and "# placeholder" in device.read_text()
+    monkeypatch.chdir(tmp_path)
+    assert todo_runs(load_params(home)) == ["dense_s0_lr1e-2", "dense_s0_lr3e-3"]  # the follower waits
+    validation = {"dense_s0_lr3e-3": 2.5, "dense_s0_lr1e-2": 2.1, "dense_s1": 2.3}  # 1e-2 wins
+    calls = []
 
-    bad = run(["python", "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(home)], d,
-              check=False)
-    assert bad.returncode == 2 and "params field runs.dense_s1.lr differs" in bad.stderr, bad.stderr
-    assert not (d / "results/ci/records").exists()  # nothing written
-    r = run(["python", "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(home),
-             "--choose-lr"], d)
-    assert "imported ['dense_s0_lr1e-2', 'dense_s0_lr3e-3', 'dense_s1']" in r.stdout, r.stdout + r.stderr
-    assert load_params(home).runs["dense_s1"].lr == chosen and home.read_text() == device.read_text()
-    assert run(["python", "-m", "moe_study.remote", "todo", "--study", str(home)], d).stdout.strip() == ""
+    def fake_run(cmd, log, deadline):  # what snakemake leaves: each target run's collect rows
+        targets = [c.split("/")[-1] for c in cmd if c.startswith("work/collect/")]
+        calls.append(targets)
+        p = load_params(Path("params.yaml"))
+        for r in targets:
+            d = Path("work/collect") / r
+            d.mkdir(parents=True)
+            row = {"run_id": r, "study": "ci", "grp": "dense", "lr": p.runs[r].lr, "validation_loss": validation[r],
+                   "validation_bpb": 1.0, "val_loss": 1.0, "val_bpb": 1.0}
+            pq.write_table(pa.Table.from_pylist([row]), d / "run.parquet")
+            (Path("work/runs") / r).mkdir(parents=True)
+            (Path("work/runs") / r / "train.json").write_text(json.dumps({"wall_seconds": 1.0, "device": "cpu"}))
+        log.write_text("")
+        return 0, 1.0, False
+
+    monkeypatch.setattr(drv, "_run_until", fake_run)
+    index = drv.drive(device, tmp_path / "out", budget_s=100, batch=2, choose_lr=True)
+    assert calls == [["dense_s0_lr1e-2", "dense_s0_lr3e-3"], ["dense_s1"]]
+    assert sorted(index["runs"]) == ["dense_s0_lr1e-2", "dense_s0_lr3e-3", "dense_s1"] and not index["missing"]
+    assert load_params(device).runs["dense_s1"].lr == 1e-2 and "# placeholder" in device.read_text()
+    assert Path("results/ci/lr_choice.md").read_text().count("**chosen**") == 1
+
+    tarball = tmp_path / "out/records.tar.gz"
+    with pytest.raises(RecordError, match="params field runs.dense_s1.lr differs"):
+        import_records(home, tarball)
+    assert not Path("results/ci/records").exists()  # nothing written
+    assert import_records(home, tarball, choose_lr=True) == ["dense_s0_lr1e-2", "dense_s0_lr3e-3", "dense_s1"]
+    assert home.read_text() == device.read_text() and todo_runs(load_params(home)) == []
 
 
 def test_a_later_call_on_a_warm_machine_sends_only_what_changed(tmp_path: Path, monkeypatch) -> None:

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s remote %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if a.cmd == "todo":
-            from moe_study.remote.records import todo_runs
+            from moe_study.remote.todo import todo_runs
 
             print(",".join(todo_runs(load_params(a.study))))
         elif a.cmd == "run":

@@ -2,7 +2,7 @@
 
 Why: a lent GPU machine runs one command for at most 10 minutes and forgets its disk right after, so
 one call must (1) rebuild the data stages, (2) train only the runs whose records are not committed yet
-(records.todo_runs, or `--runs`), (3) stop starting runs that cannot finish before the budget, and
+(todo.todo_runs, or `--runs`), (3) stop starting runs that cannot finish before the budget, and
 (4) pack what finished into $OUT, all through the pipeline's own command (`snakemake`, the DAG of
 moe_study/registry.py), so a record made there is the record `snakemake` makes anywhere.
 
@@ -29,7 +29,7 @@ from moe_study.config.load import load_params
 from moe_study.hashing import sha256_file
 from moe_study.io import ROOT
 from moe_study.remote.bundle import pack
-from moe_study.remote.records import todo_runs
+from moe_study.remote.todo import todo_runs
 
 PARAMS = Path("params.yaml")
 
@@ -78,7 +78,7 @@ def _run_until(cmd: list[str], log: Path, deadline: float) -> tuple[int, float, 
 def drive(study: Path, out: Path, runs: list[str] | None = None, budget_s: float = 480, cores: int | None = None,
           gpu_share: int | None = None, batch: int | None = None, snakemake_args: list[str] = (),
           choose_lr: bool = False, fill: bool = False) -> dict[str, Any]:
-    """`runs` (default: records.todo_runs, recomputed after every batch) in batches of `batch` runs.
+    """`runs` (default: todo.todo_runs, recomputed after every batch) in batches of `batch` runs.
 
     `choose_lr`: before each batch, the lr grids finished so far (records, or work/collect here) are
     carried to the runs that follow them (moe_study.remote.lr_choice, written into this machine's copy

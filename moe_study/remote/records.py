@@ -3,7 +3,7 @@
 Why: a study trained on a lent machine comes home as records, not as work/ (model weights and the data
 stages stay there). A record is committed under results/<study>/records/<run>/, so the summary can be
 rebuilt on any CPU from git alone (moe_study.remote.rebuild) and a later loan can tell which runs are
-done (todo_runs). Its layout:
+done (moe_study.remote.todo). Its layout:
 
 - `run.parquet`, `steps.parquet`, `expert_load.parquet` (MoE), `docs.parquet`: the collect stage's
   output as is, so `results/<study>/records` is a drop-in `collect_dir` for the aggregate;
@@ -137,16 +137,6 @@ def done_runs(p: Params, results: Path | None = None) -> list[str]:
             continue
         done.append(run)
     return done
-
-
-def todo_runs(p: Params, results: Path | None = None, collect: Path | None = None) -> list[str]:
-    """The runs still to train: no current record, and not waiting for an lr grid (lr_choice.pending_runs;
-    `collect`: grid runs finished on this machine but not recorded yet count as finished)."""
-    from moe_study.remote.lr_choice import pending_runs  # it reads records: imported here, not at the top
-
-    done = set(done_runs(p, results))
-    pending = pending_runs(p, results, collect)
-    return [r for r in sorted(p.runs) if r not in done and r not in pending]
 
 
 def make_record(p: Params, run: str, dest: Path, work: Path = Path("work"),

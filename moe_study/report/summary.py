@@ -237,7 +237,11 @@ def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str
 
 
 def plot_training_curves(dest: Path, runs: list[dict[str, Any]], steps: list[dict[str, Any]], study: str) -> None:
-    """Training loss vs tokens seen, one line per run, one colour per group."""
+    """Training loss vs tokens seen, one colour per group: each run's per-step loss faint, and its trailing
+    mean over 2% of its steps drawn over it (a step's loss varies with the documents in its batch: on a
+    corpus of files of very different kinds, by ±1 nat, which hides the curves' differences)."""
+    import numpy as np
+
     plt = _pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     grp_of = {r["run_id"]: r["grp"] for r in runs}
@@ -249,13 +253,18 @@ def plot_training_curves(dest: Path, runs: list[dict[str, Any]], steps: list[dic
         if not pts:
             continue
         g = grp_of[run]
-        ax.plot([s["tokens"] for s in pts], [s["loss"] for s in pts], lw=0.8, color=colors[grps.index(g) % len(colors)],
-                label=None if g in seen else g)
+        color = colors[grps.index(g) % len(colors)]
+        tokens, loss = np.array([s["tokens"] for s in pts]), np.array([s["loss"] for s in pts], dtype=float)
+        k = max(1, len(loss) // 50)
+        mean = np.convolve(loss, np.ones(k) / k, mode="valid")  # mean[i] = mean of loss[i .. i+k-1]
+        if k > 1:
+            ax.plot(tokens, loss, lw=0.4, alpha=0.2, color=color)
+        ax.plot(tokens[k - 1:], mean, lw=1.0, color=color, label=None if g in seen else g)
         seen.add(g)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"{study}: training curves")
+    ax.set_title(f"{study}: training curves (faint: each step; line: mean of the last 2% of steps)", fontsize=9)
     if seen:
         ax.legend(fontsize=7)
     _save(fig, dest)
