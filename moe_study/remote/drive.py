@@ -27,7 +27,7 @@ from typing import Any
 
 from moe_study.config.load import load_params
 from moe_study.hashing import sha256_file
-from moe_study.io import ROOT
+from moe_study.io import ROOT, write_json
 from moe_study.remote.bundle import pack
 from moe_study.remote.todo import todo_runs
 
@@ -157,7 +157,7 @@ def unpacked(runs: list[str], collect: Path) -> tuple[list[str], list[str]]:
     """(runs to pack, runs an earlier call on this machine already packed unchanged): a warm machine keeps
     work/, so each later call re-targets the finished runs (Snakemake finds them up to date); sending their
     records again would only fill the 16 MiB that $OUT returns per file."""
-    sent = json.loads(PACKED.read_text()) if PACKED.is_file() else {}
+    sent = _sent()
     fresh, again = [], []
     for r in runs:
         f = collect / r / "run.parquet"
@@ -165,8 +165,12 @@ def unpacked(runs: list[str], collect: Path) -> tuple[list[str], list[str]]:
     return fresh, again
 
 
+def _sent() -> dict[str, str]:
+    """run -> sha256 of the run.parquet an earlier call of this loan packed."""
+    return json.loads(PACKED.read_text()) if PACKED.is_file() else {}
+
+
 def remember_packed(runs: Any, collect: Path) -> None:
-    sent = json.loads(PACKED.read_text()) if PACKED.is_file() else {}
-    sent.update({r: sha256_file(collect / r / "run.parquet") for r in runs})
+    sent = _sent() | {r: sha256_file(collect / r / "run.parquet") for r in runs}
     PACKED.parent.mkdir(parents=True, exist_ok=True)
-    PACKED.write_text(json.dumps(sent, indent=1, sort_keys=True))
+    write_json(PACKED, sent)

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 from moe_study.accounting import plan_run
 from moe_study.config.load import load_params
-from moe_study.config.schema import Params
-from moe_study.io import ClearError, write_bytes
+from moe_study.config.schema import Params, ParamsError
+from moe_study.io import ClearError, atomic_path, write_bytes
 from moe_study.remote.records import done_runs, records_dir
 from moe_study.report.aggregate import choose_lr
 
@@ -58,11 +58,11 @@ def _key(p: Params, run: str) -> tuple[str, float, float]:
     return spec.kind, float(spec.compute_scale), float(plan_run(p, run).arch.activation_rate)
 
 
-def _run_rows(p: Params, runs: tuple[str, ...], results: Path | None, collect: Path | None
+def _run_rows(p: Params, runs: tuple[str, ...], done: set[str], results: Path | None, collect: Path | None
               ) -> list[dict[str, Any]] | None:
-    """Each run's row (run.parquet) from its committed record, else from `collect` (the collect stage's
-    work/collect/<run>/ on the machine that trained it); None while one of them has neither."""
-    done = set(done_runs(p, results))
+    """Each run's row (run.parquet) from its committed record (`done`: the runs that have a current one),
+    else from `collect` (the collect stage's work/collect/<run>/ on the machine that trained it); None
+    while one of them has neither."""
     paths = []
     for r in runs:
         if r in done:
@@ -80,13 +80,14 @@ def grids(p: Params, results: Path | None = None, collect: Path | None = None) -
     by_group: dict[str, list[str]] = {}
     for name, spec in p.runs.items():
         by_group.setdefault(spec.group or name, []).append(name)
+    done = set(done_runs(p, results))  # once: it reads and checks every committed RECORD.json
     out = {}
     for group, runs in sorted(by_group.items()):
         if len({p.runs[r].lr for r in runs}) < 2:
             continue
         grid_runs = tuple(sorted(r for r in runs if re.search(r"_lr[^_]+$", r))) or tuple(sorted(runs))
         rows: tuple[dict[str, Any], ...] = ()
-        table = _run_rows(p, grid_runs, results, collect)  # the grid alone: runs at the chosen lr do not vote
+        table = _run_rows(p, grid_runs, done, results, collect)  # the grid alone: runs at the chosen lr do not vote
         if table is not None:
             rows = tuple(choose_lr(table))
         out[group] = Grid(group, *_key(p, grid_runs[0]), runs=grid_runs, rows=rows)
@@ -134,11 +135,15 @@ def write_study(path: Path, rows: list[dict[str, Any]]) -> list[str]:
         if new != lines[i]:
             lines[i] = new
             changed.append(row["run"])
-    write_bytes(path, "".join(lines).encode())
-    p = load_params(path)
-    wrong = [r["run"] for r in rows if p.runs[r["run"]].lr != r["lr_chosen"]]
-    if wrong:
-        raise LrChoiceError(f"{path}: after writing, runs {wrong} do not have their chosen lr")
+    with atomic_path(path) as tmp:  # checked before it replaces the file: a failed check leaves it as it was
+        tmp.write_text("".join(lines))
+        try:
+            p = load_params(tmp)
+        except ParamsError as err:
+            raise LrChoiceError(f"{path}: the edited file does not validate ({err}); left unchanged") from None
+        wrong = [r["run"] for r in rows if p.runs[r["run"]].lr != r["lr_chosen"]]
+        if wrong:
+            raise LrChoiceError(f"{path}: once edited, runs {wrong} would not have their chosen lr; left unchanged")
     return changed
 
 
