@@ -201,6 +201,24 @@ def test_the_torch_state_round_trips_through_weights_only(tmp_path: Path) -> Non
     assert back["rng"]["python"] == state["rng"]["python"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the engine loads onto the training device")
+def test_a_client_state_loaded_onto_the_gpu_comes_back_on_the_host(tmp_path: Path) -> None:
+    """The engine's torch.load uses map_location = its device; resuming on a GPU once failed in from_safe
+    (numpy of a CUDA tensor) and would have in set_rng_state (CPU ByteTensor only)."""
+    import numpy as np
+
+    torch.zeros(1, device="cuda")  # CUDA initialised, so rng_state records the CUDA generators too
+    state = {"rng": checkpoint.rng_state(), "a": np.arange(5, dtype=np.uint32)}
+    assert "cuda" in state["rng"]
+    torch.save(checkpoint.to_safe(state), tmp_path / "s.pt")
+    back = checkpoint.from_safe(torch.load(tmp_path / "s.pt", map_location="cuda", weights_only=True))
+    assert (back["a"] == state["a"]).all()
+    assert back["rng"]["torch"].device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in back["rng"]["cuda"])
+    checkpoint.set_rng_state(back["rng"])
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+
+
 # --------------------------------------------------------------------------------------- 4 integrity
 def flip(path: Path) -> None:
     data = bytearray(path.read_bytes())

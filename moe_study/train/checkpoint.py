@@ -105,9 +105,15 @@ def to_safe(obj: Any) -> Any:
 
 
 def from_safe(obj: Any) -> Any:
-    """Inverse of to_safe: the same numpy arrays and scalars, bit for bit."""
+    """Inverse of to_safe: the same numpy arrays and scalars, bit for bit, and every tensor on the host.
+
+    Why the host: the engine loads its file with `map_location` = the training device, so on a GPU the
+    client state's tensors arrive in GPU memory, and both numpy and `torch.(cuda.)set_rng_state` take
+    only CPU tensors (resuming on a GPU failed this way before)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
     if isinstance(obj, dict) and "__ndarray__" in obj:
-        arr = np.frombuffer(obj["__ndarray__"].to(torch.uint8).numpy().tobytes(), dtype=np.dtype(obj["dtype"]))
+        arr = np.frombuffer(obj["__ndarray__"].cpu().to(torch.uint8).numpy().tobytes(), dtype=np.dtype(obj["dtype"]))
         arr = arr.reshape(obj["shape"]).copy()
         return arr[()] if obj["scalar"] else arr
     if isinstance(obj, dict):
