@@ -54,6 +54,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_study.io import write_json
+
 ENV_SHARE = "MOE_STUDY_GPU_SHARE"
 ENV_FAKE = "MOE_STUDY_FAKE_GPUS"
 ENV_LOCK_DIR = "MOE_STUDY_GPU_LOCK_DIR"
@@ -164,9 +166,7 @@ def count_gpus_once(root: Path | None = None, count: Callable[[], int] = _count_
     if boot and n > 0:  # a machine without GPUs keeps no file (nothing is written where nothing is claimed)
         with contextlib.suppress(OSError, ValueError):
             _prepare(root)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"boot_id": boot, "count": n}))
-            os.replace(tmp, cache)
+            write_json(cache, {"boot_id": boot, "count": n})
     return n
 
 
