@@ -443,3 +443,33 @@ def test_group_metadata_must_agree_across_seeds() -> None:
     group_rows([base | {"run_id": "a"}, base | {"run_id": "b"}])
     with pytest.raises(AggregateError, match=r"group 'moe': total_params differs across its runs \(a: 100, b: 101\)"):
         group_rows([base | {"run_id": "a"}, base | {"run_id": "b", "total_params": 101}])
+
+
+def test_moe_groups_are_compared_with_dense_at_2c_apart_from_the_equal_compute_baseline(tmp_path: Path) -> None:
+    """Dense at 2C (compute_scale 2, same N and U: reads U twice) is the paper's data-reuse reference: its own
+    table `group_vs_dense_other_compute`, never pooled into the equal-compute baseline."""
+    raw = copy.deepcopy(RAW)
+    raw["runs"] |= {"dense2c_s0": {"kind": "dense", "compute_scale": 2.0, "seed": 0, "group": "dense2c"},
+                    "dense2c_s1": {"kind": "dense", "compute_scale": 2.0, "seed": 1, "group": "dense2c"}}
+    _, runs, results, summary = build(tmp_path, raw)
+    db = results / "metrics.duckdb"
+    bpb = {r: f["eval"]["bpb"] for r, f in runs.items()}
+    same = {g["grp"]: g for g in rows(db, "SELECT * FROM group_vs_dense")}
+    assert {g["dense_run_ids"] for g in same.values()} == {"dense_s0,dense_s1"}
+    other = {g["grp"]: g for g in rows(db, "SELECT * FROM group_vs_dense_other_compute")}
+    assert set(other) == {"moe", "moe_r25"}
+    for grp, mine in (("moe", ("moe_s0", "moe_s1")), ("moe_r25", ("moe_r25",))):
+        g = other[grp]
+        assert g["compute_ratio"] == pytest.approx(2.0) and g["dense_run_ids"] == "dense2c_s0,dense2c_s1"
+        d = statistics.fmean(bpb[r] for r in mine) - statistics.fmean(bpb[r] for r in ("dense2c_s0", "dense2c_s1"))
+        assert g["d_val_bpb"] == pytest.approx(d)
+        assert g["d_val_bpb_lo"] < d < g["d_val_bpb_hi"]
+    assert (other["moe"]["ci_method"], other["moe_r25"]["ci_method"]) == ("welch", "paired_bootstrap")
+    assert "## MoE vs dense at another compute budget" in summary
+    assert f"| moe | {other['moe']['activation_rate']:.3f} | 2 | ×2 | dense2c_s0,dense2c_s1 |" in summary
+
+
+def test_without_dense_at_another_budget_the_other_compute_table_is_empty(study) -> None:
+    _, _, results, summary = study
+    assert rows(results / "metrics.duckdb", "SELECT * FROM group_vs_dense_other_compute") == []
+    assert "another compute budget" not in summary

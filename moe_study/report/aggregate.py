@@ -26,6 +26,9 @@ the views and writes the exports, so adding a run re-collects that run alone.
 - table `group_vs_dense`: each MoE group at its best lr vs the dense baseline: Δ and its 95% interval,
   Welch over seeds when both arms have >= 2 seeds, else the paired document bootstrap of the arms'
   per-document means (`ci_method`), and whether it excludes zero (moe_study/report/intervals.py);
+- table `group_vs_dense_other_compute`: the same, each MoE group vs the dense runs of its study, N and U
+  at every other compute budget (`compute_ratio` = their budget / the group's: 2.0 for dense at 2C, the
+  paper's data-reuse reference); these are never pooled into the equal-compute baseline;
 - view `by_activation_rate`: runs grouped by study, size, kind and activation rate.
 Exports (moe_study/report/summary.py): summary.md, results.csv, metrics.json (`dvc exp show`) and the plots.
 
@@ -248,8 +251,34 @@ def _flags(row: dict[str, Any]) -> dict[str, Any]:
             "d_val_bpb_excludes_zero": excludes_zero(row.get("d_val_bpb_lo"), row.get("d_val_bpb_hi"))}
 
 
-def delta_intervals(con: Any, resamples: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(per MoE run, per MoE group at its best lr): Δ vs the dense baseline with 95% intervals."""
+def _group_delta(rs: list[dict[str, Any]], b: dict[str, Any], by_id: dict[str, dict[str, Any]],
+                 docs: dict[str, dict[str, np.ndarray]], resamples: int, seed: int) -> dict[str, Any]:
+    """One MoE group's seeds `rs` (at its best lr) minus the dense baseline row `b`: Δ and its 95% interval,
+    Welch over seeds when both arms have >= 2 runs, else the paired document bootstrap."""
+    dense = b["dense_run_ids"].split(",")
+    g: dict[str, Any] = {"study": rs[0]["study"], "grp": rs[0]["grp"], "size": rs[0]["size"],
+                         "activation_rate": rs[0]["activation_rate"], "lr": rs[0]["lr"], "seeds": len(rs),
+                         "run_ids": ",".join(r["run_id"] for r in rs), "dense_runs": len(dense),
+                         "dense_run_ids": b["dense_run_ids"],
+                         "val_loss": statistics.fmean(r["val_loss"] for r in rs), "dense_val_loss": b["dense_val_loss"],
+                         "val_bpb": statistics.fmean(r["val_bpb"] for r in rs), "dense_val_bpb": b["dense_val_bpb"],
+                         "dense_compute_budget": b["compute_budget"],
+                         "compute_ratio": b["compute_budget"] / rs[0]["compute_budget"]}
+    g["d_val_loss"], g["d_val_bpb"] = g["val_loss"] - g["dense_val_loss"], g["val_bpb"] - g["dense_val_bpb"]
+    if len(rs) >= 2 and len(dense) >= 2:
+        for m in ("val_loss", "val_bpb"):
+            _, g[f"d_{m}_lo"], g[f"d_{m}_hi"] = welch([r[m] for r in rs], [by_id[d][m] for d in dense])
+        g["ci_method"] = "welch"
+    else:
+        ci = _paired(docs, [r["run_id"] for r in rs], dense, resamples, seed) or {"ci_method": None}
+        g.update({k: ci.get(k) for k in CI_COLUMNS}, ci_method=ci["ci_method"])
+    return g | _flags(g)
+
+
+def delta_intervals(con: Any, resamples: int, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per MoE run, per MoE group at its best lr, per MoE group vs the dense runs of the same study, N and
+    U at every *other* compute budget, e.g. the 2C data-reuse reference): Δ vs dense with 95% intervals."""
     cur = con.execute("SELECT * FROM dense_baseline")
     cols = [c[0] for c in cur.description]
     base = {tuple(r[:len(BASELINE_KEY)]): dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
@@ -269,27 +298,14 @@ def delta_intervals(con: Any, resamples: int, seed: int) -> tuple[list[dict[str,
         if r["best"]:
             groups.setdefault((r["study"], r["grp"]), []).append(r)
     by_id = {r["run_id"]: r for r in rows}
-    out = []
-    for (study, grp), rs in sorted(groups.items()):
-        b = base[tuple(rs[0][k] for k in BASELINE_KEY)]
-        dense = b["dense_run_ids"].split(",")
-        g: dict[str, Any] = {"study": study, "grp": grp, "size": rs[0]["size"],
-                             "activation_rate": rs[0]["activation_rate"], "lr": rs[0]["lr"], "seeds": len(rs),
-                             "run_ids": ",".join(r["run_id"] for r in rs), "dense_runs": len(dense),
-                             "dense_run_ids": b["dense_run_ids"],
-                             "val_loss": statistics.fmean(r["val_loss"] for r in rs),
-                             "dense_val_loss": b["dense_val_loss"],
-                             "val_bpb": statistics.fmean(r["val_bpb"] for r in rs), "dense_val_bpb": b["dense_val_bpb"]}
-        g["d_val_loss"], g["d_val_bpb"] = g["val_loss"] - g["dense_val_loss"], g["val_bpb"] - g["dense_val_bpb"]
-        if len(rs) >= 2 and len(dense) >= 2:
-            for m in ("val_loss", "val_bpb"):
-                _, g[f"d_{m}_lo"], g[f"d_{m}_hi"] = welch([r[m] for r in rs], [by_id[d][m] for d in dense])
-            g["ci_method"] = "welch"
-        else:
-            ci = _paired(docs, [r["run_id"] for r in rs], dense, resamples, seed) or {"ci_method": None}
-            g.update({k: ci.get(k) for k in CI_COLUMNS}, ci_method=ci["ci_method"])
-        out.append(g | _flags(g))
-    return per_run, out
+    same, other = [], []
+    for _, rs in sorted(groups.items()):
+        key = tuple(rs[0][k] for k in BASELINE_KEY)
+        same.append(_group_delta(rs, base[key], by_id, docs, resamples, seed))
+        for bkey, b in sorted(base.items()):
+            if bkey != key and (bkey[0], bkey[1], bkey[3]) == (key[0], key[1], key[3]):
+                other.append(_group_delta(rs, b, by_id, docs, resamples, seed))
+    return per_run, same, other
 
 
 def _create_table(con: Any, name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
@@ -311,6 +327,9 @@ GROUP_CI_COLUMNS = [("study", "VARCHAR"), ("grp", "VARCHAR"), ("size", "DOUBLE")
                     ("d_val_loss", "DOUBLE"), ("d_val_loss_lo", "DOUBLE"), ("d_val_loss_hi", "DOUBLE"),
                     ("val_bpb", "DOUBLE"), ("dense_val_bpb", "DOUBLE"), ("d_val_bpb", "DOUBLE"),
                     ("d_val_bpb_lo", "DOUBLE"), ("d_val_bpb_hi", "DOUBLE"), *FLAG_COLUMNS]
+# the same columns vs a dense baseline at another compute budget of the same N and U (compute_ratio:
+# the dense runs' budget over the group's, e.g. 2.0 for the data-reuse reference at 2C)
+GROUP_OTHER_COMPUTE_COLUMNS = [*GROUP_CI_COLUMNS, ("dense_compute_budget", "DOUBLE"), ("compute_ratio", "DOUBLE")]
 
 
 # --------------------------------------------------------------------------------------- database
@@ -339,9 +358,10 @@ def build_database(dest: Path, collect_dir: Path, runs: list[str], resamples: in
         check_group_metadata(run_rows)
         _create_table(con, "lr_choice", choose_lr(run_rows), LR_CHOICE_COLUMNS)
         con.execute(f"CREATE VIEW dense_baseline AS {VIEWS['dense_baseline']}")
-        per_run, per_group = delta_intervals(con, resamples, seed)
+        per_run, per_group, other_compute = delta_intervals(con, resamples, seed)
         _create_table(con, "run_delta_ci", per_run, RUN_CI_COLUMNS)
         _create_table(con, "group_vs_dense", per_group, GROUP_CI_COLUMNS)
+        _create_table(con, "group_vs_dense_other_compute", other_compute, GROUP_OTHER_COMPUTE_COLUMNS)
         for name, sql in VIEWS.items():
             if name != "dense_baseline":
                 con.execute(f"CREATE VIEW {name} AS {sql}")
@@ -394,6 +414,8 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     lr_choice = query(db, "SELECT * FROM lr_choice ORDER BY study, grp, lr")
     best = {(c["grp"], c["lr"]) for c in lr_choice if c["best"]}
     group_deltas = query(db, "SELECT * FROM group_vs_dense ORDER BY size, activation_rate DESC, grp")
+    other_compute = query(db, "SELECT * FROM group_vs_dense_other_compute "
+                              "ORDER BY size, compute_ratio, activation_rate DESC, grp")
     study = query(db, "SELECT * FROM study")[0]
     moe_vs_dense = query(db, "SELECT * FROM moe_vs_dense")
     baselines = query(db, "SELECT * FROM dense_baseline")
@@ -401,7 +423,7 @@ def aggregate(p: Params, collect_dir: Path = COLLECT_DIR, results: Path | None =
     load = query(db, "SELECT * FROM expert_load ORDER BY run_id, layer, expert")
     groups = group_rows([r for r in rows if (r["grp"], r["lr"]) in best], baselines)
     summary = summary_markdown(p.study, groups, moe_vs_dense, study, rows, group_deltas, lr_choice,
-                               exact_vs_dense(rows, baselines))
+                               exact_vs_dense(rows, baselines), other_compute)
     if note:
         summary = f"{note}\n\n{summary}"
     write_bytes(results / "summary.md", summary.encode())

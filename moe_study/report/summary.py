@@ -72,9 +72,11 @@ def answer(group_deltas: Sequence[dict[str, Any]]) -> list[str]:
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
                      status: dict[str, Any], runs: list[dict[str, Any]],
                      group_deltas: Sequence[dict[str, Any]] = (), lr_choice: Sequence[dict[str, Any]] = (),
-                     exact_vs_dense: dict[str, float | None] | None = None) -> str:
+                     exact_vs_dense: dict[str, float | None] | None = None,
+                     other_compute: Sequence[dict[str, Any]] = ()) -> str:
     """The study report. `exact_vs_dense`: each run's train_flops_exact over its `dense_baseline`'s
-    (moe_study.report.aggregate.exact_vs_dense), shown per run."""
+    (moe_study.report.aggregate.exact_vs_dense), shown per run. `other_compute`: the rows of table
+    `group_vs_dense_other_compute` (each MoE group vs dense at another budget of its N and U, e.g. 2C)."""
     lines = [f"# Study `{study}`: dense vs MoE at equal N, C and U", ""]
     conventions = ", ".join(sorted({str(r["compute_convention"]) for r in runs})) or "-"
     exact_ratio = exact_vs_dense or {}
@@ -115,6 +117,16 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             lines.append(
                 f"| {d['grp']} | {d['activation_rate']:.3f} | {d['lr']:.3g} | {d['seeds']} | {d['dense_run_ids']} "
                 f"| {_dci(d, 'val_loss')} | {_dci(d, 'val_bpb')} | {d['ci_method'] or '-'} "
+                f"| {_verdict(d, 'val_bpb')} |")
+    if other_compute:
+        lines += ["", "## MoE vs dense at another compute budget of the same N and U (table "
+                  "`group_vs_dense_other_compute`; e.g. dense at 2C, which reads U twice; Δ < 0: MoE lower loss)", "",
+                  "| group | r_a | seeds | dense compute | dense runs | Δ loss [95% CI] | Δ bpb [95% CI] | interval "
+                  "| Δ bpb excludes 0? |", "|" + "---|" * 9]
+        for d in other_compute:
+            lines.append(
+                f"| {d['grp']} | {d['activation_rate']:.3f} | {d['seeds']} | ×{d['compute_ratio']:.3g} "
+                f"| {d['dense_run_ids']} | {_dci(d, 'val_loss')} | {_dci(d, 'val_bpb')} | {d['ci_method'] or '-'} "
                 f"| {_verdict(d, 'val_bpb')} |")
     if moe_vs_dense:
         lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`; paired bootstrap over held-out "
