@@ -298,12 +298,13 @@ def delta_intervals(con: Any, resamples: int, seed: int
         if r["best"]:
             groups.setdefault((r["study"], r["grp"]), []).append(r)
     by_id = {r["run_id"]: r for r in rows}
+    same_n_u = [k for k in BASELINE_KEY if k != "compute_budget"]  # the other-compute references share these
     same, other = [], []
     for _, rs in sorted(groups.items()):
         key = tuple(rs[0][k] for k in BASELINE_KEY)
         same.append(_group_delta(rs, base[key], by_id, docs, resamples, seed))
         for bkey, b in sorted(base.items()):
-            if bkey != key and (bkey[0], bkey[1], bkey[3]) == (key[0], key[1], key[3]):
+            if bkey != key and all(b[k] == rs[0][k] for k in same_n_u):
                 other.append(_group_delta(rs, b, by_id, docs, resamples, seed))
     return per_run, same, other
 
