@@ -172,5 +172,4 @@ def _sent() -> dict[str, str]:
 
 def remember_packed(runs: Any, collect: Path) -> None:
     sent = _sent() | {r: sha256_file(collect / r / "run.parquet") for r in runs}
-    PACKED.parent.mkdir(parents=True, exist_ok=True)
-    write_json(PACKED, sent)
+    write_json(PACKED, sent)  # atomic_path makes the folder

@@ -9,7 +9,7 @@ as a horizontal reference), the training curves and the expert-load balance.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,20 @@ def answer(group_deltas: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _group_delta_table(title: str, deltas: Sequence[dict[str, Any]],
+                       middle: Sequence[tuple[str, Callable[[dict[str, Any]], str]]]) -> list[str]:
+    """A section of group-vs-dense rows (tables `group_vs_dense` and `group_vs_dense_other_compute`): group,
+    r_a, the `middle` columns (header, cell), then the dense runs, both Δs with intervals and the verdict."""
+    heads = ["group", "r_a", *(h for h, _ in middle), "dense runs", "Δ loss [95% CI]", "Δ bpb [95% CI]", "interval",
+             "Δ bpb excludes 0?"]
+    lines = ["", f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for d in deltas:
+        cells = [d["grp"], f"{d['activation_rate']:.3f}", *(cell(d) for _, cell in middle), d["dense_run_ids"],
+                 _dci(d, "val_loss"), _dci(d, "val_bpb"), d["ci_method"] or "-", _verdict(d, "val_bpb")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: list[dict[str, Any]],
                      status: dict[str, Any], runs: list[dict[str, Any]],
                      group_deltas: Sequence[dict[str, Any]] = (), lr_choice: Sequence[dict[str, Any]] = (),
@@ -110,24 +124,14 @@ def summary_markdown(study: str, groups: list[dict[str, Any]], moe_vs_dense: lis
             f"| {_f(g['bpb_vs_dense'], '+.4f')} | {_ci(g, 'cloze_acc', 'cloze_lo', 'cloze_hi', '.3f')} "
             f"| {_ci(g, 'choice_acc', 'choice_lo', 'choice_hi', '.3f')} |")
     if group_deltas:
-        lines += ["", "## MoE vs dense, per group (table `group_vs_dense`; Δ < 0: MoE lower loss)", "",
-                  "| group | r_a | lr | seeds | dense runs | Δ loss [95% CI] | Δ bpb [95% CI] | interval "
-                  "| Δ bpb excludes 0? |", "|" + "---|" * 9]
-        for d in group_deltas:
-            lines.append(
-                f"| {d['grp']} | {d['activation_rate']:.3f} | {d['lr']:.3g} | {d['seeds']} | {d['dense_run_ids']} "
-                f"| {_dci(d, 'val_loss')} | {_dci(d, 'val_bpb')} | {d['ci_method'] or '-'} "
-                f"| {_verdict(d, 'val_bpb')} |")
+        lines += _group_delta_table(
+            "MoE vs dense, per group (table `group_vs_dense`; Δ < 0: MoE lower loss)", group_deltas,
+            [("lr", lambda d: f"{d['lr']:.3g}"), ("seeds", lambda d: str(d["seeds"]))])
     if other_compute:
-        lines += ["", "## MoE vs dense at another compute budget of the same N and U (table "
-                  "`group_vs_dense_other_compute`; e.g. dense at 2C, which reads U twice; Δ < 0: MoE lower loss)", "",
-                  "| group | r_a | seeds | dense compute | dense runs | Δ loss [95% CI] | Δ bpb [95% CI] | interval "
-                  "| Δ bpb excludes 0? |", "|" + "---|" * 9]
-        for d in other_compute:
-            lines.append(
-                f"| {d['grp']} | {d['activation_rate']:.3f} | {d['seeds']} | ×{d['compute_ratio']:.3g} "
-                f"| {d['dense_run_ids']} | {_dci(d, 'val_loss')} | {_dci(d, 'val_bpb')} | {d['ci_method'] or '-'} "
-                f"| {_verdict(d, 'val_bpb')} |")
+        lines += _group_delta_table(
+            "MoE vs dense at another compute budget of the same N and U (table `group_vs_dense_other_compute`; "
+            "e.g. dense at 2C, which reads U twice; Δ < 0: MoE lower loss)", other_compute,
+            [("seeds", lambda d: str(d["seeds"])), ("dense compute", lambda d: f"×{d['compute_ratio']:.3g}")])
     if moe_vs_dense:
         lines += ["", "## Each MoE run vs its dense baseline (view `moe_vs_dense`; paired bootstrap over held-out "
                   "documents)", "",
