@@ -49,7 +49,7 @@ def _inputs(s: Stage) -> list:
             deps += expand(_path(d.pattern), run=RUNS)
         else:
             deps.append(_path(d))
-    return list(s.code_files) + deps
+    return list(s.code_source_files) + deps  # files, not kernels/: a directory's mtime moves on its own
 
 
 def _param_slice(s: Stage, run: str | None) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from moe_study.codebase import _expand as expand_dir  # the files files_hash reads; one definition
 from moe_study.codebase import code_files, stage_module
 from moe_study.io import ROOT
 
@@ -102,6 +103,17 @@ class Stage:
         """The source files that can change this stage's outputs: its entry point's import closure
         (moe_study.codebase), all of kernels/ as one directory where a kernel is reached."""
         return code_files(self.module)
+
+    @property
+    def code_source_files(self) -> tuple[str, ...]:
+        """`code_files` with kernels/ replaced by the files in it that the code identity hashes.
+
+        Snakemake's inputs are these, not the directory: a directory's own mtime moves whenever an entry
+        appears in it (Python's `__pycache__/` on first import) or a copy recreates it (a warm GPU machine
+        receiving the working tree again), and Snakemake then re-ran every finished training run though
+        no source had changed. A file's mtime moves only when the file is written. (DVC hashes content;
+        .dvcignore keeps bytecode out of its hash of kernels/.)"""
+        return tuple(p.relative_to(ROOT).as_posix() for rel in self.code_files for p in expand_dir(ROOT / rel))
 
 
     @property

@@ -9,6 +9,7 @@ produce byte-identical artefacts. `dvc exp` is checked in tests/test_dvc_exp.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -123,6 +124,21 @@ def test_dvc_second_run_is_a_noop(dvc_project: Path) -> None:
     assert json.loads(run(["dvc", "status", "--json"], dvc_project).stdout) == {}
 
 
+def touch_kernels_without_changing_a_source(project: Path) -> None:
+    """What Python's first import (bytecode in kernels/__pycache__/) and a warm GPU machine receiving the
+    working tree again do to kernels/: new entries and a directory mtime of now, every source unchanged."""
+    cache = project / "kernels/__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "experts.cpython-312.pyc").write_bytes(b"not a source")
+    os.utime(project / "kernels")
+
+
+def test_dvc_ignores_bytecode_beside_the_kernels(dvc_project: Path) -> None:
+    """kernels/ is a directory dep of train: without .dvcignore, bytecode written there re-ran every run."""
+    touch_kernels_without_changing_a_source(dvc_project)
+    assert json.loads(run(["dvc", "status", "--json"], dvc_project).stdout) == {}
+
+
 def test_snakemake_agrees_that_dvc_repro_is_up_to_date(dvc_project: Path) -> None:
     """After a full `dvc repro`, Snakemake wants nothing either (plan_table included)."""
     out = run(["snakemake", "-c2", "-n"], dvc_project)
@@ -185,6 +201,14 @@ def test_snakemake_runs_the_study(smk_project: Path) -> None:
 
 
 def test_snakemake_second_run_is_a_noop(smk_project: Path) -> None:
+    out = run(["snakemake", "-c2", "-n"], smk_project)
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout
+
+
+def test_snakemake_ignores_kernels_directory_mtime(smk_project: Path) -> None:
+    """Snakemake's inputs are kernels/'s source files: a new directory mtime re-ran every finished train
+    job on the GPU machine's second call of a loan, though no source had changed."""
+    touch_kernels_without_changing_a_source(smk_project)
     out = run(["snakemake", "-c2", "-n"], smk_project)
     assert "Nothing to be done" in out.stdout + out.stderr, out.stdout
 

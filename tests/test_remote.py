@@ -9,6 +9,7 @@ and nothing is written; imported runs are no longer to do.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from conftest import TINY, make_project, run
 
 from moe_study.config.load import load_params
 from moe_study.config.schema import parse_params
-from moe_study.hashing import sha256_json
+from moe_study.hashing import sha256_file, sha256_json
 from moe_study.remote.bundle import _safe_members
 from moe_study.remote.records import RecordError, check_identity, first_difference, run_params
 
@@ -135,6 +136,27 @@ def test_drive_pack_import_rebuild(tmp_path: Path) -> None:
     r = run([py, "-m", "moe_study.remote", "import", str(out / "records.tar.gz"), "--study", str(study)], d)
     assert "imported ['dense', 'moe_r50']" in r.stdout
     assert run([py, "-m", "moe_study.remote", "todo", "--study", str(study)], d).stdout.strip() == ""
+
+    # a run that a later call ran again: the same run, another log. Refused unless --keep or --replace
+    rec = tmp_path / "t/runs/dense"
+    shutil.copy(d / "results/ci/records/dense/record/train.json", rec / "record/train.json")  # untampered
+    (rec / "logs/train.log").write_text("the same run, trained again\n")
+    meta = json.loads((rec / "RECORD.json").read_text())
+    meta["files"]["logs/train.log"] = sha256_file(rec / "logs/train.log")
+    (rec / "RECORD.json").write_text(json.dumps(meta))
+    with tarfile.open(tmp_path / "again.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "t/runs", "runs")
+    again = ["python", "-m", "moe_study.remote", "import", str(tmp_path / "again.tar.gz"), "--study", str(study)]
+    kept = (d / "results/ci/records/dense/RECORD.json").read_bytes()
+    bad = run(again, d, check=False)
+    assert bad.returncode == 2 and "already holds another record of it" in bad.stderr and "--keep" in bad.stderr
+    assert "imported nothing new" in run([*again, "--keep"], d).stdout
+    assert (d / "results/ci/records/dense/RECORD.json").read_bytes() == kept
+    assert run([*again, "--keep", "--replace"], d, check=False).returncode == 2  # one or the other
+    assert "imported ['dense']" in run([*again, "--replace"], d).stdout
+    assert (d / "results/ci/records/dense/logs/train.log").read_text() == "the same run, trained again\n"
+    assert "imported ['dense']" in run([*again[:4], str(out / "records.tar.gz"), *again[5:], "--replace"], d).stdout
+    assert (d / "results/ci/records/dense/RECORD.json").read_bytes() == kept
     run([py, "-m", "moe_study.remote", "rebuild", "--study", str(study)], d)
     for f in REPORT:
         assert (d / "results/ci" / f).read_bytes() == in_place[f], f

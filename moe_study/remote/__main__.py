@@ -3,7 +3,7 @@
     todo    --study FILE                      the runs whose committed records are missing or stale
     run     FILE --out DIR [--runs a,b] [--budget-s S] [--gpu-share S] [--choose-lr]   (on the GPU machine)
     pack    --study FILE --out DIR [--runs a,b]   the finished runs of work/ into DIR/records.tar.gz
-    import  TARBALL --study FILE [--results DIR] [--replace] [--choose-lr]   into results/<study>/records/<run>/
+    import  TARBALL --study FILE [--results DIR] [--replace | --keep] [--choose-lr]   into results/<study>/records/
     choose-lr --study FILE [--write]         the lr grids' choice into the runs that follow them
     rebuild --study FILE [--results DIR] [--partial]   metrics.duckdb, summary.md, plots from the records alone
 """
@@ -25,7 +25,7 @@ def _runs(text: str | None) -> list[str] | None:
 
 
 def import_records(study: Path, tarball: Path, results: Path | None = None, replace: bool = False,
-                   choose_lr: bool = False) -> list[str]:
+                   choose_lr: bool = False, keep: bool = False) -> list[str]:
     """`import`; with `choose_lr` (a loan that ran `run --choose-lr`): first the records that are runs of
     the study file as it is (the grids among them), then `choose-lr --write` from the records now there,
     then the rest, each checked against the study file as the choice left it (a follower whose lr is
@@ -35,7 +35,7 @@ def import_records(study: Path, tarball: Path, results: Path | None = None, repl
 
     p = load_params(study)
     if not choose_lr:
-        return import_bundle(p, tarball, results, replace)
+        return import_bundle(p, tarball, results, replace, keep=keep)
     first, later = set(), set()
     for run, record in bundle_records(tarball).items():
         try:
@@ -43,11 +43,11 @@ def import_records(study: Path, tarball: Path, results: Path | None = None, repl
             first.add(run)
         except RecordError:
             later.add(run)
-    wrote = import_bundle(p, tarball, results, replace, only=first)
+    wrote = import_bundle(p, tarball, results, replace, only=first, keep=keep)
     from moe_study.remote.lr_choice import choose
 
     print(choose(study, results, write=True).splitlines()[-2], file=sys.stderr)
-    return wrote + import_bundle(load_params(study), tarball, results, replace, only=later)
+    return wrote + import_bundle(load_params(study), tarball, results, replace, only=later, keep=keep)
 
 
 def rebuild(study: Path, results: Path | None = None, partial: bool = False) -> str:
@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("tarball", type=Path)
     im.add_argument("--study", type=Path, required=True)
     im.add_argument("--results", type=Path, help="default results/<study>")
-    im.add_argument("--replace", action="store_true", help="overwrite a different record of the same run")
+    conflict = im.add_mutually_exclusive_group()
+    conflict.add_argument("--replace", action="store_true", help="overwrite a different record of the same run")
+    conflict.add_argument("--keep", action="store_true",
+                          help="keep the record already here where the tarball's differs (a run a later call re-ran)")
     im.add_argument("--choose-lr", action="store_true",
                     help="import the grids' records, carry their lr choice into the study file, then the rest")
     rb = sub.add_parser("rebuild")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             index = pack(p, _runs(a.runs) or sorted(p.runs), a.out)
             print(f"packed {sorted(index['runs'])}; missing {[m['run'] for m in index['missing']]}")
         elif a.cmd == "import":
-            wrote = import_records(a.study, a.tarball, a.results, a.replace, a.choose_lr)
+            wrote = import_records(a.study, a.tarball, a.results, a.replace, a.choose_lr, a.keep)
             p = load_params(a.study)
             print(f"imported {wrote or 'nothing new'} into {(a.results or Path('results') / p.study) / 'records'}")
         elif a.cmd == "choose-lr":

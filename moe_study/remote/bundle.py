@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import tarfile
 import tempfile
@@ -21,6 +22,8 @@ from typing import Any
 from moe_study.config.schema import Params
 from moe_study.io import atomic_path
 from moe_study.remote.records import RECORD, RecordError, check_identity, make_record, records_dir, verify_files
+
+log = logging.getLogger(__name__)
 
 MAX_PART = 15 * 2**20  # $OUT returns files of at most 16 MiB
 
@@ -103,12 +106,15 @@ def bundle_records(tarball: Path) -> dict[str, dict[str, Any]]:
 
 
 def import_bundle(p: Params, tarball: Path, results: Path | None = None, replace: bool = False,
-                  only: set[str] | None = None) -> list[str]:
+                  only: set[str] | None = None, keep: bool = False) -> list[str]:
     """Validate every run of `tarball` (or those in `only`) against study `p`, then move each into
     records/<run>/.
 
     A run whose identical record is already there is skipped; a different one is refused unless
-    `replace`. Returns the runs written."""
+    `replace` (the tarball's wins) or `keep` (the one already here wins: a run that a later call of a
+    loan ran again, whose record differs in its logs and timings). Returns the runs written."""
+    if replace and keep:
+        raise RecordError("pass --replace or --keep, not both")
     dest_root = records_dir(p, results)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball, "r:gz") as tar:
@@ -129,11 +135,15 @@ def import_bundle(p: Params, tarball: Path, results: Path | None = None, replace
             check_identity(p, run, record)
             verify_files(runs_dir / run, record)
             have = dest_root / run / RECORD
-            if have.is_file() and not replace:
-                if have.read_bytes() == rec_file.read_bytes():
+            if have.is_file():
+                if have.read_bytes() == rec_file.read_bytes():  # it lists every file's sha256
                     continue
-                raise RecordError(f"run {run}: {dest_root / run} already holds another record of it "
-                                  "(pass --replace to overwrite it)")
+                if keep:
+                    log.info("run %s: kept the record already in %s (the tarball's differs)", run, dest_root / run)
+                    continue
+                if not replace:
+                    raise RecordError(f"run {run}: {dest_root / run} already holds another record of it "
+                                      "(pass --replace to overwrite it, or --keep to keep it)")
             todo.append(run)
         for run in todo:
             with atomic_path(dest_root / run) as target:
