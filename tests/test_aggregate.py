@@ -473,3 +473,15 @@ def test_without_dense_at_another_budget_the_other_compute_table_is_empty(study)
     _, _, results, summary = study
     assert rows(results / "metrics.duckdb", "SELECT * FROM group_vs_dense_other_compute") == []
     assert "another compute budget" not in summary
+
+
+def test_activation_ticks_do_not_print_over_each_other() -> None:
+    """Two sizes' designs give nearly the same rates (0.206 and 0.208): one tick each, labels in percent."""
+    from moe_study.report.summary import _percent, _spaced_ticks
+
+    rates = [0.083, 0.088, 0.159, 0.166, 0.206, 0.208, 0.270, 0.277, 0.578, 0.583, 0.95, 1.0]
+    ticks = _spaced_ticks(rates)
+    assert ticks == [0.083, 0.159, 0.206, 0.27, 0.578, 1.0]
+    assert all(b / a >= 1.12 for a, b in zip(ticks, ticks[1:], strict=False))
+    labels = [_percent(t) for t in ticks]
+    assert labels == ["8.3%", "16%", "21%", "27%", "58%", "100%"]

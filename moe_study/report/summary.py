@@ -8,6 +8,7 @@ as a horizontal reference), the training curves and the expert-load balance.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -213,14 +214,31 @@ def _save(fig: Any, dest: Path) -> None:
     _pyplot().close(fig)
 
 
+def _spaced_ticks(rates: list[float], min_ratio: float = 1.12) -> list[float]:
+    """The rates rounded to 3 digits, dropping any within `min_ratio` of the tick before it: two sizes'
+    designs give nearly the same rates (0.206 and 0.208), whose labels would print over each other."""
+    ticks: list[float] = []
+    for r in sorted({round(r, 3) for r in rates if r > 0}):
+        if not ticks or r / ticks[-1] >= min_ratio:
+            ticks.append(r)
+        elif r == 1.0:  # the dense rate always has its tick
+            ticks[-1] = r
+    return ticks
+
+
+def _percent(x: float, _pos: object = None) -> str:
+    return f"{100 * x:.2g}%" if x < 0.1 else f"{round(100 * x)}%"
+
+
 def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str) -> None:
-    """Held-out loss (and bits per byte) vs r_a: one line per size, its dense runs as a dashed line."""
+    """Held-out loss (and bits per byte) vs r_a: one line per size; its dense groups as horizontal lines,
+    dashed at the MoE runs' compute (C) and dotted at any other budget (e.g. 2C)."""
     import matplotlib.ticker
 
     plt = _pyplot()
     sizes = sorted({g["size"] for g in groups})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for ax, (m, lo, hi, label) in zip(axes, (("val_loss", "val_loss_lo", "val_loss_hi", "held-out loss (nats/token)"),
                                               ("val_bpb", "val_bpb_lo", "val_bpb_hi", "held-out bits per byte")),
                                       strict=True):
@@ -233,17 +251,20 @@ def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str
                 ax.errorbar([g["activation_rate"] for g in moe], [g[m] for g in moe],
                             yerr=[[g[m] - g[lo] for g in moe], [g[hi] - g[m] for g in moe]], color=c, marker="o",
                             capsize=3, label=f"MoE, N = {size:,.0f}")
-                for g in moe:
-                    ax.annotate(g["grp"], (g["activation_rate"], g[m]), textcoords="offset points", xytext=(5, 5),
-                                fontsize=7)
+                for g in moe:  # sizes' labels alternate above / below their points: the rates nearly coincide
+                    ax.annotate(g["grp"], (g["activation_rate"], g[m]), textcoords="offset points",
+                                xytext=(5, 5 if i % 2 == 0 else -11), fontsize=7)
+            c_moe = min((g["compute_budget"] for g in moe), default=None)
             for d in dense:
-                ax.axhline(d[m], color=c, ls="--", lw=1, label=f"dense, N = {size:,.0f} ({d['grp']})")
+                ratio = d["compute_budget"] / c_moe if c_moe else 1.0
+                at = "C" if math.isclose(ratio, 1.0, rel_tol=0.01) else f"{ratio:.3g}C"
+                ax.axhline(d[m], color=c, ls="--" if at == "C" else ":", lw=1,
+                           label=f"dense at {at}, N = {size:,.0f} ({d['grp']})")
                 ax.axhspan(d[lo], d[hi], color=c, alpha=0.1)
-                ax.plot([1.0], [d[m]], marker="s", color=c)
+                ax.plot([1.0], [d[m]], marker="s" if at == "C" else "D", color=c)
         ax.set_xscale("log")
-        ticks = sorted({round(g["activation_rate"], 3) for g in groups} | {1.0})
-        ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.set_xticks(_spaced_ticks([g["activation_rate"] for g in groups] + [1.0]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_percent))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("activation rate r_a = N_active / N")
         ax.set_ylabel(label)
