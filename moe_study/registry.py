@@ -109,10 +109,10 @@ class Stage:
         """`code_files` with kernels/ replaced by the files in it that the code identity hashes.
 
         Snakemake's inputs are these, not the directory: a directory's own mtime moves whenever an entry
-        appears in it (Python's `__pycache__/` on first import) or a copy recreates it (a warm GPU machine
-        receiving the working tree again), and Snakemake then re-ran every finished training run though
-        no source had changed. A file's mtime moves only when the file is written. (DVC hashes content;
-        .dvcignore keeps bytecode out of its hash of kernels/.)"""
+        appears in it (Python's `__pycache__/` on first import) or a copy recreates it. On the GPU machine
+        it moved between two calls of one loan, and Snakemake re-ran every finished training run ("Updated
+        input files: kernels") though no source had changed. A file's mtime moves only when the file is
+        written. (DVC hashes content; .dvcignore keeps bytecode out of its hash of kernels/.)"""
         return tuple(p.relative_to(ROOT).as_posix() for rel in self.code_files for p in expand_dir(ROOT / rel))
 
 
