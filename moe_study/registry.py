@@ -115,7 +115,6 @@ class Stage:
         written. (DVC hashes content; .dvcignore keeps bytecode out of its hash of kernels/.)"""
         return tuple(p.relative_to(ROOT).as_posix() for rel in self.code_files for p in expand_dir(ROOT / rel))
 
-
     @property
     def all_outs(self) -> tuple[str, ...]:
         return self.outs + self.metrics + self.cached_metrics + self.plots
