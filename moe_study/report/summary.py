@@ -254,9 +254,9 @@ def plot_loss_vs_activation(dest: Path, groups: list[dict[str, Any]], study: str
                 for g in moe:  # sizes' labels alternate above / below their points: the rates nearly coincide
                     ax.annotate(g["grp"], (g["activation_rate"], g[m]), textcoords="offset points",
                                 xytext=(5, 5 if i % 2 == 0 else -11), fontsize=7)
-            c_moe = min((g["compute_budget"] for g in moe), default=None)
+            c_size = min(g["compute_budget"] for g in groups if g["size"] == size)  # the size's budget C
             for d in dense:
-                ratio = d["compute_budget"] / c_moe if c_moe else 1.0
+                ratio = d["compute_budget"] / c_size
                 at = "C" if math.isclose(ratio, 1.0, rel_tol=0.01) else f"{ratio:.3g}C"
                 ax.axhline(d[m], color=c, ls="--" if at == "C" else ":", lw=1,
                            label=f"dense at {at}, N = {size:,.0f} ({d['grp']})")
