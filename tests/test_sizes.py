@@ -122,4 +122,4 @@ def test_gpu_study_expands_to_a_loadable_params_file(tmp_path) -> None:
     out = tmp_path / "params.yaml"
     out.write_text(expanded_text(ROOT / "studies" / "gpu_study.yaml"))
     p = load_params(out)
-    assert len(p.runs) == 58 and p.run("s_r09_s0_lr1e-2").vary == ["experts", "top_k"]
+    assert len(p.runs) == 72 and p.run("s_r09_s0_lr1e-2").vary == ["experts", "top_k"]
