@@ -485,3 +485,13 @@ def test_activation_ticks_do_not_print_over_each_other() -> None:
     assert all(b / a >= 1.12 for a, b in zip(ticks, ticks[1:], strict=False))
     labels = [_percent(t) for t in ticks]
     assert labels == ["8.3%", "16%", "21%", "27%", "58%", "100%"]
+
+
+def test_a_difference_that_rounds_to_zero_prints_without_a_minus_sign() -> None:
+    """Dense at 2C minus its own mean is -1e-17 in floating point: the table said -0.0000."""
+    from moe_study.report.summary import _f
+
+    assert _f(-1e-17, "+.4f") == "+0.0000"
+    assert _f(-1e-17, ".4f") == "0.0000"
+    assert _f(-0.12345, "+.4f") == "-0.1235"
+    assert _f(1234567, ",") == "1,234,567" and _f(None) == "-"

@@ -27,7 +27,13 @@ CSV_COLUMNS = ("run_id", "study", "grp", "kind", "seed", "lr", "size", "total_pa
 
 # ----------------------------------------------------------------------------------------- tables
 def _f(v: Any, fmt: str = ".4f", none: str = "-") -> str:
-    return none if v is None else format(v, fmt)
+    """`v` in `fmt`; a float that rounds to zero prints as +0.0000, never -0.0000 (format's `z`)."""
+    if v is None:
+        return none
+    if isinstance(v, float) and fmt.endswith("f") and "z" not in fmt:
+        sign = 1 if fmt[:1] in ("+", "-", " ") else 0
+        fmt = f"{fmt[:sign]}z{fmt[sign:]}"
+    return format(v, fmt)
 
 
 def _ci(g: dict[str, Any], m: str, lo: str, hi: str, fmt: str = ".4f") -> str:
