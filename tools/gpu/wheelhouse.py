@@ -7,7 +7,8 @@ requirements.txt's pins: the Snakefile, the params schema, the train stage's dvc
 through the Requires-Dist metadata of the distributions installed in this project's venv (the versions
 the tests run), markers evaluated for CPython 3.12 on Linux x86_64, never descending into a package the
 image already has. PuLP (36 MB installed) is left out: snakemake needs it only for its `ilp` scheduler,
-and the driver (moe_study.remote) runs `--scheduler greedy`. A pure-Python dependency published only as an
+and the driver (moe_study.remote) runs `--scheduler greedy`; dvc's experiment queue, ssh client and libgit2
+backend are left out too (SKIP says why). A pure-Python dependency published only as an
 sdist (connection_pool) is built here into a py3-none-any wheel.
 
     python tools/gpu/wheelhouse.py [--gpu-extras] [--dest .whl]
@@ -34,7 +35,16 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOTS = ("snakemake", "pydantic", "dvclive")
-SKIP = {"pulp": "only snakemake's ilp scheduler imports it; the driver runs --scheduler greedy"}
+SKIP = {
+    "pulp": "only snakemake's ilp scheduler imports it; the driver runs --scheduler greedy",
+    # dvclive needs dvc (it imports dvc.exceptions, dvc.scm), but not these corners of dvc's closure, which the
+    # GPU runs never reach (tests/test_wheelhouse.py writes a run's dvclive outputs and plans a Snakemake DAG
+    # with every package they bring in made unimportable). Together ~12 MiB of the 64 MiB a call carries.
+    "pygit2": "scmrepo's libgit2 backend: dvclive with save_dvc_exp=False only reads the repo through dulwich",
+    "asyncssh": "scmrepo's git-over-ssh client (with cryptography, cffi): no remote is ever contacted",
+    "celery": "dvc-task's experiment queue (with billiard, click-repl, prompt-toolkit, ...): `dvc exp` runs only",
+    "kombu": "the message transport of that queue (with amqp, vine)",
+}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64",
              "manylinux1_x86_64")
