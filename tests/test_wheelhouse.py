@@ -39,16 +39,8 @@ def wheelhouse():
 def dropped_imports() -> tuple[set[str], set[str]]:
     """(distributions SKIP drops from the closure, the top-level modules they provide)."""
     wh = wheelhouse()
-    req = wh.pins(ROOT / "requirements.txt")
-    roots = [f"{r}=={req[r]}" for r in wh.ROOTS]
     have = wh.image_packages()
-    kept = set(wh.closure(roots, have))
-    skip, wh.SKIP = wh.SKIP, {}
-    try:
-        full = set(wh.closure(roots, have))
-    finally:
-        wh.SKIP = skip
-    dropped = full - kept
+    dropped = set(wh.closure(wh.roots(), have, skip={})) - set(wh.closure(wh.roots(), have))
     by_dist: dict[str, set[str]] = {}
     for module, dists in md.packages_distributions().items():
         for d in dists:

@@ -38,7 +38,7 @@ ROOTS = ("snakemake", "pydantic", "dvclive")
 SKIP = {
     "pulp": "only snakemake's ilp scheduler imports it; the driver runs --scheduler greedy",
     # dvclive needs dvc (it imports dvc.exceptions, dvc.scm), but not these corners of dvc's closure, which the
-    # GPU runs never reach (tests/test_wheelhouse.py writes a run's dvclive outputs and plans a Snakemake DAG
+    # GPU runs never reach (tests/test_wheelhouse.py trains a run through Snakemake, dvclive outputs included,
     # with every package they bring in made unimportable). Together ~12 MiB of the 64 MiB a call carries.
     "pygit2": "scmrepo's libgit2 backend: dvclive with save_dvc_exp=False only reads the repo through dulwich",
     "asyncssh": "scmrepo's git-over-ssh client (with cryptography, cffi): no remote is ever contacted",
@@ -68,9 +68,19 @@ def pins(path: Path) -> dict[str, str]:
     return out
 
 
-def closure(roots: list[str], have: set[str]) -> dict[str, tuple[str, str]]:
+def roots(gpu_extras: bool = False) -> list[str]:
+    """The packages the GPU machine lacks, pinned as requirements.txt (and requirements-gpu.txt) pin them."""
+    req = pins(ROOT / "requirements.txt")
+    out = [f"{r}=={req[r]}" for r in ROOTS]
+    if gpu_extras:
+        out += [f"{n}=={v}" for n, v in pins(ROOT / "requirements-gpu.txt").items()] + ["hjson"]
+    return out
+
+
+def closure(roots: list[str], have: set[str], skip: dict[str, str] = SKIP) -> dict[str, tuple[str, str]]:
     """{name: (version, who needs it)}: the roots and every dependency the image lacks, from the
-    metadata of the distributions installed here (their version must satisfy every requirement met)."""
+    metadata of the distributions installed here (their version must satisfy every requirement met);
+    a package in `skip` is left out with everything only it needs."""
     need: dict[str, tuple[str, str]] = {}
     todo = [(Requirement(r), "root") for r in roots]
     while todo:
@@ -78,7 +88,7 @@ def closure(roots: list[str], have: set[str]) -> dict[str, tuple[str, str]]:
         name = canonicalize_name(req.name)
         if req.marker is not None and not req.marker.evaluate({**TARGET_ENV, "extra": ""}):
             continue
-        if name in have or name in SKIP:
+        if name in have or name in skip:
             continue
         try:
             dist = md.distribution(name)
@@ -137,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the closure, download nothing")
     a = ap.parse_args(argv)
     req = pins(ROOT / "requirements.txt")
-    roots = [f"{r}=={req[r]}" for r in ROOTS]
-    if a.gpu_extras:
-        roots += [f"{n}=={v}" for n, v in pins(ROOT / "requirements-gpu.txt").items()] + ["hjson"]
-    need = closure(roots, image_packages())
+    need = closure(roots(a.gpu_extras), image_packages())
     for n, (v, parent) in sorted(need.items()):
         print(f"{n}=={v}  <- {parent}")
     if a.dry_run:
