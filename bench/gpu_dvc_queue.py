@@ -9,8 +9,10 @@ show`: both experiments succeeded with their own results, their train jobs held 
 each in its own slot, never more than 2 jobs at once. Writes gpu_dvc_queue.json to $OUT (or --out);
 exit 1 if a check fails.
 
-    python bench/gpu_dvc_queue.py [--compute-mult 20]        # needs git, dvc (carried wheels) and a GPU
+    python bench/gpu_dvc_queue.py [--compute-mult 20]        # needs git, a GPU and dvc with its queue
     python bench/gpu_dvc_queue.py --fake 1 --compute-mult 4  # the script itself, on CPU (fake GPU)
+
+On a lent GPU machine, dvc and its queue travel as wheels: `tools/gpu/wheelhouse.py --dvc-queue`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,14 @@ def test_skip_drops_what_it_says_and_keeps_what_runs_need() -> None:
     assert {"pygit2", "celery", "kombu", "cryptography"} <= modules
 
 
+def test_dvc_queue_keeps_the_experiment_queue_and_its_dependencies() -> None:
+    wh = wheelhouse()
+    have = wh.image_packages()
+    plain, queue = set(wh.closure(wh.roots(), have)), set(wh.closure(wh.roots(), have, skip=wh.skip_for(True)))
+    assert plain < queue and {"celery", "kombu", "billiard", "amqp", "vine", "dvc-task"} <= queue
+    assert not queue & {"pygit2", "asyncssh", "pulp"}  # the other skips stand
+
+
 @pytest.mark.slow
 def test_a_run_trains_with_every_dropped_package_unimportable(tmp_path: Path, monkeypatch) -> None:
     from conftest import TINY

@@ -11,7 +11,10 @@ and the driver (moe_study.remote) runs `--scheduler greedy`; dvc's experiment qu
 backend are left out too (SKIP says why). A pure-Python dependency published only as an
 sdist (connection_pool) is built here into a py3-none-any wheel.
 
-    python tools/gpu/wheelhouse.py [--gpu-extras] [--dest .whl]
+    python tools/gpu/wheelhouse.py [--gpu-extras] [--dvc-queue] [--dest .whl]
+
+`--dvc-queue` keeps dvc's experiment queue (celery, kombu and theirs, QUEUE): what `dvc exp run --queue`
+and `--run-all -j N` need (bench/gpu_dvc_queue.py); such a call has less room for anything else.
 
 `--gpu-extras` adds requirements-gpu.txt (nvidia-cutlass) and the DeepSpeed sdist with hjson, the one
 DeepSpeed dependency the image lacks (tools/gpu/run_study.sh installs whatever .whl/ holds).
@@ -45,6 +48,7 @@ SKIP = {
     "celery": "dvc-task's experiment queue (with billiard, click-repl, prompt-toolkit, ...): `dvc exp` runs only",
     "kombu": "the message transport of that queue (with amqp, vine)",
 }
+QUEUE = ("celery", "kombu")  # SKIP's entries that --dvc-queue keeps
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64",
              "manylinux1_x86_64")
@@ -75,6 +79,11 @@ def roots(gpu_extras: bool = False) -> list[str]:
     if gpu_extras:
         out += [f"{n}=={v}" for n, v in pins(ROOT / "requirements-gpu.txt").items()] + ["hjson"]
     return out
+
+
+def skip_for(dvc_queue: bool) -> dict[str, str]:
+    """SKIP, less the experiment queue's packages where the call runs `dvc exp` through the queue."""
+    return {k: v for k, v in SKIP.items() if not (dvc_queue and k in QUEUE)}
 
 
 def closure(roots: list[str], have: set[str], skip: dict[str, str] = SKIP) -> dict[str, tuple[str, str]]:
@@ -144,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", type=Path, default=ROOT / ".whl")
     ap.add_argument("--gpu-extras", action="store_true", help="also nvidia-cutlass and the DeepSpeed sdist")
+    ap.add_argument("--dvc-queue", action="store_true", help="keep dvc's experiment queue (QUEUE)")
     ap.add_argument("--dry-run", action="store_true", help="print the closure, download nothing")
     a = ap.parse_args(argv)
     req = pins(ROOT / "requirements.txt")
-    need = closure(roots(a.gpu_extras), image_packages())
+    need = closure(roots(a.gpu_extras), image_packages(), skip=skip_for(a.dvc_queue))
     for n, (v, parent) in sorted(need.items()):
         print(f"{n}=={v}  <- {parent}")
     if a.dry_run:
