@@ -107,7 +107,28 @@ def _torch_grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     return _ContiguousGrad.apply(y)
 
 
-@functools.cache
+_PROBED: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+def _torch_grouped_verdict(device: str, dtype: torch.dtype) -> str | None:
+    """The probe's verdict for (device, dtype), probing once per process.
+
+    Inside torch.compile, a probed pair is a plain dict lookup, which Dynamo folds into a constant (with a
+    guard on the dict). Dynamo traces through functools.cache, so a cached probe was traced on every
+    compile and broke the graph at its torch.Generator: the MoE layer compiled as several graphs. An
+    unprobed pair runs the probe eagerly (`torch.compiler.disable`), once."""
+    key = (device, dtype)
+    if key in _PROBED:
+        return _PROBED[key]
+    return _probe_eagerly(device, dtype)
+
+
+@torch.compiler.disable
+def _probe_eagerly(device: str, dtype: torch.dtype) -> str | None:
+    _PROBED[(device, dtype)] = verdict = _torch_grouped_probe(device, dtype)
+    return verdict
+
+
 def _torch_grouped_probe(device: str, dtype: torch.dtype) -> str | None:
     """Run torch._grouped_mm forward+backward once on tiny aligned inputs; None if it works."""
     if not hasattr(torch, "_grouped_mm"):
@@ -137,7 +158,7 @@ def torch_grouped_problem(x: torch.Tensor, w: torch.Tensor) -> str | None:
     k, n = w.shape[1], w.shape[2]
     if (k * size) % 16 or (n * size) % 16:
         return f"torch._grouped_mm needs 16-byte aligned strides: k={k}, n={n} at {size} bytes per element"
-    return _torch_grouped_probe(x.device.type, x.dtype)
+    return _torch_grouped_verdict(x.device.type, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------- cutlass

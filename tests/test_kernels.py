@@ -145,6 +145,73 @@ def test_torch_grouped_cpu_matches_reference(dtype: torch.dtype, tol: float) -> 
     torch.testing.assert_close(ws[1].grad.float(), ws[0].grad.float(), rtol=tol, atol=tol * 8)
 
 
+def test_backend_choice_is_a_constant_inside_compiled_graphs() -> None:
+    """torch.compile traced the cached torch._grouped_mm probe on every compile (Dynamo ignores
+    functools.cache) and broke the graph at its torch.Generator: every MoE layer compiled in pieces.
+    Once probed, the choice folds into the graph: no break. Before, the probe runs eagerly, once."""
+    from torch._dynamo.utils import counters
+
+    import kernels.grouped_gemm as gg
+
+    if _torch_grouped_cpu(torch.bfloat16) is not None:
+        pytest.skip(_torch_grouped_cpu(torch.bfloat16))
+    x, w = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, 16, dtype=torch.bfloat16)
+
+    def scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * 2 if resolve_backend("torch_grouped", x, w)[0] == "torch_grouped" else x * 3
+
+    def breaks_compiling() -> int:  # Dynamo's own count (torch._dynamo.explain missed these breaks)
+        counters.clear()
+        torch._dynamo.reset()
+        torch.compile(scaled, backend="eager")(x, w)  # Dynamo alone: the breaks are its own
+        return sum(counters["graph_break"].values())
+
+    gg._PROBED.clear()
+    breaks_compiling()  # the first compile probes eagerly (a break in each frame down to the probe)
+    assert list(gg._PROBED.items()) == [(("cpu", torch.bfloat16), None)]  # probed once, eagerly
+    assert breaks_compiling() == 0
+    torch.testing.assert_close(torch.compile(scaled, backend="eager")(x, w), x * 2)
+
+
+def test_compiled_moe_layer_probes_once_and_compiles_only_on_its_first_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled MoE layer whose first call meets a cold probe: the probe runs once, eagerly, and the
+    later calls compile nothing more (a recompile after the first step could land in the CUDA-graph
+    capture of moe_study/train/cudagraph.py, which the first `warmup` eager steps precede). Once
+    warm, no graph break comes from the probe (its torch.Generator, or the eager call itself)."""
+    from torch._dynamo.utils import counters
+
+    import kernels.grouped_gemm as gg
+    from moe_study.model.moe import MoE
+
+    if _torch_grouped_cpu(torch.bfloat16) is not None:
+        pytest.skip(_torch_grouped_cpu(torch.bfloat16))
+    probes = []
+    real_probe = gg._torch_grouped_probe
+    monkeypatch.setattr(gg, "_torch_grouped_probe", lambda *a: probes.append(a) or real_probe(*a))
+    torch.manual_seed(0)
+    layer = MoE(64, 32, 4, 2, backend="torch_grouped").to(torch.bfloat16)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+
+    gg._PROBED.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager")
+    graphs = []
+    for _ in range(4):
+        compiled(x).y.float().sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert probes == [("cpu", torch.bfloat16)]
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 3, graphs
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(layer, backend="eager")(x)
+    reasons = " ".join(counters["graph_break"])
+    assert "Generator" not in reasons and "_probe_eagerly" not in reasons, reasons
+    assert probes == [("cpu", torch.bfloat16)]
+
+
 # ------------------------------------------------------- reference: odd sizes, one row, fp32 and bf16
 CASES = [[64, 0, 200, 37], [1], [0, 1, 0], [3, 5, 2], [0, 0, 13, 0, 7], [512] * 8]
 
