@@ -21,10 +21,20 @@ class KernelSpan(NamedTuple):
     end_us: float
 
 
+def is_annotation(event: Any) -> bool:
+    """Whether a profiler event is a range someone named, not work a device did.
+
+    The profiler mirrors its schedule's steps (`ProfilerStep*`) and `record_function` ranges onto the GPU
+    timeline as device events that span the range's kernels. Counted as work, one such range filled the gaps
+    between kernels (a step's "busy" time became its span) and put a whole step's length into the `other`
+    share (bench/study_step.py's rows before this was excluded)."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith("ProfilerStep")
+
+
 def kernel_spans(prof: Any) -> list[KernelSpan]:
-    """The device-side events of a finished torch.profiler.profile, in start order."""
+    """The device-side work of a finished torch.profiler.profile (kernels, memsets, copies), in start order."""
     spans = [KernelSpan(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-             if e.device_type == torch.autograd.DeviceType.CUDA]
+             if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e)]
     return sorted(spans, key=lambda s: (s.start_us, s.end_us))
 
 

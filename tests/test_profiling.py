@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
-from kernels.profiling import KernelSpan, busy_us, category, shares
+import pytest
+import torch
+
+from kernels.profiling import KernelSpan, busy_us, category, kernel_spans, shares
 
 
 def test_busy_time_is_the_union_of_spans() -> None:
@@ -23,3 +26,19 @@ def test_categories_and_shares() -> None:
     got = shares([KernelSpan("nvjet_a", 0, 30), KernelSpan("triton_x", 0, 10)])
     assert got == {"gemm": pytest.approx(0.75), "triton_fused": pytest.approx(0.25)}
     assert shares([]) == {}
+
+
+def test_ranges_mirrored_onto_the_gpu_are_not_work() -> None:
+    """A schedule's ProfilerStep and a record_function range appear as CUDA events spanning their kernels:
+    counted, the step's gaps became busy time and its length went to `other`."""
+    def event(name: str, start: float, end: float, device: str = "CUDA", annotation: bool = False):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=getattr(torch.autograd.DeviceType, device), is_user_annotation=annotation)
+
+    prof = SimpleNamespace(events=lambda: [
+        event("ProfilerStep*", 0, 100), event("step", 0, 100, annotation=True), event("ProfilerStep#3", 0, 100, "CPU"),
+        event("triton_x", 50, 60), event("nvjet_a", 10, 40), event("aten::mm", 5, 45, "CPU")])
+    spans = kernel_spans(prof)
+    assert [s.name for s in spans] == ["nvjet_a", "triton_x"]
+    assert busy_us(spans) == 40
+    assert shares(spans) == {"gemm": pytest.approx(0.75), "triton_fused": pytest.approx(0.25)}
