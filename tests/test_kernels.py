@@ -153,8 +153,9 @@ def test_backend_choice_is_a_constant_inside_compiled_graphs() -> None:
 
     import kernels.grouped_gemm as gg
 
-    if _torch_grouped_cpu(torch.bfloat16) is not None:
-        pytest.skip(_torch_grouped_cpu(torch.bfloat16))
+    reason = _torch_grouped_cpu(torch.bfloat16)
+    if reason is not None:
+        pytest.skip(reason)
     x, w = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, 16, dtype=torch.bfloat16)
 
     def scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -184,8 +185,9 @@ def test_compiled_moe_layer_probes_once_and_compiles_only_on_its_first_call(
     import kernels.grouped_gemm as gg
     from moe_study.model.moe import MoE
 
-    if _torch_grouped_cpu(torch.bfloat16) is not None:
-        pytest.skip(_torch_grouped_cpu(torch.bfloat16))
+    reason = _torch_grouped_cpu(torch.bfloat16)
+    if reason is not None:
+        pytest.skip(reason)
     probes = []
     real_probe = gg._torch_grouped_probe
     monkeypatch.setattr(gg, "_torch_grouped_probe", lambda *a: probes.append(a) or real_probe(*a))
